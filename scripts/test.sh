@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# The whole test suite, on a fresh machine too: checks every service and tool the tests
+# need, starts or installs what is missing, then runs all tests against the real things.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$HOME/.cargo/bin:$PATH"
+
+say() { echo "test.sh: $*" >&2; }
+
+apt_install() {
+  say "installing $*"
+  if ! DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@" >/dev/null 2>&1; then
+    apt-get update -q >/dev/null 2>&1 || true
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@" >/dev/null
+  fi
+}
+
+need() { # <command> <debian package>
+  command -v "$1" >/dev/null 2>&1 || apt_install "$2"
+}
+
+ensure_tools() {
+  need zstd zstd
+  need age age
+  need curl curl
+  need psql postgresql-client
+}
+
+ensure_postgres() {
+  if ! pg_isready -h 127.0.0.1 -p 5432 -q 2>/dev/null; then
+    if ! ls -d /etc/postgresql/*/main >/dev/null 2>&1; then
+      apt_install postgresql
+    fi
+    local version
+    version=$(ls /etc/postgresql | sort -V | tail -n 1)
+    say "starting PostgreSQL $version"
+    pg_ctlcluster --skip-systemctl-redirect "$version" main start || true
+    for _ in $(seq 1 60); do
+      pg_isready -h 127.0.0.1 -p 5432 -q && break
+      sleep 0.5
+    done
+    pg_isready -h 127.0.0.1 -p 5432 -q || { say "PostgreSQL did not start"; exit 1; }
+  fi
+  # Trust auth on the development machines; a stock Debian cluster wants a password.
+  TEST_DATABASE_URL=${TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432}
+  if ! psql -X -q -d "$TEST_DATABASE_URL/postgres" -c 'SELECT 1' >/dev/null 2>&1; then
+    say "setting a password for the postgres role (test machine)"
+    runuser -u postgres -- psql -X -q -c "ALTER ROLE postgres PASSWORD 'postgres'" >/dev/null
+    TEST_DATABASE_URL=postgres://postgres:postgres@127.0.0.1:5432
+  fi
+  export TEST_DATABASE_URL
+}
+
+ensure_garage() {
+  local env
+  env=$(./scripts/garage.sh)
+  eval "$env"
+}
+
+ensure_tools
+ensure_postgres
+ensure_garage
+
+say "running the test suite"
+cargo test --all-targets --locked "$@"

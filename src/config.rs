@@ -1,0 +1,406 @@
+//! Typed settings: compiled-in `config/default.toml` → `config/<BACKUP_ENV>.toml` → environment.
+//!
+//! The environment layer understands the seed's variable names (`DATABASE_URL`,
+//! `BACKUP_S3_BUCKET`, …) and, above them, `BACKUP__SECTION__KEY` overrides. Every
+//! value is checked at start; an error names the key it is about. Secrets are
+//! [`SecretString`]s and only leave their wrapper where a connection is made.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use config::{Config, Environment, File, FileFormat};
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+
+use crate::telemetry::redact_url;
+
+/// The defaults, compiled in so the binary works from any directory.
+const DEFAULTS: &str = include_str!("../config/default.toml");
+
+/// Seed environment names and the setting each one sets.
+const SEED_NAMES: &[(&str, &str)] = &[
+    ("BACKUP_S3_ENDPOINT", "storage.s3_endpoint"),
+    ("BACKUP_S3_BUCKET", "storage.s3_bucket"),
+    ("BACKUP_S3_REGION", "storage.s3_region"),
+    ("BACKUP_S3_ACCESS_KEY", "storage.s3_access_key"),
+    ("BACKUP_S3_SECRET_KEY", "storage.s3_secret_key"),
+    ("BACKUP_STORAGE_DIR", "storage.local_dir"),
+    ("BACKUP_STORAGE_PREFIX", "storage.prefix"),
+    ("DATABASE_URL", "postgres.database_url"),
+    ("BACKUP_RETENTION_DAYS", "retention.days"),
+    ("BACKUP_AGE_RECIPIENTS", "pipeline.age_recipients"),
+    ("BACKUP_AGE_IDENTITY_FILE", "pipeline.age_identity_file"),
+];
+
+/// Settings whose environment value is a comma-separated list.
+const LIST_KEYS: &[&str] = &[
+    "pipeline.age_recipients",
+    "postgres.schemas",
+    "postgres.exclude_schemas",
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration: {0}")]
+    Load(#[from] config::ConfigError),
+    #[error("configuration key `{key}`: {reason}")]
+    Invalid { key: &'static str, reason: String },
+    #[error("configuration file {path}: {reason}")]
+    File { path: PathBuf, reason: String },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    pub storage: StorageSettings,
+    pub pipeline: PipelineSettings,
+    pub postgres: PostgresSettings,
+    pub retention: RetentionSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageSettings {
+    pub local_dir: PathBuf,
+    pub prefix: String,
+    pub s3_endpoint: String,
+    pub s3_bucket: String,
+    pub s3_region: String,
+    pub s3_access_key: String,
+    pub s3_secret_key: SecretString,
+    pub part_size_mib: u32,
+    pub parts_in_flight: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineSettings {
+    pub zstd_level: i32,
+    pub zstd_workers: u32,
+    pub chunk_kib: u32,
+    pub age_recipients: Vec<String>,
+    pub age_identity_file: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresSettings {
+    pub enabled: bool,
+    pub database_url: SecretString,
+    pub maintenance_database: String,
+    pub bin_dir: PathBuf,
+    pub schemas: Vec<String>,
+    pub exclude_schemas: Vec<String>,
+    pub globals: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionSettings {
+    pub days: u32,
+    pub daily: u32,
+    pub weekly: u32,
+    pub monthly: u32,
+    pub yearly: u32,
+}
+
+impl Settings {
+    /// Loads settings from the process environment and `BACKUP_CONFIG_DIR` (default `config`).
+    pub fn from_process_env() -> Result<Self, ConfigError> {
+        let env: HashMap<String, String> = std::env::vars().collect();
+        Self::load(&env)
+    }
+
+    /// Loads settings from the given environment map (tests pass their own).
+    pub fn load(env: &HashMap<String, String>) -> Result<Self, ConfigError> {
+        let dir = PathBuf::from(
+            env.get("BACKUP_CONFIG_DIR")
+                .map(String::as_str)
+                .unwrap_or("config"),
+        );
+        let mut builder = Config::builder().add_source(File::from_str(DEFAULTS, FileFormat::Toml));
+        let default_file = dir.join("default.toml");
+        if default_file.is_file() {
+            builder = builder.add_source(File::from(default_file).format(FileFormat::Toml));
+        }
+        if let Some(name) = env.get("BACKUP_ENV").filter(|name| !name.is_empty()) {
+            let path = dir.join(format!("{name}.toml"));
+            if !path.is_file() {
+                return Err(ConfigError::File {
+                    path,
+                    reason: format!("BACKUP_ENV={name} but this file does not exist"),
+                });
+            }
+            builder = builder.add_source(File::from(path).format(FileFormat::Toml));
+        }
+        // Seed names first, `BACKUP__SECTION__KEY` above them: two environment sources,
+        // the seed one with its names translated to `SECTION__KEY`.
+        let seeds = SEED_NAMES
+            .iter()
+            .filter_map(|(name, key)| {
+                env.get(*name)
+                    .map(|value| (key.replace('.', "__").to_uppercase(), value.clone()))
+            })
+            .collect();
+        let overrides = env
+            .iter()
+            .filter_map(|(name, value)| {
+                name.strip_prefix("BACKUP__")
+                    .map(|rest| (rest.to_string(), value.clone()))
+            })
+            .collect();
+        for source in [seeds, overrides] {
+            builder = builder.add_source(environment_source(source));
+        }
+        let mut settings: Settings = builder.build()?.try_deserialize()?;
+        settings.normalize();
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Trims list items (`a, b` in the environment) and drops empty ones.
+    fn normalize(&mut self) {
+        for list in [
+            &mut self.pipeline.age_recipients,
+            &mut self.postgres.schemas,
+            &mut self.postgres.exclude_schemas,
+        ] {
+            *list = list
+                .iter()
+                .map(|item| item.trim().to_string())
+                .filter(|item| !item.is_empty())
+                .collect();
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key: &'static str, reason: String| Err(ConfigError::Invalid { key, reason });
+        let p = &self.pipeline;
+        if !(1..=19).contains(&p.zstd_level) {
+            return invalid(
+                "pipeline.zstd_level",
+                format!("{} is outside 1..=19", p.zstd_level),
+            );
+        }
+        if p.zstd_workers > 64 {
+            return invalid(
+                "pipeline.zstd_workers",
+                format!("{} is more than 64", p.zstd_workers),
+            );
+        }
+        if !(16..=16 * 1024).contains(&p.chunk_kib) {
+            return invalid(
+                "pipeline.chunk_kib",
+                format!("{} is outside 16..=16384", p.chunk_kib),
+            );
+        }
+        for recipient in &p.age_recipients {
+            if recipient.parse::<age::x25519::Recipient>().is_err() {
+                return invalid(
+                    "pipeline.age_recipients",
+                    format!("`{recipient}` is not an age X25519 public key (age1…)"),
+                );
+            }
+        }
+        let s = &self.storage;
+        if !(5..=4096).contains(&s.part_size_mib) {
+            return invalid(
+                "storage.part_size_mib",
+                format!(
+                    "{} is outside 5..=4096 (S3 parts are at least 5 MiB)",
+                    s.part_size_mib
+                ),
+            );
+        }
+        if !(1..=64).contains(&s.parts_in_flight) {
+            return invalid(
+                "storage.parts_in_flight",
+                format!("{} is outside 1..=64", s.parts_in_flight),
+            );
+        }
+        if !s.s3_bucket.is_empty() {
+            if !s.s3_endpoint.is_empty()
+                && let Err(err) = url::Url::parse(&s.s3_endpoint)
+            {
+                return invalid(
+                    "storage.s3_endpoint",
+                    format!("`{}` is not a URL: {err}", redact_url(&s.s3_endpoint)),
+                );
+            }
+            if s.s3_access_key.is_empty() != s.s3_secret_key.expose_secret().is_empty() {
+                return invalid(
+                    "storage.s3_access_key",
+                    "set both BACKUP_S3_ACCESS_KEY and BACKUP_S3_SECRET_KEY, or neither".into(),
+                );
+            }
+        } else if s.local_dir.as_os_str().is_empty() {
+            return invalid(
+                "storage.local_dir",
+                "empty, and no S3 bucket is configured".into(),
+            );
+        }
+        if s.prefix.starts_with('/') || s.prefix.split('/').any(|part| part == "..") {
+            return invalid(
+                "storage.prefix",
+                format!("`{}` must be a relative key prefix", s.prefix),
+            );
+        }
+        match url::Url::parse(self.postgres.database_url.expose_secret()) {
+            Ok(url) if matches!(url.scheme(), "postgres" | "postgresql") => {}
+            Ok(url) => {
+                return invalid(
+                    "postgres.database_url",
+                    format!(
+                        "scheme `{}` is not postgres:// or postgresql://",
+                        url.scheme()
+                    ),
+                );
+            }
+            Err(err) => {
+                return invalid("postgres.database_url", format!("not a URL: {err}"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The age identity file, when one is configured.
+    pub fn identity_file(&self) -> Option<&Path> {
+        let path = self.pipeline.age_identity_file.as_path();
+        (!path.as_os_str().is_empty()).then_some(path)
+    }
+}
+
+/// An environment source over `SECTION__KEY` names, with the list settings split on commas.
+fn environment_source(vars: HashMap<String, String>) -> Environment {
+    let mut source = Environment::default()
+        .separator("__")
+        .list_separator(",")
+        .try_parsing(true)
+        .source(Some(vars));
+    for key in LIST_KEYS {
+        source = source.with_list_parse_key(key);
+    }
+    source
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        let mut map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        map.insert("BACKUP_CONFIG_DIR".into(), "/nonexistent-config-dir".into());
+        map
+    }
+
+    fn error_of(pairs: &[(&str, &str)]) -> String {
+        Settings::load(&env(pairs)).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn defaults_load_and_use_local_storage() {
+        let settings = Settings::load(&env(&[])).unwrap();
+        assert_eq!(settings.storage.local_dir, PathBuf::from("backups"));
+        assert!(settings.storage.s3_bucket.is_empty());
+        assert_eq!(settings.pipeline.zstd_level, 3);
+        assert_eq!(settings.retention.daily, 7);
+    }
+
+    #[test]
+    fn seed_names_set_their_keys() {
+        let settings = Settings::load(&env(&[
+            ("BACKUP_S3_ENDPOINT", "http://127.0.0.1:3900"),
+            ("BACKUP_S3_BUCKET", "backups"),
+            ("BACKUP_S3_ACCESS_KEY", "GK1234"),
+            ("BACKUP_S3_SECRET_KEY", "s3cr3t"),
+            ("DATABASE_URL", "postgres://app:pw@db:5432/crm"),
+            ("BACKUP_RETENTION_DAYS", "30"),
+        ]))
+        .unwrap();
+        assert_eq!(settings.storage.s3_bucket, "backups");
+        assert_eq!(settings.storage.s3_secret_key.expose_secret(), "s3cr3t");
+        assert_eq!(settings.retention.days, 30);
+        assert_eq!(
+            settings.postgres.database_url.expose_secret(),
+            "postgres://app:pw@db:5432/crm"
+        );
+    }
+
+    #[test]
+    fn double_underscore_overrides_win_over_seed_names() {
+        let settings = Settings::load(&env(&[
+            ("BACKUP_RETENTION_DAYS", "30"),
+            ("BACKUP__RETENTION__DAYS", "9"),
+            ("BACKUP__PIPELINE__ZSTD_LEVEL", "7"),
+            ("BACKUP__POSTGRES__SCHEMAS", "crm, billing"),
+        ]))
+        .unwrap();
+        assert_eq!(settings.retention.days, 9);
+        assert_eq!(settings.pipeline.zstd_level, 7);
+        assert_eq!(settings.postgres.schemas, vec!["crm", "billing"]);
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let cases: &[(&[(&str, &str)], &str)] = &[
+            (
+                &[("BACKUP__PIPELINE__ZSTD_LEVEL", "abc")],
+                "pipeline.zstd_level",
+            ),
+            (
+                &[("BACKUP__PIPELINE__ZSTD_LEVEL", "40")],
+                "pipeline.zstd_level",
+            ),
+            (&[("BACKUP_RETENTION_DAYS", "-3")], "retention.days"),
+            (
+                &[("BACKUP__STORAGE__PART_SIZE_MIB", "1")],
+                "storage.part_size_mib",
+            ),
+            (
+                &[("DATABASE_URL", "mysql://x@y/z")],
+                "postgres.database_url",
+            ),
+            (
+                &[("BACKUP_AGE_RECIPIENTS", "age1nope")],
+                "pipeline.age_recipients",
+            ),
+            (
+                &[("BACKUP_S3_BUCKET", "b"), ("BACKUP_S3_ACCESS_KEY", "GK1")],
+                "storage.s3_access_key",
+            ),
+        ];
+        for (pairs, key) in cases {
+            let message = error_of(pairs);
+            assert!(
+                message.contains(key),
+                "{pairs:?}: `{message}` does not name {key}"
+            );
+        }
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        let message = error_of(&[("BACKUP__PIPELINE__ZSTD_LEVL", "3")]);
+        assert!(message.contains("zstd_levl"), "{message}");
+    }
+
+    #[test]
+    fn missing_environment_file_is_named() {
+        let message = error_of(&[("BACKUP_ENV", "staging")]);
+        assert!(message.contains("staging.toml"), "{message}");
+    }
+
+    #[test]
+    fn errors_do_not_print_secrets() {
+        let message = error_of(&[
+            ("BACKUP_S3_BUCKET", "b"),
+            ("BACKUP_S3_ENDPOINT", "http://user:hunter2@[bad"),
+            ("BACKUP_S3_ACCESS_KEY", "GK1"),
+            ("BACKUP_S3_SECRET_KEY", "x"),
+        ]);
+        assert!(!message.contains("hunter2"), "{message}");
+    }
+}

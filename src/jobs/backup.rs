@@ -1,0 +1,82 @@
+//! Backup job: run one target into storage, then commit the manifest (or leave nothing).
+
+use chrono::{DateTime, Utc};
+use tokio_util::sync::CancellationToken;
+
+use super::{JobContext, JobError};
+use crate::storage::catalog;
+use crate::storage::layout::{BackupId, TargetKind};
+use crate::storage::manifest::{MANIFEST_FORMAT, Manifest, ToolInfo};
+use crate::targets::ArtifactSink;
+
+/// What to back up, and on whose behalf.
+#[derive(Debug, Clone)]
+pub struct BackupRequest {
+    pub target: TargetKind,
+    pub options: serde_json::Value,
+    pub command_id: Option<String>,
+    pub requested_by: String,
+    pub reason: Option<String>,
+    pub set_id: Option<String>,
+    pub retain_until: Option<DateTime<Utc>>,
+}
+
+impl BackupRequest {
+    pub fn new(target: TargetKind, requested_by: &str) -> Self {
+        BackupRequest {
+            target,
+            options: serde_json::Value::Null,
+            command_id: None,
+            requested_by: requested_by.to_string(),
+            reason: None,
+            set_id: None,
+            retain_until: None,
+        }
+    }
+}
+
+/// Backs up one target. On success the manifest is in storage; on failure or
+/// cancellation, uploads are aborted, finished artifacts deleted, and no manifest exists.
+pub async fn run_backup(
+    ctx: &JobContext,
+    request: &BackupRequest,
+    cancel: &CancellationToken,
+) -> Result<Manifest, JobError> {
+    let target = ctx.targets.get(request.target)?;
+    let started_at = Utc::now();
+    let id = BackupId::generate(request.target, started_at);
+    let mut sink = ArtifactSink::new(ctx.storage.clone(), ctx.codec.clone(), id.clone());
+    tracing::info!(backup_id = %id, target = %request.target, "backup started");
+    let facts = tokio::select! {
+        facts = target.backup(&request.options, &mut sink) => facts.map_err(JobError::from),
+        _ = cancel.cancelled() => Err(JobError::Cancelled),
+    };
+    let facts = match facts {
+        Ok(facts) => facts,
+        Err(err) => {
+            sink.discard().await;
+            return Err(err);
+        }
+    };
+    let manifest = Manifest {
+        format: MANIFEST_FORMAT,
+        id,
+        set_id: request.set_id.clone(),
+        target: request.target,
+        command_id: request.command_id.clone(),
+        requested_by: request.requested_by.clone(),
+        reason: request.reason.clone(),
+        started_at,
+        finished_at: Utc::now(),
+        retain_until: request.retain_until,
+        parent: None,
+        tool: ToolInfo::current(),
+        source: facts,
+        artifacts: sink.records().to_vec(),
+    };
+    if let Err(err) = catalog::commit(&ctx.storage, &manifest).await {
+        sink.discard().await;
+        return Err(err.into());
+    }
+    Ok(manifest)
+}

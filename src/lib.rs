@@ -1,0 +1,30 @@
+//! crm-backup: backs up and restores the stateful parts of a CRM backend.
+//!
+//! Every artifact flows through one streaming pipeline — source → SHA-256 → zstd →
+//! (age) → SHA-256 → object storage — and a backup exists only once its manifest, written
+//! last, is in storage. The catalog is read from those manifests, so a disaster-recovery
+//! restore needs nothing but the storage and the decryption key.
+//!
+//! # Layout
+//!
+//! - [`config`] — typed settings: compiled-in defaults → `config/<BACKUP_ENV>.toml` →
+//!   environment (seed names such as `DATABASE_URL`, then `BACKUP__SECTION__KEY`).
+//! - [`telemetry`] — tracing setup (JSON in production) and URL redaction.
+//! - [`storage`] — the object store (local `backups/` or S3), the key layout and backup
+//!   ids ([`storage::layout`]), the manifest ([`storage::manifest`]) and the catalog read
+//!   from manifests ([`storage::catalog`]).
+//! - [`pipeline`] — hashing, zstd and age in both directions, off the async runtime,
+//!   with bounded memory; multipart uploads that are aborted unless finished.
+//! - [`targets`] — one file per target behind the [`targets::Target`] trait; child
+//!   processes (`pg_dump`, `pg_restore`) in [`targets`]' `process` module.
+//! - [`jobs`] — what one command does (backup, restore, verify), knowing nothing about
+//!   where the command came from.
+//!
+//! The binary `crm-backup` (`src/main.rs`) is the operator CLI over these modules.
+
+pub mod config;
+pub mod jobs;
+pub mod pipeline;
+pub mod storage;
+pub mod targets;
+pub mod telemetry;

@@ -1,0 +1,429 @@
+//! `crm-backup`: the operator CLI (run, list, show, restore, verify).
+//!
+//! Exit status 0 means success; anything else failed, with a one-line reason on stderr.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use crm_backup::config::Settings;
+use crm_backup::jobs::backup::{BackupRequest, run_backup};
+use crm_backup::jobs::restore::{RestoreRequest, run_restore};
+use crm_backup::jobs::verify::verify_backup;
+use crm_backup::jobs::{JobContext, JobError};
+use crm_backup::storage::catalog::{self, BackupRef};
+use crm_backup::storage::layout::{BackupId, TargetKind};
+use crm_backup::storage::manifest::Manifest;
+use crm_backup::telemetry;
+
+#[derive(Parser)]
+#[command(
+    name = "crm-backup",
+    version,
+    about = "Backs up and restores the CRM's stateful services"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Back up now, without a broker: one line per target.
+    Run {
+        /// A target (postgres, …) or `all`.
+        target: String,
+        /// PostgreSQL: back up only this schema (repeatable).
+        #[arg(long = "schema")]
+        schemas: Vec<String>,
+        /// PostgreSQL: leave this schema out (repeatable).
+        #[arg(long = "exclude-schema")]
+        exclude_schemas: Vec<String>,
+        /// PostgreSQL: also dump roles (pg_dumpall --globals-only).
+        #[arg(long)]
+        globals: bool,
+        /// Why this backup is taken (recorded in the manifest).
+        #[arg(long)]
+        reason: Option<String>,
+        /// Print JSON lines instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List backups, oldest first.
+    List {
+        target: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print one backup's manifest.
+    Show { backup_id: String },
+    /// Restore a backup (beside the original unless --in-place --yes).
+    Restore {
+        /// A backup id, or `latest` (then --target is required).
+        backup: String,
+        #[arg(long)]
+        target: Option<String>,
+        /// PostgreSQL: the new database to restore into (must not exist).
+        #[arg(long, conflicts_with = "in_place")]
+        into: Option<String>,
+        /// Restore over the original. Destructive: needs --yes.
+        #[arg(long)]
+        in_place: bool,
+        /// Confirms a destructive restore.
+        #[arg(long)]
+        yes: bool,
+        /// PostgreSQL: do not restore object ownership.
+        #[arg(long)]
+        no_owner: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check stored and raw SHA-256 and the structure of every artifact.
+    Verify {
+        /// A backup id, `latest` (with --target) or `all`.
+        backup: String,
+        #[arg(long)]
+        target: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// A CLI failure: printed as one line, exit status 1.
+struct Failure(String);
+
+impl<E: std::fmt::Display> From<E> for Failure {
+    fn from(err: E) -> Self {
+        Failure(err.to_string())
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // Operator commands print their results on stdout; logs only for warnings.
+    telemetry::init("warn");
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dispatch(cli.command)) {
+        Ok(code) => code,
+        Err(Failure(message)) => {
+            eprintln!("error: {}", message.replace('\n', " "));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(command: Command) -> Result<ExitCode, Failure> {
+    let settings = Settings::from_process_env()?;
+    let ctx = JobContext::new(settings)?;
+    match command {
+        Command::Run {
+            target,
+            schemas,
+            exclude_schemas,
+            globals,
+            reason,
+            json,
+        } => {
+            let mut options = serde_json::Map::new();
+            if !schemas.is_empty() {
+                options.insert("schemas".into(), json!(schemas));
+            }
+            if !exclude_schemas.is_empty() {
+                options.insert("exclude_schemas".into(), json!(exclude_schemas));
+            }
+            if globals {
+                options.insert("globals".into(), json!(true));
+            }
+            run(&ctx, &target, options, reason, json).await
+        }
+        Command::List { target, json } => list(&ctx, target.as_deref(), json).await,
+        Command::Show { backup_id } => {
+            let id: BackupId = backup_id.parse()?;
+            let manifest = catalog::get(&ctx.storage, &id).await?;
+            println!("{}", serde_json::to_string_pretty(&manifest)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Restore {
+            backup,
+            target,
+            into,
+            in_place,
+            yes,
+            no_owner,
+            json,
+        } => {
+            if in_place && !yes {
+                return Err(Failure(
+                    "--in-place overwrites the original; add --yes to confirm".into(),
+                ));
+            }
+            let backup: BackupRef = backup.parse()?;
+            let target = resolve_target(&backup, target.as_deref())?;
+            let mut options = serde_json::Map::new();
+            if let Some(into) = into {
+                options.insert("into".into(), json!(into));
+            }
+            if in_place {
+                options.insert("in_place".into(), json!(true));
+            }
+            if no_owner {
+                options.insert("no_owner".into(), json!(true));
+            }
+            let request = RestoreRequest {
+                target,
+                backup,
+                options: serde_json::Value::Object(options),
+            };
+            let (manifest, report) = run_restore(&ctx, &request).await?;
+            if json {
+                println!(
+                    "{}",
+                    json!({"backup_id": manifest.id, "target": manifest.target,
+                           "destination": report.destination, "details": report.details})
+                );
+            } else {
+                println!("restored {} into {}", manifest.id, report.destination);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Verify {
+            backup,
+            target,
+            json,
+        } => verify(&ctx, &backup, target.as_deref(), json).await,
+    }
+}
+
+fn parse_target(target: &str) -> Result<TargetKind, Failure> {
+    Ok(target.parse::<TargetKind>()?)
+}
+
+/// The target of a restore or verify: from the id, or from --target for `latest`.
+fn resolve_target(backup: &BackupRef, target: Option<&str>) -> Result<TargetKind, Failure> {
+    let given = target.map(parse_target).transpose()?;
+    match (backup, given) {
+        (BackupRef::Id(id), Some(kind)) if id.target() != kind => Err(Failure(format!(
+            "backup {id} is a {} backup, not {kind}",
+            id.target()
+        ))),
+        (BackupRef::Id(id), _) => Ok(id.target()),
+        (BackupRef::Latest, Some(kind)) => Ok(kind),
+        (BackupRef::Latest, None) => Err(Failure("`latest` needs --target".into())),
+    }
+}
+
+async fn run(
+    ctx: &JobContext,
+    target: &str,
+    options: serde_json::Map<String, serde_json::Value>,
+    reason: Option<String>,
+    json: bool,
+) -> Result<ExitCode, Failure> {
+    let (kinds, set_id) = if target == "all" {
+        (
+            ctx.targets.enabled(),
+            Some(uuid::Uuid::new_v4().to_string()),
+        )
+    } else {
+        (vec![parse_target(target)?], None)
+    };
+    let cancel = CancellationToken::new();
+    let mut failed = Vec::new();
+    for kind in kinds {
+        let mut request = BackupRequest::new(kind, &requester());
+        request.reason = reason.clone();
+        request.set_id = set_id.clone();
+        if kind == TargetKind::Postgres {
+            request.options = serde_json::Value::Object(options.clone());
+        }
+        match run_backup(ctx, &request, &cancel).await {
+            Ok(manifest) => print_backup(ctx, &manifest, json),
+            Err(err) => {
+                print_failure(kind, &err, json);
+                failed.push(format!("{kind}: {err}"));
+            }
+        }
+    }
+    match failed.len() {
+        0 => Ok(ExitCode::SUCCESS),
+        1 => Err(Failure(failed.remove(0))),
+        n => Err(Failure(format!(
+            "{n} targets failed: {}",
+            failed.join("; ")
+        ))),
+    }
+}
+
+fn requester() -> String {
+    match std::env::var("USER").or_else(|_| std::env::var("LOGNAME")) {
+        Ok(user) => format!("cli:{user}"),
+        Err(_) => "cli".to_string(),
+    }
+}
+
+fn print_backup(ctx: &JobContext, manifest: &Manifest, json: bool) {
+    let duration = manifest.duration();
+    let seconds = duration.as_secs_f64().max(0.001);
+    let throughput = manifest.raw_size() as f64 / seconds;
+    if json {
+        println!(
+            "{}",
+            json!({
+                "target": manifest.target,
+                "backup_id": manifest.id,
+                "ok": true,
+                "raw_size_bytes": manifest.raw_size(),
+                "size_bytes": manifest.stored_size(),
+                "duration_ms": duration.as_millis() as u64,
+                "throughput_bytes_per_s": throughput as u64,
+                "location": ctx.storage.location_of(&format!("{}/{}/", manifest.target, manifest.id)),
+            })
+        );
+    } else {
+        println!(
+            "{:<10} {}  raw {:>10}  stored {:>10}  {:>7.1} s  {}/s",
+            manifest.target.as_str(),
+            manifest.id,
+            human_bytes(manifest.raw_size()),
+            human_bytes(manifest.stored_size()),
+            seconds,
+            human_bytes(throughput as u64),
+        );
+    }
+}
+
+fn print_failure(kind: TargetKind, err: &JobError, json: bool) {
+    if json {
+        println!(
+            "{}",
+            json!({"target": kind, "ok": false,
+                   "error": {"kind": err.kind(), "message": err.to_string(), "retryable": err.retryable()}})
+        );
+    } else {
+        println!("{:<10} FAILED: {err}", kind.as_str());
+    }
+}
+
+async fn list(ctx: &JobContext, target: Option<&str>, json: bool) -> Result<ExitCode, Failure> {
+    let listing = match target {
+        Some(target) => catalog::list(&ctx.storage, parse_target(target)?).await?,
+        None => catalog::list_all(&ctx.storage).await?,
+    };
+    for (key, reason) in &listing.unreadable {
+        tracing::warn!(%key, %reason, "skipping an unreadable manifest");
+    }
+    if json {
+        let rows: Vec<_> = listing
+            .manifests
+            .iter()
+            .map(|m| {
+                json!({
+                    "backup_id": m.id, "target": m.target, "set_id": m.set_id,
+                    "started_at": m.started_at, "finished_at": m.finished_at,
+                    "size_bytes": m.stored_size(), "raw_size_bytes": m.raw_size(),
+                    "requested_by": m.requested_by, "reason": m.reason,
+                    "retain_until": m.retain_until,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    if listing.manifests.is_empty() {
+        println!("no backups in {}", ctx.storage.location_of(""));
+    }
+    for m in &listing.manifests {
+        println!(
+            "{:<44} {:<10} {}  {:>10}  {:>10}  {}{}",
+            m.id.as_str(),
+            m.target.as_str(),
+            m.finished_at.format("%Y-%m-%d %H:%M:%SZ"),
+            human_bytes(m.stored_size()),
+            human_bytes(m.raw_size()),
+            m.requested_by,
+            m.reason
+                .as_deref()
+                .map(|r| format!(" ({r})"))
+                .unwrap_or_default(),
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn verify(
+    ctx: &JobContext,
+    backup: &str,
+    target: Option<&str>,
+    json: bool,
+) -> Result<ExitCode, Failure> {
+    let manifests = if backup == "all" {
+        match target {
+            Some(target) => {
+                catalog::list(&ctx.storage, parse_target(target)?)
+                    .await?
+                    .manifests
+            }
+            None => catalog::list_all(&ctx.storage).await?.manifests,
+        }
+    } else {
+        let backup: BackupRef = backup.parse()?;
+        let kind = resolve_target(&backup, target)?;
+        vec![catalog::resolve(&ctx.storage, kind, &backup).await?]
+    };
+    let mut failures = Vec::new();
+    for manifest in &manifests {
+        let report = verify_backup(ctx, manifest).await?;
+        if json {
+            println!(
+                "{}",
+                json!({"backup_id": report.backup_id, "ok": report.ok(), "artifacts": report.artifacts})
+            );
+        } else {
+            for check in &report.artifacts {
+                println!(
+                    "{} {}: {}",
+                    if check.ok { "ok  " } else { "FAIL" },
+                    check.key,
+                    check.detail
+                );
+            }
+        }
+        if let Some(failure) = report.failure() {
+            failures.push(failure);
+        }
+    }
+    match failures.len() {
+        0 => Ok(ExitCode::SUCCESS),
+        1 => Err(Failure(format!("verify failed: {}", failures.remove(0)))),
+        n => Err(Failure(format!(
+            "verify failed for {n} artifacts; first: {}",
+            failures[0]
+        ))),
+    }
+}
+
+fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}

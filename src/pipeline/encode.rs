@@ -1,0 +1,342 @@
+//! Backup direction: raw bytes in, a committed (or aborted) multipart upload out.
+
+use std::io::{self, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use super::{CHANNEL_DEPTH, Codec, PipelineError, Tally};
+use crate::storage::manifest::{ArtifactRecord, Compression, Encryption};
+use crate::storage::{Storage, Upload};
+
+struct EncodeSummary {
+    raw: (String, u64),
+    stored: (String, u64),
+}
+
+type UploadTask = JoinHandle<Result<EncodeSummary, PipelineError>>;
+
+/// Uploads whose writer was dropped before finishing: they abort in the background,
+/// and whoever owns the backup can wait for those aborts to complete.
+#[derive(Clone, Default)]
+pub struct PendingAborts(Arc<Mutex<Vec<UploadTask>>>);
+
+impl PendingAborts {
+    /// Waits until every dropped upload has been aborted.
+    pub async fn wait(&self) {
+        let tasks: Vec<_> = match self.0.lock() {
+            Ok(mut tasks) => tasks.drain(..).collect(),
+            Err(_) => return,
+        };
+        for task in tasks {
+            let _ = task.await;
+        }
+    }
+
+    fn push(&self, task: UploadTask) {
+        if let Ok(mut tasks) = self.0.lock() {
+            tasks.push(task);
+        }
+    }
+}
+
+/// Writes one artifact through the pipeline into storage.
+///
+/// Nothing becomes visible until [`ArtifactWriter::finish`] succeeds; dropping the
+/// writer, or calling [`ArtifactWriter::abort`], aborts the multipart upload.
+pub struct ArtifactWriter {
+    name: String,
+    key: String,
+    format: String,
+    compression: Compression,
+    encryption: Option<Encryption>,
+    chunk_size: usize,
+    tx: Option<mpsc::Sender<Bytes>>,
+    task: Option<UploadTask>,
+    aborted: Arc<AtomicBool>,
+    pending: PendingAborts,
+}
+
+impl ArtifactWriter {
+    /// Starts the upload of `key`; `name` and `format` go into the artifact record.
+    pub async fn create(
+        storage: &Storage,
+        codec: &Codec,
+        pending: &PendingAborts,
+        key: String,
+        name: String,
+        format: &str,
+    ) -> Result<Self, PipelineError> {
+        let upload = storage.start_upload(&key).await?;
+        let (in_tx, in_rx) = mpsc::channel::<Bytes>(CHANNEL_DEPTH);
+        let (out_tx, out_rx) = mpsc::channel::<Bytes>(CHANNEL_DEPTH);
+        let aborted = Arc::new(AtomicBool::new(false));
+        let encoder = tokio::task::spawn_blocking({
+            let codec = codec.clone();
+            let aborted = aborted.clone();
+            move || encode(in_rx, out_tx, &codec, &aborted)
+        });
+        let task = tokio::spawn(upload_task(upload, out_rx, encoder));
+        Ok(ArtifactWriter {
+            name,
+            key,
+            format: format.to_string(),
+            compression: Compression {
+                algorithm: "zstd".into(),
+                level: codec.zstd_level,
+            },
+            encryption: codec.encrypts().then(|| Encryption {
+                algorithm: "age-x25519".into(),
+                recipients: codec.recipient_fingerprints(),
+            }),
+            chunk_size: codec.chunk_size,
+            tx: Some(in_tx),
+            task: Some(task),
+            aborted,
+            pending: pending.clone(),
+        })
+    }
+
+    /// Sends one chunk of raw bytes down the pipeline.
+    pub async fn write(&mut self, chunk: Bytes) -> Result<(), PipelineError> {
+        let sent = match &self.tx {
+            Some(tx) => tx.send(chunk).await.is_ok(),
+            None => false,
+        };
+        if sent {
+            Ok(())
+        } else {
+            Err(self.failure().await)
+        }
+    }
+
+    /// Copies `reader` to its end into the pipeline; returns the bytes copied.
+    pub async fn copy_from<R: AsyncRead + Unpin>(
+        &mut self,
+        reader: &mut R,
+    ) -> Result<u64, PipelineError> {
+        let mut total = 0;
+        loop {
+            let mut buf = BytesMut::with_capacity(self.chunk_size);
+            while buf.len() < self.chunk_size {
+                let n = reader
+                    .read_buf(&mut buf)
+                    .await
+                    .map_err(PipelineError::Source)?;
+                if n == 0 {
+                    break;
+                }
+            }
+            if buf.is_empty() {
+                return Ok(total);
+            }
+            total += buf.len() as u64;
+            self.write(buf.freeze()).await?;
+        }
+    }
+
+    /// Completes compression, encryption and upload; returns the artifact's record.
+    pub async fn finish(mut self) -> Result<ArtifactRecord, PipelineError> {
+        self.tx = None;
+        let summary = join(self.task.take()).await?;
+        Ok(ArtifactRecord {
+            name: std::mem::take(&mut self.name),
+            key: std::mem::take(&mut self.key),
+            format: std::mem::take(&mut self.format),
+            raw_sha256: summary.raw.0,
+            raw_size: summary.raw.1,
+            stored_sha256: summary.stored.0,
+            stored_size: summary.stored.1,
+            compression: self.compression.clone(),
+            encryption: self.encryption.take(),
+        })
+    }
+
+    /// Aborts the upload and waits until storage has discarded it.
+    pub async fn abort(mut self) {
+        self.aborted.store(true, Ordering::SeqCst);
+        self.tx = None;
+        let _ = join(self.task.take()).await;
+    }
+
+    /// The pipeline stopped early: its task knows why.
+    async fn failure(&mut self) -> PipelineError {
+        self.aborted.store(true, Ordering::SeqCst);
+        self.tx = None;
+        match join(self.task.take()).await {
+            Err(err) => err,
+            Ok(_) => PipelineError::Internal("pipeline finished before its input ended".into()),
+        }
+    }
+}
+
+impl Drop for ArtifactWriter {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            // Dropped before finish: fail closed. The flag must be set before the
+            // channel closes, so the encoder reads the end of input as an abort.
+            self.aborted.store(true, Ordering::SeqCst);
+            self.tx = None;
+            self.pending.push(task);
+        }
+    }
+}
+
+async fn join(task: Option<UploadTask>) -> Result<EncodeSummary, PipelineError> {
+    match task {
+        Some(task) => task
+            .await
+            .map_err(|err| PipelineError::Internal(err.to_string()))?,
+        None => Err(PipelineError::Aborted),
+    }
+}
+
+/// Moves encoded chunks into the multipart upload; completes it only if encoding succeeded.
+async fn upload_task(
+    mut upload: Upload,
+    mut rx: mpsc::Receiver<Bytes>,
+    encoder: JoinHandle<Result<EncodeSummary, PipelineError>>,
+) -> Result<EncodeSummary, PipelineError> {
+    while let Some(chunk) = rx.recv().await {
+        if let Err(err) = upload.write(chunk).await {
+            drop(rx); // the encoder's next send fails and it stops
+            let _ = encoder.await;
+            abort_upload(upload).await;
+            return Err(err.into());
+        }
+    }
+    let encoded = encoder
+        .await
+        .unwrap_or_else(|err| Err(PipelineError::Internal(err.to_string())));
+    match encoded {
+        Ok(summary) => {
+            upload.finish().await?;
+            Ok(summary)
+        }
+        Err(err) => {
+            abort_upload(upload).await;
+            Err(err)
+        }
+    }
+}
+
+async fn abort_upload(upload: Upload) {
+    if let Err(err) = upload.abort().await {
+        tracing::warn!(error = %err, "could not abort a multipart upload; prune removes it later");
+    }
+}
+
+/// The blocking half: hash raw bytes, compress, encrypt, hash stored bytes.
+fn encode(
+    mut rx: mpsc::Receiver<Bytes>,
+    out: mpsc::Sender<Bytes>,
+    codec: &Codec,
+    aborted: &AtomicBool,
+) -> Result<EncodeSummary, PipelineError> {
+    let sink = StoredSink {
+        out,
+        tally: Tally::default(),
+        buffer: Vec::with_capacity(codec.chunk_size),
+        chunk_size: codec.chunk_size,
+    };
+    let layer = if codec.encrypts() {
+        let recipients = codec.recipients.iter().map(|r| r as &dyn age::Recipient);
+        let encryptor = age::Encryptor::with_recipients(recipients)
+            .map_err(|err| PipelineError::Encode(io::Error::other(err.to_string())))?;
+        Layer::Age(encryptor.wrap_output(sink).map_err(PipelineError::Encode)?)
+    } else {
+        Layer::Plain(sink)
+    };
+    let mut zstd = zstd::stream::write::Encoder::new(layer, codec.zstd_level)
+        .map_err(PipelineError::Encode)?;
+    zstd.include_checksum(true).map_err(PipelineError::Encode)?;
+    if codec.zstd_workers > 0 {
+        zstd.multithread(codec.zstd_workers)
+            .map_err(PipelineError::Encode)?;
+    }
+    let mut raw = Tally::default();
+    while let Some(chunk) = rx.blocking_recv() {
+        raw.update(&chunk);
+        zstd.write_all(&chunk).map_err(PipelineError::Encode)?;
+    }
+    if aborted.load(Ordering::SeqCst) {
+        return Err(PipelineError::Aborted);
+    }
+    let layer = zstd.finish().map_err(PipelineError::Encode)?;
+    let mut sink = layer.finish().map_err(PipelineError::Encode)?;
+    sink.send_buffer().map_err(PipelineError::Encode)?;
+    Ok(EncodeSummary {
+        raw: raw.finish(),
+        stored: sink.tally.finish(),
+    })
+}
+
+/// The last stage of the blocking half: hashes stored bytes and hands them on in chunks.
+struct StoredSink {
+    out: mpsc::Sender<Bytes>,
+    tally: Tally,
+    buffer: Vec<u8>,
+    chunk_size: usize,
+}
+
+impl StoredSink {
+    fn send_buffer(&mut self) -> io::Result<()> {
+        if self.buffer.is_empty() {
+            return Ok(());
+        }
+        let chunk = std::mem::replace(&mut self.buffer, Vec::with_capacity(self.chunk_size));
+        self.out
+            .blocking_send(Bytes::from(chunk))
+            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the upload stopped"))
+    }
+}
+
+impl Write for StoredSink {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        self.tally.update(data);
+        self.buffer.extend_from_slice(data);
+        if self.buffer.len() >= self.chunk_size {
+            self.send_buffer()?;
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Optional encryption between compression and the stored-bytes sink.
+enum Layer {
+    Plain(StoredSink),
+    Age(age::stream::StreamWriter<StoredSink>),
+}
+
+impl Layer {
+    fn finish(self) -> io::Result<StoredSink> {
+        match self {
+            Layer::Plain(sink) => Ok(sink),
+            Layer::Age(writer) => writer.finish(),
+        }
+    }
+}
+
+impl Write for Layer {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        match self {
+            Layer::Plain(sink) => sink.write(data),
+            Layer::Age(writer) => writer.write(data),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Layer::Plain(sink) => sink.flush(),
+            Layer::Age(writer) => writer.flush(),
+        }
+    }
+}

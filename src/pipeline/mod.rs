@@ -1,0 +1,173 @@
+//! The streaming pipeline every artifact goes through, and back.
+//!
+//! ```text
+//! backup:  source → SHA-256(raw) → zstd → (age) → SHA-256(stored) → multipart upload
+//! restore: download → SHA-256(stored) → (age -d) → zstd -d → SHA-256(raw) → consumer
+//! ```
+//! Compression, encryption and hashing run on a blocking thread, connected to the async
+//! side by small bounded channels: memory is bounded by the chunk size, the channel depth
+//! and the multipart part size, never by the size of the artifact.
+
+mod decode;
+mod encode;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use sha2::{Digest, Sha256};
+
+pub use decode::{ArtifactReader, DecodedArtifact, Verification, open_artifact};
+pub use encode::{ArtifactWriter, PendingAborts};
+
+use crate::config::PipelineSettings;
+use crate::storage::StorageError;
+
+/// Chunks that may wait in each channel between stages.
+const CHANNEL_DEPTH: usize = 4;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error("reading the source failed: {0}")]
+    Source(#[source] std::io::Error),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error("compression or encryption failed: {0}")]
+    Encode(#[source] std::io::Error),
+    #[error("artifact `{artifact}` cannot be decoded: {reason}")]
+    Decode { artifact: String, reason: String },
+    #[error(
+        "artifact `{artifact}` is corrupt: {layer} SHA-256 {actual} ({actual_size} bytes) \
+         does not match the manifest's {expected} ({expected_size} bytes)"
+    )]
+    Integrity {
+        artifact: String,
+        layer: &'static str,
+        expected: String,
+        actual: String,
+        expected_size: u64,
+        actual_size: u64,
+    },
+    #[error(
+        "artifact `{0}` is encrypted and no age identity is configured (BACKUP_AGE_IDENTITY_FILE)"
+    )]
+    NoIdentity(String),
+    #[error("age identity file {path}: {reason}")]
+    Identity { path: String, reason: String },
+    #[error("the upload was aborted")]
+    Aborted,
+    #[error("pipeline task failed: {0}")]
+    Internal(String),
+}
+
+impl PipelineError {
+    /// Network and storage hiccups can pass; corrupt data and missing keys cannot.
+    pub fn retryable(&self) -> bool {
+        match self {
+            PipelineError::Storage(err) => err.retryable(),
+            PipelineError::Source(_) => true,
+            _ => false,
+        }
+    }
+}
+
+/// How artifacts are compressed and encrypted when written.
+#[derive(Clone)]
+pub struct Codec {
+    pub zstd_level: i32,
+    pub zstd_workers: u32,
+    pub chunk_size: usize,
+    recipients: Arc<Vec<age::x25519::Recipient>>,
+}
+
+impl Codec {
+    /// Builds the codec; settings were validated at load, so recipients parse.
+    pub fn from_settings(settings: &PipelineSettings) -> Self {
+        let recipients = settings
+            .age_recipients
+            .iter()
+            .filter_map(|r| r.parse::<age::x25519::Recipient>().ok())
+            .collect();
+        Codec {
+            zstd_level: settings.zstd_level,
+            zstd_workers: settings.zstd_workers,
+            chunk_size: settings.chunk_kib as usize * 1024,
+            recipients: Arc::new(recipients),
+        }
+    }
+
+    pub fn encrypts(&self) -> bool {
+        !self.recipients.is_empty()
+    }
+
+    /// `sha256:<16 hex>` of each recipient: names the keys without repeating them.
+    pub fn recipient_fingerprints(&self) -> Vec<String> {
+        self.recipients
+            .iter()
+            .map(|r| fingerprint(&r.to_string()))
+            .collect()
+    }
+
+    /// File-name suffix of stored artifacts: `.zst` or `.zst.age`.
+    pub fn suffix(&self) -> &'static str {
+        if self.encrypts() { ".zst.age" } else { ".zst" }
+    }
+}
+
+pub fn fingerprint(public_key: &str) -> String {
+    let digest = Sha256::digest(public_key.as_bytes());
+    format!("sha256:{}", &hex::encode(digest)[..16])
+}
+
+/// Private keys for decrypting artifacts, loaded from an age identity file.
+#[derive(Clone)]
+pub struct Keyring {
+    identities: Arc<Vec<Box<dyn age::Identity + Send + Sync>>>,
+}
+
+impl Keyring {
+    pub fn empty() -> Self {
+        Keyring {
+            identities: Arc::new(Vec::new()),
+        }
+    }
+
+    pub fn load(path: &Path) -> Result<Self, PipelineError> {
+        let identity_error = |reason: String| PipelineError::Identity {
+            path: path.display().to_string(),
+            reason,
+        };
+        let file = std::fs::File::open(path).map_err(|err| identity_error(err.to_string()))?;
+        let identities = age::IdentityFile::from_buffer(std::io::BufReader::new(file))
+            .map_err(|err| identity_error(err.to_string()))?
+            .into_identities()
+            .map_err(|err| identity_error(err.to_string()))?;
+        if identities.is_empty() {
+            return Err(identity_error("contains no identities".into()));
+        }
+        Ok(Keyring {
+            identities: Arc::new(identities),
+        })
+    }
+
+    fn is_empty(&self) -> bool {
+        self.identities.is_empty()
+    }
+}
+
+/// SHA-256 and byte count of everything that passes one point of the pipeline.
+#[derive(Default)]
+struct Tally {
+    hasher: Sha256,
+    bytes: u64,
+}
+
+impl Tally {
+    fn update(&mut self, data: &[u8]) {
+        self.hasher.update(data);
+        self.bytes += data.len() as u64;
+    }
+
+    fn finish(self) -> (String, u64) {
+        (hex::encode(self.hasher.finalize()), self.bytes)
+    }
+}

@@ -1,0 +1,136 @@
+//! The catalog of backups, read from the manifests in storage (never from a database).
+
+use bytes::Bytes;
+
+use super::layout::{BackupId, MANIFEST_NAME, TargetKind, manifest_key};
+use super::manifest::Manifest;
+use super::{Storage, StorageError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error("backup `{0}` not found (no manifest)")]
+    NotFound(String),
+    #[error("no backup of {0} exists yet")]
+    NoBackups(TargetKind),
+    #[error("manifest `{key}` is unreadable: {reason}")]
+    Corrupt { key: String, reason: String },
+}
+
+impl CatalogError {
+    pub fn retryable(&self) -> bool {
+        match self {
+            CatalogError::Storage(err) => err.retryable(),
+            _ => false,
+        }
+    }
+}
+
+/// Which backup a command means: an id, or the newest of a target.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BackupRef {
+    Id(BackupId),
+    Latest,
+}
+
+impl std::str::FromStr for BackupRef {
+    type Err = super::layout::InvalidBackupId;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s == "latest" {
+            Ok(BackupRef::Latest)
+        } else {
+            s.parse().map(BackupRef::Id)
+        }
+    }
+}
+
+/// Listing result: good manifests, plus the keys of manifests that could not be read.
+#[derive(Debug, Default)]
+pub struct Listing {
+    pub manifests: Vec<Manifest>,
+    pub unreadable: Vec<(String, String)>,
+}
+
+/// Lists the backups of one target, oldest first.
+pub async fn list(storage: &Storage, target: TargetKind) -> Result<Listing, CatalogError> {
+    let mut listing = Listing::default();
+    for dir in storage.list_dirs(&format!("{target}/")).await? {
+        let key = format!("{dir}{MANIFEST_NAME}");
+        match storage.get_bytes(&key).await {
+            Ok(bytes) => match parse(&key, &bytes) {
+                Ok(manifest) => listing.manifests.push(manifest),
+                Err(err) => listing.unreadable.push((key, err.to_string())),
+            },
+            // A directory without a manifest is debris of an unfinished backup.
+            Err(StorageError::NotFound { .. }) => {}
+            Err(err) => return Err(err.into()),
+        }
+    }
+    // Ids sort by time to the second; the manifest's start time orders within a second.
+    listing
+        .manifests
+        .sort_by(|a, b| (a.started_at, &a.id).cmp(&(b.started_at, &b.id)));
+    Ok(listing)
+}
+
+/// Lists every target's backups, oldest first within each target.
+pub async fn list_all(storage: &Storage) -> Result<Listing, CatalogError> {
+    let mut all = Listing::default();
+    for target in TargetKind::ALL {
+        let listing = list(storage, target).await?;
+        all.manifests.extend(listing.manifests);
+        all.unreadable.extend(listing.unreadable);
+    }
+    Ok(all)
+}
+
+/// Loads one manifest by id.
+pub async fn get(storage: &Storage, id: &BackupId) -> Result<Manifest, CatalogError> {
+    let key = manifest_key(id);
+    match storage.get_bytes(&key).await {
+        Ok(bytes) => parse(&key, &bytes),
+        Err(StorageError::NotFound { .. }) => Err(CatalogError::NotFound(id.to_string())),
+        Err(err) => Err(err.into()),
+    }
+}
+
+/// Resolves an id or `latest` for a target to a manifest.
+pub async fn resolve(
+    storage: &Storage,
+    target: TargetKind,
+    backup: &BackupRef,
+) -> Result<Manifest, CatalogError> {
+    match backup {
+        BackupRef::Id(id) => {
+            let manifest = get(storage, id).await?;
+            if manifest.target != target {
+                return Err(CatalogError::NotFound(format!(
+                    "{id} (for target {target})"
+                )));
+            }
+            Ok(manifest)
+        }
+        BackupRef::Latest => list(storage, target)
+            .await?
+            .manifests
+            .pop()
+            .ok_or(CatalogError::NoBackups(target)),
+    }
+}
+
+fn parse(key: &str, bytes: &Bytes) -> Result<Manifest, CatalogError> {
+    serde_json::from_slice(bytes).map_err(|err| CatalogError::Corrupt {
+        key: key.to_string(),
+        reason: err.to_string(),
+    })
+}
+
+/// Writes the manifest: the commit point of a backup.
+pub async fn commit(storage: &Storage, manifest: &Manifest) -> Result<(), StorageError> {
+    let json = serde_json::to_vec_pretty(manifest).expect("a manifest always serializes");
+    storage
+        .put_bytes(&manifest_key(&manifest.id), Bytes::from(json))
+        .await
+}

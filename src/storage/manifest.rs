@@ -1,0 +1,97 @@
+//! The manifest: a small JSON file that describes one finished backup and points at its artifacts.
+//!
+//! It is written last; a backup exists only once its manifest does. Its shape is
+//! described by `schemas/manifest.schema.json`.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use super::layout::{BackupId, TargetKind};
+
+pub const MANIFEST_FORMAT: u32 = 1;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: u32,
+    pub id: BackupId,
+    pub set_id: Option<String>,
+    pub target: TargetKind,
+    pub command_id: Option<String>,
+    pub requested_by: String,
+    pub reason: Option<String>,
+    pub started_at: DateTime<Utc>,
+    pub finished_at: DateTime<Utc>,
+    /// Retention keeps the backup at least until then.
+    pub retain_until: Option<DateTime<Utc>>,
+    /// For incremental backups: the backup this one builds on.
+    pub parent: Option<BackupId>,
+    pub tool: ToolInfo,
+    /// Facts about the source, recorded by the target (versions, counts, …).
+    pub source: serde_json::Value,
+    pub artifacts: Vec<ArtifactRecord>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ToolInfo {
+    pub name: String,
+    pub version: String,
+}
+
+impl ToolInfo {
+    pub fn current() -> Self {
+        ToolInfo {
+            name: env!("CARGO_PKG_NAME").to_string(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+        }
+    }
+}
+
+/// One stored object of a backup and everything needed to check and decode it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ArtifactRecord {
+    /// Logical name, e.g. `crm.dump`.
+    pub name: String,
+    /// Storage key relative to the storage prefix.
+    pub key: String,
+    /// What the raw bytes are, e.g. `pg_dump-custom`, `sql`, `rdb`, `tar`, `json`.
+    pub format: String,
+    pub raw_size: u64,
+    pub raw_sha256: String,
+    pub stored_size: u64,
+    pub stored_sha256: String,
+    pub compression: Compression,
+    pub encryption: Option<Encryption>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Compression {
+    pub algorithm: String,
+    pub level: i32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Encryption {
+    pub algorithm: String,
+    /// `sha256:<16 hex>` of each recipient's public key.
+    pub recipients: Vec<String>,
+}
+
+impl Manifest {
+    pub fn stored_size(&self) -> u64 {
+        self.artifacts.iter().map(|a| a.stored_size).sum()
+    }
+
+    pub fn raw_size(&self) -> u64 {
+        self.artifacts.iter().map(|a| a.raw_size).sum()
+    }
+
+    pub fn duration(&self) -> std::time::Duration {
+        (self.finished_at - self.started_at)
+            .to_std()
+            .unwrap_or_default()
+    }
+
+    pub fn artifact(&self, name: &str) -> Option<&ArtifactRecord> {
+        self.artifacts.iter().find(|a| a.name == name)
+    }
+}

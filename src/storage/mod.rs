@@ -1,0 +1,303 @@
+//! Object storage: the local directory `backups/` by default, S3-compatible when a bucket is set.
+//!
+//! Everything above this module speaks in keys relative to the configured prefix
+//! (`postgres/<id>/manifest.json`); this module maps them onto `object_store`.
+
+pub mod catalog;
+pub mod layout;
+pub mod manifest;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::TryStreamExt;
+use futures::stream::BoxStream;
+use object_store::aws::{AmazonS3Builder, S3ConditionalPut};
+use object_store::local::LocalFileSystem;
+use object_store::path::Path as ObjectPath;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart};
+use secrecy::ExposeSecret;
+
+use crate::config::StorageSettings;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("storage: `{key}` does not exist")]
+    NotFound { key: String },
+    #[error("storage is misconfigured: {0}")]
+    Config(String),
+    #[error("storage refused access to `{key}`: {message}")]
+    Denied { key: String, message: String },
+    #[error("storage error on `{key}`: {message}")]
+    Unavailable { key: String, message: String },
+}
+
+impl StorageError {
+    /// Whether trying again later can help (network, server errors) or not (missing, denied).
+    pub fn retryable(&self) -> bool {
+        matches!(self, StorageError::Unavailable { .. })
+    }
+
+    fn from_object_store(key: &str, err: object_store::Error) -> Self {
+        let key = key.to_string();
+        match err {
+            object_store::Error::NotFound { .. } => StorageError::NotFound { key },
+            object_store::Error::PermissionDenied { source, .. }
+            | object_store::Error::Unauthenticated { source, .. } => StorageError::Denied {
+                key,
+                message: source.to_string(),
+            },
+            other => StorageError::Unavailable {
+                key,
+                message: other.to_string(),
+            },
+        }
+    }
+}
+
+/// One listed object.
+#[derive(Debug, Clone)]
+pub struct ObjectInfo {
+    /// Key relative to the storage prefix.
+    pub key: String,
+    pub size: u64,
+    pub last_modified: chrono::DateTime<chrono::Utc>,
+}
+
+/// Handle on the configured object store.
+#[derive(Clone)]
+pub struct Storage {
+    store: Arc<dyn ObjectStore>,
+    prefix: String,
+    /// Where the store is, for humans and events: `s3://bucket/prefix/` or `file:///dir/`.
+    base_location: String,
+    part_size: usize,
+    parts_in_flight: usize,
+}
+
+impl std::fmt::Debug for Storage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Storage")
+            .field("location", &self.base_location)
+            .finish()
+    }
+}
+
+impl Storage {
+    /// Opens S3 when `s3_bucket` is set, else the local directory (created if missing).
+    pub fn open(settings: &StorageSettings) -> Result<Self, StorageError> {
+        let prefix = settings.prefix.trim_matches('/').to_string();
+        let (store, root): (Arc<dyn ObjectStore>, String) = if settings.s3_bucket.is_empty() {
+            std::fs::create_dir_all(&settings.local_dir).map_err(|err| {
+                StorageError::Config(format!(
+                    "cannot create storage directory {}: {err}",
+                    settings.local_dir.display()
+                ))
+            })?;
+            let dir = std::fs::canonicalize(&settings.local_dir).map_err(|err| {
+                StorageError::Config(format!("{}: {err}", settings.local_dir.display()))
+            })?;
+            let store = LocalFileSystem::new_with_prefix(&dir)
+                .map_err(|err| StorageError::Config(err.to_string()))?
+                .with_automatic_cleanup(true)
+                // A backup that reports success must survive a power cut.
+                .with_fsync(true);
+            (Arc::new(store), format!("file://{}/", dir.display()))
+        } else {
+            let mut builder = AmazonS3Builder::new()
+                .with_bucket_name(&settings.s3_bucket)
+                .with_region(&settings.s3_region)
+                .with_conditional_put(S3ConditionalPut::Disabled)
+                .with_virtual_hosted_style_request(false);
+            if !settings.s3_endpoint.is_empty() {
+                builder = builder
+                    .with_endpoint(&settings.s3_endpoint)
+                    .with_allow_http(settings.s3_endpoint.starts_with("http://"));
+            }
+            if !settings.s3_access_key.is_empty() {
+                builder = builder
+                    .with_access_key_id(&settings.s3_access_key)
+                    .with_secret_access_key(settings.s3_secret_key.expose_secret());
+            }
+            let store = builder
+                .build()
+                .map_err(|err| StorageError::Config(err.to_string()))?;
+            (Arc::new(store), format!("s3://{}/", settings.s3_bucket))
+        };
+        let base_location = if prefix.is_empty() {
+            root
+        } else {
+            format!("{root}{prefix}/")
+        };
+        Ok(Storage {
+            store,
+            prefix,
+            base_location,
+            part_size: settings.part_size_mib as usize * 1024 * 1024,
+            parts_in_flight: settings.parts_in_flight as usize,
+        })
+    }
+
+    /// Human- and event-facing location of a key (`s3://bucket/prefix/key`).
+    pub fn location_of(&self, key: &str) -> String {
+        format!("{}{}", self.base_location, key)
+    }
+
+    fn path(&self, key: &str) -> ObjectPath {
+        if self.prefix.is_empty() {
+            ObjectPath::from(key)
+        } else {
+            ObjectPath::from(format!("{}/{}", self.prefix, key))
+        }
+    }
+
+    fn relative_key(&self, path: &ObjectPath) -> String {
+        let full = path.as_ref();
+        if self.prefix.is_empty() {
+            full.to_string()
+        } else {
+            full.strip_prefix(&self.prefix)
+                .map(|rest| rest.trim_start_matches('/'))
+                .unwrap_or(full)
+                .to_string()
+        }
+    }
+
+    /// Stores a small object in one request (manifests, markers).
+    pub async fn put_bytes(&self, key: &str, bytes: Bytes) -> Result<(), StorageError> {
+        self.store
+            .put(&self.path(key), PutPayload::from(bytes))
+            .await
+            .map(|_| ())
+            .map_err(|err| StorageError::from_object_store(key, err))
+    }
+
+    /// Reads a small object whole (manifests, markers).
+    pub async fn get_bytes(&self, key: &str) -> Result<Bytes, StorageError> {
+        let result = self
+            .store
+            .get(&self.path(key))
+            .await
+            .map_err(|err| StorageError::from_object_store(key, err))?;
+        result
+            .bytes()
+            .await
+            .map_err(|err| StorageError::from_object_store(key, err))
+    }
+
+    /// Streams an object in chunks, without holding it in memory.
+    pub async fn get_stream(
+        &self,
+        key: &str,
+    ) -> Result<BoxStream<'static, Result<Bytes, StorageError>>, StorageError> {
+        let result = self
+            .store
+            .get(&self.path(key))
+            .await
+            .map_err(|err| StorageError::from_object_store(key, err))?;
+        let key = key.to_string();
+        Ok(Box::pin(result.into_stream().map_err(move |err| {
+            StorageError::from_object_store(&key, err)
+        })))
+    }
+
+    pub async fn exists(&self, key: &str) -> Result<bool, StorageError> {
+        match self.store.head(&self.path(key)).await {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(err) => Err(StorageError::from_object_store(key, err)),
+        }
+    }
+
+    /// Lists every object whose key starts with `dir` (a `/`-terminated directory key).
+    pub async fn list(&self, dir: &str) -> Result<Vec<ObjectInfo>, StorageError> {
+        let dir_path = self.path(dir.trim_end_matches('/'));
+        let objects: Vec<_> = self
+            .store
+            .list(Some(&dir_path))
+            .try_collect()
+            .await
+            .map_err(|err| StorageError::from_object_store(dir, err))?;
+        Ok(objects
+            .into_iter()
+            .map(|meta| ObjectInfo {
+                key: self.relative_key(&meta.location),
+                size: meta.size,
+                last_modified: meta.last_modified,
+            })
+            .collect())
+    }
+
+    /// Lists the immediate sub-directories of `dir` (their keys end with `/`).
+    pub async fn list_dirs(&self, dir: &str) -> Result<Vec<String>, StorageError> {
+        let trimmed = dir.trim_end_matches('/');
+        let dir_path = (!trimmed.is_empty() || !self.prefix.is_empty()).then(|| self.path(trimmed));
+        let listing = self
+            .store
+            .list_with_delimiter(dir_path.as_ref())
+            .await
+            .map_err(|err| StorageError::from_object_store(dir, err))?;
+        Ok(listing
+            .common_prefixes
+            .iter()
+            .map(|path| format!("{}/", self.relative_key(path)))
+            .collect())
+    }
+
+    pub async fn delete(&self, key: &str) -> Result<(), StorageError> {
+        match self.store.delete(&self.path(key)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(err) => Err(StorageError::from_object_store(key, err)),
+        }
+    }
+
+    /// Starts a multipart upload; memory is bounded by part size × (parts in flight + 1).
+    pub async fn start_upload(&self, key: &str) -> Result<Upload, StorageError> {
+        let upload = self
+            .store
+            .put_multipart(&self.path(key))
+            .await
+            .map_err(|err| StorageError::from_object_store(key, err))?;
+        Ok(Upload {
+            key: key.to_string(),
+            writer: WriteMultipart::new_with_chunk_size(upload, self.part_size),
+            parts_in_flight: self.parts_in_flight,
+        })
+    }
+}
+
+/// A multipart upload in progress. Either [`Upload::finish`] or [`Upload::abort`] ends it.
+pub struct Upload {
+    key: String,
+    writer: WriteMultipart,
+    parts_in_flight: usize,
+}
+
+impl Upload {
+    /// Appends bytes, waiting while too many parts are in flight (back-pressure).
+    pub async fn write(&mut self, bytes: Bytes) -> Result<(), StorageError> {
+        self.writer
+            .wait_for_capacity(self.parts_in_flight)
+            .await
+            .map_err(|err| StorageError::from_object_store(&self.key, err))?;
+        self.writer.put(bytes);
+        Ok(())
+    }
+
+    /// Completes the upload: the object becomes visible.
+    pub async fn finish(self) -> Result<(), StorageError> {
+        self.writer
+            .finish()
+            .await
+            .map(|_| ())
+            .map_err(|err| StorageError::from_object_store(&self.key, err))
+    }
+
+    /// Aborts the upload: uploaded parts are discarded and nothing becomes visible.
+    pub async fn abort(self) -> Result<(), StorageError> {
+        self.writer
+            .abort()
+            .await
+            .map_err(|err| StorageError::from_object_store(&self.key, err))
+    }
+}

@@ -1,0 +1,263 @@
+//! Targets: what can be backed up and restored, each one file behind the [`Target`] trait.
+//!
+//! A target streams its artifacts into an [`ArtifactSink`] and returns the facts that
+//! go into the manifest; on restore it reads them back from an [`ArtifactSource`]. It
+//! knows nothing about commands, brokers, hashes or storage keys.
+
+pub mod postgres;
+mod process;
+
+use std::collections::BTreeMap;
+
+use async_trait::async_trait;
+use serde::de::DeserializeOwned;
+
+use crate::config::Settings;
+use crate::pipeline::{
+    ArtifactReader, ArtifactWriter, Codec, DecodedArtifact, Keyring, PendingAborts, PipelineError,
+    open_artifact,
+};
+use crate::storage::Storage;
+use crate::storage::layout::{BackupId, TargetKind, artifact_key};
+use crate::storage::manifest::{ArtifactRecord, Manifest};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TargetError {
+    #[error("{target} is unreachable: {message}")]
+    Unreachable { target: TargetKind, message: String },
+    #[error("invalid options for {target}: {message}")]
+    InvalidOptions { target: TargetKind, message: String },
+    #[error("{tool} failed: {message}")]
+    Tool {
+        tool: String,
+        message: String,
+        retryable: bool,
+    },
+    #[error("refused: {0}")]
+    Refused(String),
+    #[error("the backup cannot be used: {0}")]
+    Unusable(String),
+    #[error("restored data differs from the backup: {0}")]
+    Mismatch(String),
+    #[error("target {0} is disabled in the configuration")]
+    Disabled(TargetKind),
+    #[error(transparent)]
+    Pipeline(#[from] PipelineError),
+}
+
+impl TargetError {
+    pub fn retryable(&self) -> bool {
+        match self {
+            TargetError::Unreachable { .. } => true,
+            TargetError::Tool { retryable, .. } => *retryable,
+            TargetError::Pipeline(err) => err.retryable(),
+            _ => false,
+        }
+    }
+
+    pub fn kind(&self) -> &'static str {
+        match self {
+            TargetError::Unreachable { .. } => "unreachable",
+            TargetError::InvalidOptions { .. } => "invalid_options",
+            TargetError::Tool { .. } => "tool_failed",
+            TargetError::Refused(_) => "refused",
+            TargetError::Unusable(_) => "unusable_backup",
+            TargetError::Mismatch(_) => "restore_mismatch",
+            TargetError::Disabled(_) => "target_disabled",
+            TargetError::Pipeline(PipelineError::Integrity { .. }) => "integrity",
+            TargetError::Pipeline(PipelineError::Storage(_)) => "storage",
+            TargetError::Pipeline(_) => "pipeline",
+        }
+    }
+}
+
+/// What a restore did, for the operator and the event.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RestoreReport {
+    /// Where the data went, e.g. `postgres database crm_restore_20261126T031500`.
+    pub destination: String,
+    pub details: serde_json::Value,
+}
+
+#[async_trait]
+pub trait Target: Send + Sync {
+    fn kind(&self) -> TargetKind;
+
+    /// Cheap reachability check of the source.
+    async fn health(&self) -> Result<(), TargetError>;
+
+    /// Streams the target's artifacts into `sink`; returns the source facts for the manifest.
+    async fn backup(
+        &self,
+        options: &serde_json::Value,
+        sink: &mut ArtifactSink,
+    ) -> Result<serde_json::Value, TargetError>;
+
+    /// Restores a backup. Beside the original unless `options` explicitly say in place.
+    async fn restore(
+        &self,
+        source: &ArtifactSource,
+        options: &serde_json::Value,
+    ) -> Result<RestoreReport, TargetError>;
+
+    /// Checks the structure of one decoded artifact (does the dump parse, …); returns a
+    /// one-line summary. The default only reads it through, so its hashes get checked.
+    async fn check_artifact(
+        &self,
+        record: &ArtifactRecord,
+        mut reader: ArtifactReader,
+    ) -> Result<String, TargetError> {
+        let bytes = tokio::io::copy(&mut reader, &mut tokio::io::sink())
+            .await
+            .map_err(|err| TargetError::Unusable(format!("{}: {err}", record.name)))?;
+        Ok(format!("{bytes} bytes read"))
+    }
+}
+
+/// Parses a command's `options` object into a target's typed options (unknown keys rejected).
+pub fn parse_options<T: DeserializeOwned + Default>(
+    target: TargetKind,
+    options: &serde_json::Value,
+) -> Result<T, TargetError> {
+    if options.is_null() {
+        return Ok(T::default());
+    }
+    serde_json::from_value(options.clone()).map_err(|err| TargetError::InvalidOptions {
+        target,
+        message: err.to_string(),
+    })
+}
+
+/// Where a target writes the artifacts of one backup.
+pub struct ArtifactSink {
+    storage: Storage,
+    codec: Codec,
+    backup_id: BackupId,
+    pending: PendingAborts,
+    records: Vec<ArtifactRecord>,
+}
+
+impl ArtifactSink {
+    pub fn new(storage: Storage, codec: Codec, backup_id: BackupId) -> Self {
+        ArtifactSink {
+            storage,
+            codec,
+            backup_id,
+            pending: PendingAborts::default(),
+            records: Vec::new(),
+        }
+    }
+
+    /// Starts an artifact called `name` (stored as `name.zst[.age]`); `format` names the raw bytes.
+    pub async fn create(&self, name: &str, format: &str) -> Result<ArtifactWriter, TargetError> {
+        let key = artifact_key(&self.backup_id, &format!("{name}{}", self.codec.suffix()));
+        Ok(ArtifactWriter::create(
+            &self.storage,
+            &self.codec,
+            &self.pending,
+            key,
+            name.to_string(),
+            format,
+        )
+        .await?)
+    }
+
+    /// Completes an artifact and records it for the manifest.
+    pub async fn finish(&mut self, writer: ArtifactWriter) -> Result<(), TargetError> {
+        let record = writer.finish().await?;
+        self.records.push(record);
+        Ok(())
+    }
+
+    pub fn records(&self) -> &[ArtifactRecord] {
+        &self.records
+    }
+
+    pub fn into_records(self) -> Vec<ArtifactRecord> {
+        self.records
+    }
+
+    /// After a failure: waits for unfinished uploads to be aborted and deletes finished
+    /// artifacts, so a failed backup leaves nothing behind (prune catches what this misses).
+    pub async fn discard(self) {
+        self.pending.wait().await;
+        for record in &self.records {
+            if let Err(err) = self.storage.delete(&record.key).await {
+                tracing::warn!(key = %record.key, error = %err, "could not delete an artifact of a failed backup");
+            }
+        }
+    }
+}
+
+/// Where a target reads the artifacts of one backup during restore or verify.
+pub struct ArtifactSource {
+    pub manifest: Manifest,
+    storage: Storage,
+    keyring: Keyring,
+    chunk_size: usize,
+}
+
+impl ArtifactSource {
+    pub fn new(manifest: Manifest, storage: Storage, keyring: Keyring, chunk_size: usize) -> Self {
+        ArtifactSource {
+            manifest,
+            storage,
+            keyring,
+            chunk_size,
+        }
+    }
+
+    pub fn record(&self, name: &str) -> Result<&ArtifactRecord, TargetError> {
+        self.manifest.artifact(name).ok_or_else(|| {
+            TargetError::Unusable(format!(
+                "backup {} has no artifact `{name}`",
+                self.manifest.id
+            ))
+        })
+    }
+
+    /// Opens an artifact: decoded bytes plus the pending hash verification.
+    pub async fn open(&self, record: &ArtifactRecord) -> Result<DecodedArtifact, TargetError> {
+        Ok(open_artifact(&self.storage, record, &self.keyring, self.chunk_size).await?)
+    }
+
+    /// Reads an artifact through and checks both hashes, writing nothing anywhere.
+    pub async fn verify(&self, record: &ArtifactRecord) -> Result<(), TargetError> {
+        let DecodedArtifact {
+            reader,
+            verification,
+        } = self.open(record).await?;
+        drop(reader);
+        Ok(verification.result().await?)
+    }
+}
+
+/// The configured targets.
+pub struct Targets {
+    targets: BTreeMap<TargetKind, Box<dyn Target>>,
+}
+
+impl Targets {
+    pub fn from_settings(settings: &Settings) -> Self {
+        let mut targets: BTreeMap<TargetKind, Box<dyn Target>> = BTreeMap::new();
+        if settings.postgres.enabled {
+            targets.insert(
+                TargetKind::Postgres,
+                Box::new(postgres::Postgres::new(&settings.postgres)),
+            );
+        }
+        Targets { targets }
+    }
+
+    pub fn get(&self, kind: TargetKind) -> Result<&dyn Target, TargetError> {
+        self.targets
+            .get(&kind)
+            .map(|target| target.as_ref())
+            .ok_or(TargetError::Disabled(kind))
+    }
+
+    /// Kinds enabled in the configuration, in a stable order.
+    pub fn enabled(&self) -> Vec<TargetKind> {
+        self.targets.keys().copied().collect()
+    }
+}

@@ -1,0 +1,206 @@
+//! Child processes of targets (`pg_dump`, `pg_restore`, …): spawning, stderr capture, exit checks.
+
+use std::ffi::OsStr;
+use std::path::Path;
+use std::process::{ExitStatus, Stdio};
+
+use tokio::io::AsyncReadExt;
+use tokio::process::{Child, Command};
+use tokio::task::JoinHandle;
+
+use super::TargetError;
+use crate::telemetry::scrub;
+
+/// The last this many bytes of a tool's stderr are kept for its error message.
+const STDERR_TAIL: usize = 4096;
+
+/// Messages that mean the server or the network, not the request, was the problem.
+const TRANSIENT_MARKERS: &[&str] = &[
+    "could not connect",
+    "connection to server",
+    "server closed the connection",
+    "connection refused",
+    "timeout",
+    "timed out",
+    "the database system is starting up",
+    "the database system is shutting down",
+    "too many connections",
+    "terminating connection",
+];
+
+pub struct ToolProcess {
+    pub child: Child,
+    name: String,
+    stderr: JoinHandle<String>,
+}
+
+impl ToolProcess {
+    /// Spawns `program` with `args` and extra `env`; stdout and stdin as given, stderr captured.
+    /// The child is killed if this handle is dropped.
+    pub fn spawn<I, S>(
+        program: &Path,
+        args: I,
+        env: &[(&str, String)],
+        stdin: Stdio,
+        stdout: Stdio,
+    ) -> Result<Self, TargetError>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let name = program
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| program.display().to_string());
+        let mut command = Command::new(program);
+        command
+            .args(args)
+            .stdin(stdin)
+            .stdout(stdout)
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        for (key, value) in env {
+            command.env(key, value);
+        }
+        let mut child = command.spawn().map_err(|err| TargetError::Tool {
+            tool: name.clone(),
+            message: format!("cannot start {}: {err}", program.display()),
+            retryable: false,
+        })?;
+        let mut stderr = child.stderr.take();
+        let stderr = tokio::spawn(async move {
+            let mut tail = Vec::new();
+            if let Some(stderr) = stderr.as_mut() {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = stderr.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    tail.extend_from_slice(&buf[..n]);
+                    if tail.len() > 2 * STDERR_TAIL {
+                        tail.drain(..tail.len() - STDERR_TAIL);
+                    }
+                }
+            }
+            let start = tail.len().saturating_sub(STDERR_TAIL);
+            String::from_utf8_lossy(&tail[start..]).trim().to_string()
+        });
+        Ok(ToolProcess {
+            child,
+            name,
+            stderr,
+        })
+    }
+
+    /// Waits for the exit; anything but status 0 is an error carrying the stderr tail.
+    /// `secrets` are scrubbed from that message.
+    pub async fn wait(mut self, secrets: &[&str]) -> Result<String, TargetError> {
+        let status = self.child.wait().await.map_err(|err| TargetError::Tool {
+            tool: self.name.clone(),
+            message: format!("waiting for it failed: {err}"),
+            retryable: true,
+        })?;
+        let stderr = scrub(&self.stderr.await.unwrap_or_default(), secrets);
+        if status.success() {
+            return Ok(stderr);
+        }
+        Err(failure(&self.name, status, &stderr))
+    }
+
+    /// Kills the child (if still running) and reaps it.
+    pub async fn kill(mut self) {
+        let _ = self.child.kill().await;
+    }
+}
+
+fn failure(name: &str, status: ExitStatus, stderr: &str) -> TargetError {
+    use std::os::unix::process::ExitStatusExt;
+    let how = match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exited with status {code}"),
+        (None, Some(signal)) => format!("was killed by signal {signal}"),
+        (None, None) => "ended abnormally".to_string(),
+    };
+    let lower = stderr.to_lowercase();
+    let retryable = status.signal().is_some()
+        || TRANSIENT_MARKERS
+            .iter()
+            .any(|marker| lower.contains(marker));
+    let detail = if stderr.is_empty() {
+        String::new()
+    } else {
+        format!(
+            ": {}",
+            stderr
+                .lines()
+                .rev()
+                .take(6)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect::<Vec<_>>()
+                .join(" | ")
+        )
+    };
+    TargetError::Tool {
+        tool: name.to_string(),
+        message: format!("{name} {how}{detail}"),
+        retryable,
+    }
+}
+
+/// Runs a tool to completion and returns its stdout (for short outputs such as `--version`).
+pub async fn output(program: &Path, args: &[&str]) -> Result<String, TargetError> {
+    let out = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .map_err(|err| TargetError::Tool {
+            tool: program.display().to_string(),
+            message: format!("cannot start {}: {err}", program.display()),
+            retryable: false,
+        })?;
+    if !out.status.success() {
+        return Err(TargetError::Tool {
+            tool: program.display().to_string(),
+            message: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            retryable: false,
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// How feeding a child's stdin ended.
+#[derive(Debug)]
+pub enum Pump {
+    /// The reader reached its end and everything was written.
+    Finished,
+    /// The reader failed (a corrupt or unreadable artifact).
+    ReaderFailed(std::io::Error),
+    /// The child stopped reading; its exit status says why.
+    WriterClosed,
+}
+
+/// Copies `reader` into `writer`, telling a failing source apart from a closed sink.
+pub async fn pump<R, W>(reader: &mut R, writer: &mut W) -> Pump
+where
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::AsyncWriteExt;
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = match reader.read(&mut buf).await {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(err) => return Pump::ReaderFailed(err),
+        };
+        if writer.write_all(&buf[..n]).await.is_err() {
+            return Pump::WriterClosed;
+        }
+    }
+    match writer.shutdown().await {
+        Ok(()) => Pump::Finished,
+        Err(_) => Pump::WriterClosed,
+    }
+}

@@ -1,0 +1,106 @@
+//! The operator CLI as a user runs it: exit codes, one-line errors, output lines.
+
+mod common;
+
+use std::collections::HashMap;
+
+use common::{Store, TestDatabase, TestSetup, psql, run_cli};
+
+fn env_with(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+    let dir = std::env::temp_dir().join(common::unique("cli_storage"));
+    let mut env: HashMap<String, String> = HashMap::from([
+        ("BACKUP_CONFIG_DIR".to_string(), "/nonexistent".to_string()),
+        ("BACKUP_STORAGE_DIR".to_string(), dir.display().to_string()),
+    ]);
+    for (key, value) in pairs {
+        env.insert(key.to_string(), value.to_string());
+    }
+    env
+}
+
+#[test]
+fn a_bad_configuration_value_stops_start_up_naming_the_key() {
+    let cases = [
+        (
+            "BACKUP__PIPELINE__ZSTD_LEVEL",
+            "fast",
+            "pipeline.zstd_level",
+        ),
+        ("BACKUP_RETENTION_DAYS", "a week", "retention.days"),
+        (
+            "DATABASE_URL",
+            "mysql://root@db/crm",
+            "postgres.database_url",
+        ),
+        (
+            "BACKUP__STORAGE__PARTS_IN_FLIGHT",
+            "0",
+            "storage.parts_in_flight",
+        ),
+    ];
+    for (name, value, key) in cases {
+        let (ok, stdout, stderr) = run_cli(&env_with(&[(name, value)]), &["list"]);
+        assert!(!ok, "{name}={value} must fail: {stdout}");
+        assert!(stderr.contains(key), "{name}={value}: {stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
+    }
+}
+
+#[test]
+fn secrets_in_configuration_never_reach_output() {
+    let env = env_with(&[("DATABASE_URL", "postgres://app:hunter2@127.0.0.1:1/crm")]);
+    let (ok, stdout, stderr) = run_cli(&env, &["run", "postgres"]);
+    assert!(!ok);
+    assert!(
+        !stdout.contains("hunter2") && !stderr.contains("hunter2"),
+        "{stdout}{stderr}"
+    );
+    assert!(stderr.starts_with("error: "), "{stderr}");
+}
+
+#[test]
+fn run_prints_one_line_per_target_and_list_shows_it() {
+    let db = TestDatabase::create("cli_run");
+    psql(
+        &db.name,
+        "CREATE TABLE t AS SELECT generate_series(1, 1000) AS n",
+    );
+    let setup = TestSetup::new(&db.name, Store::Local, &[]);
+
+    let (ok, stdout, stderr) = run_cli(
+        &setup.env,
+        &["run", "postgres", "--reason", "before migration 0042"],
+    );
+    assert!(ok, "{stderr}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 1, "{stdout}");
+    assert!(lines[0].starts_with("postgres"), "{stdout}");
+    for part in ["raw", "stored", " s ", "/s"] {
+        assert!(lines[0].contains(part), "`{part}` missing: {stdout}");
+    }
+
+    let (ok, stdout, _) = run_cli(&setup.env, &["run", "postgres", "--json"]);
+    assert!(ok);
+    let line: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(line["ok"], true);
+    assert!(line["raw_size_bytes"].as_u64().unwrap() > line["size_bytes"].as_u64().unwrap());
+
+    let (ok, stdout, _) = run_cli(&setup.env, &["list", "postgres", "--json"]);
+    assert!(ok);
+    let rows: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(rows.as_array().unwrap().len(), 2);
+    assert_eq!(rows[0]["reason"], "before migration 0042");
+
+    let id = rows[1]["backup_id"].as_str().unwrap();
+    let (ok, stdout, _) = run_cli(&setup.env, &["show", id]);
+    assert!(ok);
+    let manifest: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(manifest["source"]["tables"][0]["rows"], 1000);
+
+    let (ok, _, stderr) = run_cli(&setup.env, &["show", "20200101T000000Z-postgres-abcd"]);
+    assert!(!ok);
+    assert!(stderr.contains("not found"), "{stderr}");
+    let (ok, _, stderr) = run_cli(&setup.env, &["run", "mysql"]);
+    assert!(!ok);
+    assert!(stderr.contains("unknown target `mysql`"), "{stderr}");
+}

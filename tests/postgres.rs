@@ -1,0 +1,624 @@
+//! PostgreSQL backup and restore against the real server, real pg_dump/pg_restore, local and Garage storage.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
+use std::process::Command;
+
+use common::{
+    Store, TestDatabase, TestSetup, age_key, database_exists, garage_multipart_uploads, psql,
+    run_cli, unique,
+};
+use crm_backup::config::Settings;
+use crm_backup::jobs::JobContext;
+use crm_backup::jobs::backup::{BackupRequest, run_backup};
+use crm_backup::jobs::restore::{RestoreRequest, run_restore};
+use crm_backup::jobs::verify::verify_backup;
+use crm_backup::storage::catalog::{self, BackupRef};
+use crm_backup::storage::layout::TargetKind;
+use crm_backup::storage::manifest::Manifest;
+use crm_backup::targets::postgres::PostgresFacts;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+const FIXTURE: &str = r#"
+CREATE SCHEMA crm;
+CREATE SCHEMA billing;
+CREATE TYPE crm.deal_stage AS ENUM ('lead', 'qualified', 'won', 'lost');
+CREATE SEQUENCE crm.ticket_seq START 1000;
+CREATE TABLE crm.customers (
+    id bigserial PRIMARY KEY, name text NOT NULL, email text UNIQUE, profile jsonb,
+    created_at timestamptz NOT NULL DEFAULT '2026-01-01 00:00:00+00');
+CREATE TABLE crm.deals (
+    id serial PRIMARY KEY, customer_id bigint REFERENCES crm.customers(id),
+    stage crm.deal_stage NOT NULL, amount numeric(12,2),
+    ticket int NOT NULL DEFAULT nextval('crm.ticket_seq'));
+CREATE TABLE billing.invoices (id int PRIMARY KEY, customer_id bigint, total numeric, lines jsonb, note text);
+CREATE TABLE public.documents_meta (id int PRIMARY KEY, doc oid, title text);
+CREATE VIEW crm.open_deals AS
+    SELECT d.id, d.amount, c.name FROM crm.deals d JOIN crm.customers c ON c.id = d.customer_id
+    WHERE d.stage IN ('lead', 'qualified');
+CREATE FUNCTION crm.total_for(cust bigint) RETURNS numeric LANGUAGE sql STABLE
+    AS $$ SELECT coalesce(sum(amount), 0) FROM crm.deals WHERE customer_id = cust $$;
+CREATE FUNCTION billing.touch() RETURNS trigger LANGUAGE plpgsql
+    AS $$ BEGIN NEW.note := coalesce(NEW.note, '') || ' ✓'; RETURN NEW; END $$;
+CREATE TRIGGER invoices_touch BEFORE INSERT ON billing.invoices
+    FOR EACH ROW EXECUTE FUNCTION billing.touch();
+INSERT INTO crm.customers (name, email, profile)
+    SELECT 'Клиент ' || i || ' 客户 ñ', 'c' || i || '@example.com',
+           jsonb_build_object('i', i, 'tags', jsonb_build_array('vip', 'ß'), 'even', i % 2 = 0)
+    FROM generate_series(1, 5000) i;
+INSERT INTO crm.deals (customer_id, stage, amount)
+    SELECT (i % 5000) + 1, (ARRAY['lead','qualified','won','lost'])[i % 4 + 1]::crm.deal_stage, i * 1.5
+    FROM generate_series(1, 20000) i;
+INSERT INTO billing.invoices
+    SELECT i, i % 5000 + 1, i * 10, jsonb_build_array(jsonb_build_object('sku', 'x' || i)), 'Счёт №' || i
+    FROM generate_series(1, 3000) i;
+INSERT INTO public.documents_meta
+    SELECT i, lo_from_bytea(0, convert_to(repeat('документ ' || i || ' ', 200), 'UTF8')), 'doc ' || i
+    FROM generate_series(1, 5) i;
+SELECT setval('crm.ticket_seq', 424242);
+"#;
+
+fn create_fixture(prefix: &str) -> TestDatabase {
+    let db = TestDatabase::create(prefix);
+    psql(&db.name, FIXTURE);
+    db
+}
+
+/// Everything that must survive a round trip: schema DDL, every table's rows, sequences,
+/// large objects.
+fn fingerprint(database: &str) -> BTreeMap<String, String> {
+    let mut print = BTreeMap::new();
+    let tables = psql(
+        database,
+        "SELECT schemaname || '.' || tablename FROM pg_tables \
+         WHERE schemaname NOT IN ('pg_catalog', 'information_schema') ORDER BY 1",
+    );
+    for table in tables.lines() {
+        let digest = psql(
+            database,
+            &format!(
+                "SELECT count(*) || ':' || md5(coalesce(string_agg(t::text, E'\\n' ORDER BY t::text), '')) FROM {table} t"
+            ),
+        );
+        print.insert(format!("table {table}"), digest);
+    }
+    print.insert(
+        "sequences".into(),
+        psql(
+            database,
+            "SELECT string_agg(schemaname || '.' || sequencename || '=' || coalesce(last_value, 0), ',' \
+             ORDER BY schemaname, sequencename) FROM pg_sequences",
+        ),
+    );
+    print.insert(
+        "large objects".into(),
+        psql(
+            database,
+            "SELECT coalesce(string_agg(oid::text || ':' || md5(lo_get(oid)), ',' ORDER BY oid), '') FROM pg_largeobject_metadata",
+        ),
+    );
+    let schema = Command::new("pg_dump")
+        .args([
+            "--schema-only",
+            "--no-password",
+            "-d",
+            &common::pg_url(database),
+        ])
+        .output()
+        .expect("pg_dump --schema-only");
+    assert!(schema.status.success());
+    let ddl: String = String::from_utf8_lossy(&schema.stdout)
+        .lines()
+        .filter(|line| {
+            !line.starts_with("--")
+                && !line.starts_with("\\restrict")
+                && !line.starts_with("\\unrestrict")
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    print.insert("schema".into(), ddl);
+    print
+}
+
+/// Asserts two fingerprints are equal, naming only what differs.
+fn assert_same(actual: &BTreeMap<String, String>, expected: &BTreeMap<String, String>) {
+    let differing: Vec<_> = expected
+        .keys()
+        .chain(actual.keys())
+        .filter(|key| actual.get(*key) != expected.get(*key))
+        .map(|key| {
+            format!(
+                "{key}:\n  restored: {:?}\n  expected: {:?}",
+                actual.get(key),
+                expected.get(key)
+            )
+        })
+        .collect();
+    assert!(
+        differing.is_empty(),
+        "restored database differs:\n{}",
+        differing.join("\n")
+    );
+}
+
+async fn backup(setup: &TestSetup, options: serde_json::Value) -> Manifest {
+    let mut request = BackupRequest::new(TargetKind::Postgres, "test");
+    request.options = options;
+    run_backup(&setup.ctx, &request, &CancellationToken::new())
+        .await
+        .expect("backup succeeds")
+}
+
+async fn restore_into(setup: &TestSetup, manifest: &Manifest, database: &str) {
+    let request = RestoreRequest {
+        target: TargetKind::Postgres,
+        backup: BackupRef::Id(manifest.id.clone()),
+        options: json!({ "into": database }),
+    };
+    run_restore(&setup.ctx, &request)
+        .await
+        .expect("restore succeeds");
+}
+
+fn facts(manifest: &Manifest) -> PostgresFacts {
+    serde_json::from_value(manifest.source.clone()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_trip_of_every_schema_through_local_storage() {
+    let source = create_fixture("pg_roundtrip");
+    let before = fingerprint(&source.name);
+    let setup = TestSetup::new(&source.name, Store::Local, &[]);
+
+    let manifest = backup(&setup, json!(null)).await;
+
+    let facts = facts(&manifest);
+    assert_eq!(facts.database, source.name);
+    assert_eq!(facts.schemas, vec!["billing", "crm", "public"]);
+    let rows: BTreeMap<String, i64> = facts
+        .tables
+        .iter()
+        .map(|t| (format!("{}.{}", t.schema, t.name), t.rows))
+        .collect();
+    assert_eq!(rows["crm.customers"], 5000);
+    assert_eq!(rows["crm.deals"], 20000);
+    assert_eq!(rows["billing.invoices"], 3000);
+    assert_eq!(rows["public.documents_meta"], 5);
+    assert_eq!(facts.large_objects, Some(5));
+    assert!(facts.server_version.starts_with("15") || !facts.server_version.is_empty());
+    assert!(facts.pg_dump_version.contains("pg_dump"));
+    let dump = &manifest.artifacts[0];
+    assert!(dump.key.ends_with(".dump.zst"), "{}", dump.key);
+    assert!(
+        dump.stored_size < dump.raw_size,
+        "zstd should shrink the dump"
+    );
+    assert!(manifest.artifacts[0].encryption.is_none());
+
+    // The catalog is read back from storage.
+    let listed = catalog::list(&setup.ctx.storage, TargetKind::Postgres)
+        .await
+        .unwrap();
+    assert_eq!(listed.manifests, vec![manifest.clone()]);
+
+    let report = verify_backup(&setup.ctx, &manifest).await.unwrap();
+    assert!(report.ok(), "{report:?}");
+
+    let restored = TestDatabase::adopt(&unique("pg_restored"));
+    restore_into(&setup, &manifest, &restored.name).await;
+    assert_same(&fingerprint(&restored.name), &before);
+    // The original was not touched.
+    assert_same(&fingerprint(&source.name), &before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn encrypted_round_trip_through_garage() {
+    let source = create_fixture("pg_garage");
+    let before = fingerprint(&source.name);
+    let keys = tempfile::tempdir().unwrap();
+    let (public, identity) = age_key(keys.path());
+    let identity = identity.display().to_string();
+    let setup = TestSetup::new(
+        &source.name,
+        Store::Garage,
+        &[
+            ("BACKUP_AGE_RECIPIENTS", public.as_str()),
+            ("BACKUP_AGE_IDENTITY_FILE", identity.as_str()),
+            // Small parts so the dump spans several multipart parts.
+            ("BACKUP__STORAGE__PART_SIZE_MIB", "5"),
+        ],
+    );
+
+    let manifest = backup(&setup, json!({})).await;
+    let dump = &manifest.artifacts[0];
+    assert!(dump.key.ends_with(".dump.zst.age"), "{}", dump.key);
+    let encryption = dump.encryption.as_ref().expect("encrypted");
+    assert_eq!(
+        encryption.recipients,
+        vec![crm_backup::pipeline::fingerprint(&public)]
+    );
+
+    let restored = TestDatabase::adopt(&unique("pg_garage_restored"));
+    restore_into(&setup, &manifest, &restored.name).await;
+    assert_same(&fingerprint(&restored.name), &before);
+
+    // Without the private key, the backup cannot be read, and the error says why.
+    let mut env = setup.env.clone();
+    env.remove("BACKUP_AGE_IDENTITY_FILE");
+    let no_key = JobContext::new(Settings::load(&env).unwrap()).unwrap();
+    let other = unique("pg_nokey");
+    let request = RestoreRequest {
+        target: TargetKind::Postgres,
+        backup: BackupRef::Id(manifest.id.clone()),
+        options: json!({ "into": other }),
+    };
+    let err = run_restore(&no_key, &request).await.unwrap_err();
+    assert!(
+        err.to_string().contains("BACKUP_AGE_IDENTITY_FILE"),
+        "{err}"
+    );
+    assert!(!err.retryable());
+    assert!(!database_exists(&other));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schema_filters_choose_what_is_dumped() {
+    let source = create_fixture("pg_filter");
+    let setup = TestSetup::new(&source.name, Store::Local, &[]);
+
+    let only_crm = backup(&setup, json!({ "schemas": ["crm"] })).await;
+    let facts_crm = facts(&only_crm);
+    assert_eq!(facts_crm.schemas, vec!["crm"]);
+    assert!(facts_crm.tables.iter().all(|t| t.schema == "crm"));
+    assert_eq!(facts_crm.large_objects, None);
+    let restored = TestDatabase::adopt(&unique("pg_filter_crm"));
+    restore_into(&setup, &only_crm, &restored.name).await;
+    assert_eq!(
+        psql(
+            &restored.name,
+            "SELECT string_agg(nspname, ',' ORDER BY nspname) FROM pg_namespace WHERE nspname IN ('crm', 'billing')"
+        ),
+        "crm"
+    );
+    assert_eq!(
+        psql(&restored.name, "SELECT count(*) FROM crm.deals"),
+        "20000"
+    );
+    assert_eq!(
+        psql(&restored.name, "SELECT count(*) FROM crm.open_deals"),
+        "10000"
+    );
+
+    let without_billing = backup(&setup, json!({ "exclude_schemas": ["billing"] })).await;
+    let facts_nb = facts(&without_billing);
+    assert_eq!(facts_nb.schemas, vec!["crm", "public"]);
+    assert!(!facts_nb.tables.iter().any(|t| t.schema == "billing"));
+
+    let mut request = BackupRequest::new(TargetKind::Postgres, "test");
+    request.options = json!({ "schemas": ["nope"] });
+    let err = run_backup(&setup.ctx, &request, &CancellationToken::new())
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("schema `nope` does not exist"),
+        "{err}"
+    );
+    assert!(!err.retryable());
+    request.options = json!({ "schema": ["crm"] });
+    let err = run_backup(&setup.ctx, &request, &CancellationToken::new())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("unknown field `schema`"), "{err}");
+    assert_eq!(
+        catalog::list(&setup.ctx.storage, TargetKind::Postgres)
+            .await
+            .unwrap()
+            .manifests
+            .len(),
+        2
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_database_fails_clearly_and_leaves_nothing() {
+    let setup = TestSetup::new(
+        "postgres",
+        Store::Local,
+        &[("DATABASE_URL", "postgres://app:hunter2@127.0.0.1:1/crm")],
+    );
+    let request = BackupRequest::new(TargetKind::Postgres, "test");
+    let err = run_backup(&setup.ctx, &request, &CancellationToken::new())
+        .await
+        .unwrap_err();
+    let message = err.to_string();
+    assert!(message.contains("unreachable"), "{message}");
+    assert!(!message.contains("hunter2"), "{message}");
+    assert!(err.retryable(), "a down database may come back: {message}");
+    assert!(
+        setup.stored_files().is_empty(),
+        "{:?}",
+        setup.stored_files()
+    );
+}
+
+/// A `pg_dump` that streams part of a real dump, then dies by SIGKILL.
+fn killing_pg_dump(dir: &std::path::Path, bytes: u64) -> String {
+    let script = dir.join("pg_dump");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\nif [ \"$1\" = --version ]; then exec pg_dump --version; fi\n\
+             pg_dump \"$@\" | head -c {bytes}\nkill -KILL $$\n"
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    dir.display().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_pg_dump_leaves_no_manifest_and_no_upload() {
+    let source = create_fixture("pg_killed");
+    // Incompressible rows, so more than one 5 MiB part is uploaded before the kill.
+    psql(
+        &source.name,
+        "CREATE TABLE public.noise AS SELECT i, md5(i::text) || md5((i * 7)::text) AS v FROM generate_series(1, 200000) i",
+    );
+    let bin = tempfile::tempdir().unwrap();
+    let bin_dir = killing_pg_dump(bin.path(), 12_000_000);
+    for store in [Store::Local, Store::Garage] {
+        let setup = TestSetup::new(
+            &source.name,
+            store,
+            &[
+                ("BACKUP__POSTGRES__BIN_DIR", bin_dir.as_str()),
+                ("BACKUP__STORAGE__PART_SIZE_MIB", "5"),
+            ],
+        );
+        let err = run_backup(
+            &setup.ctx,
+            &BackupRequest::new(TargetKind::Postgres, "test"),
+            &CancellationToken::new(),
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("pg_dump was killed by signal 9"),
+            "{err}"
+        );
+        assert!(err.retryable());
+        let listed = catalog::list(&setup.ctx.storage, TargetKind::Postgres)
+            .await
+            .unwrap();
+        assert!(listed.manifests.is_empty());
+        if setup.storage_dir.is_some() {
+            assert!(
+                setup.stored_files().is_empty(),
+                "{:?}",
+                setup.stored_files()
+            );
+        } else {
+            // The check can see an unfinished upload when there is one…
+            let mut upload = setup
+                .ctx
+                .storage
+                .start_upload("postgres/probe")
+                .await
+                .unwrap();
+            upload
+                .write(bytes::Bytes::from(vec![7u8; 6 << 20]))
+                .await
+                .unwrap();
+            assert_eq!(garage_multipart_uploads(&setup.prefix).await, 1);
+            upload.abort().await.unwrap();
+            // …and the killed backup left none.
+            assert_eq!(garage_multipart_uploads(&setup.prefix).await, 0);
+            let objects = setup.ctx.storage.list("postgres/").await.unwrap();
+            assert!(objects.is_empty(), "{objects:?}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flipped_byte_fails_verify_and_restore() {
+    let source = create_fixture("pg_flip");
+    let setup = TestSetup::new(&source.name, Store::Local, &[]);
+    let manifest = backup(&setup, json!(null)).await;
+    let key = manifest.artifacts[0].key.clone();
+
+    let (ok, stdout, _) = run_cli(&setup.env, &["verify", manifest.id.as_str()]);
+    assert!(ok, "{stdout}");
+
+    let path = setup.storage_path().join(&key);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x01;
+    std::fs::write(&path, bytes).unwrap();
+
+    let (ok, stdout, stderr) = run_cli(&setup.env, &["verify", manifest.id.as_str()]);
+    assert!(!ok, "verify must fail: {stdout}");
+    assert!(stderr.contains(&key), "stderr names the artifact: {stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
+
+    let target = unique("pg_flip_restore");
+    let request = RestoreRequest {
+        target: TargetKind::Postgres,
+        backup: BackupRef::Latest,
+        options: json!({ "into": target }),
+    };
+    let err = run_restore(&setup.ctx, &request).await.unwrap_err();
+    assert!(err.to_string().contains(&key), "{err}");
+    assert!(
+        !database_exists(&target),
+        "a failed restore leaves no database behind"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restore_never_overwrites_unless_in_place() {
+    let source = create_fixture("pg_inplace");
+    let before = fingerprint(&source.name);
+    let setup = TestSetup::new(&source.name, Store::Local, &[]);
+    let manifest = backup(&setup, json!(null)).await;
+
+    // Restoring "into" the original (or any existing database) is refused.
+    let request = RestoreRequest {
+        target: TargetKind::Postgres,
+        backup: BackupRef::Latest,
+        options: json!({ "into": source.name }),
+    };
+    let err = run_restore(&setup.ctx, &request).await.unwrap_err();
+    assert!(err.to_string().contains("already exists"), "{err}");
+
+    // Without options, a new database is created beside the original.
+    let request = RestoreRequest {
+        target: TargetKind::Postgres,
+        backup: BackupRef::Latest,
+        options: json!(null),
+    };
+    let (_, report) = run_restore(&setup.ctx, &request).await.unwrap();
+    let beside = TestDatabase::adopt(report.details["database"].as_str().unwrap());
+    assert!(
+        beside
+            .name
+            .starts_with(&format!("{}_restore_", source.name))
+    );
+    assert_same(&fingerprint(&beside.name), &before);
+
+    // The CLI asks for confirmation before an in-place restore.
+    let (ok, _, stderr) = run_cli(&setup.env, &["restore", manifest.id.as_str(), "--in-place"]);
+    assert!(!ok);
+    assert!(stderr.contains("--yes"), "{stderr}");
+
+    // Damage the original (with a session open on it), then restore it in place.
+    psql(
+        &source.name,
+        "DELETE FROM crm.deals WHERE id % 2 = 0; DROP TABLE billing.invoices; CREATE TABLE crm.extra (x int)",
+    );
+    let damaged = fingerprint(&source.name);
+    let mut session = Command::new("psql")
+        .args([
+            "-X",
+            "-q",
+            "-d",
+            &common::pg_url(&source.name),
+            "-c",
+            "SELECT pg_sleep(60)",
+        ])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let (ok, stdout, stderr) = run_cli(
+        &setup.env,
+        &[
+            "restore",
+            manifest.id.as_str(),
+            "--in-place",
+            "--yes",
+            "--json",
+        ],
+    );
+    let _ = session.kill();
+    let _ = session.wait();
+    assert!(ok, "{stdout} {stderr}");
+    assert_same(&fingerprint(&source.name), &before);
+    // The replaced database is kept, renamed, with the state it had.
+    let report: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    let previous = TestDatabase::adopt(report["details"]["previous_database"].as_str().unwrap());
+    assert!(
+        previous
+            .name
+            .starts_with(&format!("{}_replaced_", source.name)),
+        "{report}"
+    );
+    assert_same(&fingerprint(&previous.name), &damaged);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn artifacts_restore_with_stock_tools() {
+    let source = create_fixture("pg_stock");
+    let before = fingerprint(&source.name);
+    let keys = tempfile::tempdir().unwrap();
+    let (public, identity) = age_key(keys.path());
+    let setup = TestSetup::new(&source.name, Store::Local, &[]);
+    let plain = backup(&setup, json!(null)).await;
+    let encrypted_setup = TestSetup::new(
+        &source.name,
+        Store::Local,
+        &[("BACKUP_AGE_RECIPIENTS", public.as_str())],
+    );
+    let encrypted = backup(&encrypted_setup, json!(null)).await;
+
+    let target = TestDatabase::create("pg_stock_zstd");
+    let file = setup.storage_path().join(&plain.artifacts[0].key);
+    let shell = format!(
+        "zstd -d < '{}' | pg_restore --no-password -d '{}'",
+        file.display(),
+        common::pg_url(&target.name)
+    );
+    let status = Command::new("sh").args(["-c", &shell]).status().unwrap();
+    assert!(status.success(), "{shell}");
+    assert_same(&fingerprint(&target.name), &before);
+
+    let age_cli = ["age", "rage"]
+        .into_iter()
+        .find(|tool| {
+            Command::new(tool)
+                .arg("--version")
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
+        .expect("the age CLI is installed by scripts/test.sh");
+    let target = TestDatabase::create("pg_stock_age");
+    let file = encrypted_setup
+        .storage_path()
+        .join(&encrypted.artifacts[0].key);
+    let shell = format!(
+        "{age_cli} -d -i '{}' '{}' | zstd -d | pg_restore --no-password -d '{}'",
+        identity.display(),
+        file.display(),
+        common::pg_url(&target.name)
+    );
+    let status = Command::new("sh").args(["-c", &shell]).status().unwrap();
+    assert!(status.success(), "{shell}");
+    assert_same(&fingerprint(&target.name), &before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn manifests_match_their_schema() {
+    let source = create_fixture("pg_schema");
+    let setup = TestSetup::new(&source.name, Store::Local, &[]);
+    let manifest = backup(&setup, json!({ "globals": true })).await;
+    assert_eq!(manifest.artifacts.len(), 2);
+    assert_eq!(manifest.artifacts[1].name, "globals.sql");
+
+    let schema: serde_json::Value =
+        serde_json::from_str(include_str!("../schemas/manifest.schema.json")).unwrap();
+    let validator = jsonschema::validator_for(&schema).expect("schema compiles");
+    let stored = setup
+        .ctx
+        .storage
+        .get_bytes(&format!("postgres/{}/manifest.json", manifest.id))
+        .await
+        .unwrap();
+    let instance: serde_json::Value = serde_json::from_slice(&stored).unwrap();
+    let errors: Vec<String> = validator
+        .iter_errors(&instance)
+        .map(|e| format!("{e} at {}", e.instance_path()))
+        .collect();
+    assert!(errors.is_empty(), "{errors:#?}");
+
+    // The schema is not vacuous: a manifest without artifacts' hashes is rejected.
+    let mut broken = instance.clone();
+    broken["artifacts"][0]
+        .as_object_mut()
+        .unwrap()
+        .remove("raw_sha256");
+    assert!(!validator.is_valid(&broken));
+    let mut broken = instance;
+    broken["source"]["tables"] = json!("many");
+    assert!(!validator.is_valid(&broken));
+}
