@@ -51,6 +51,31 @@ ensure_postgres() {
   export TEST_DATABASE_URL
 }
 
+ensure_rabbitmq() {
+  if ! command -v rabbitmqctl >/dev/null 2>&1; then
+    apt_install rabbitmq-server
+  fi
+  if ! rabbitmqctl -q status >/dev/null 2>&1; then
+    say "starting RabbitMQ"
+    rabbitmq-server -detached >/dev/null 2>&1 || true
+    rabbitmqctl -q await_startup --timeout 120 >/dev/null
+  fi
+  if ! curl -s -o /dev/null -u guest:guest http://127.0.0.1:15672/api/overview; then
+    say "enabling the RabbitMQ management plugin"
+    rabbitmq-plugins enable rabbitmq_management >/dev/null
+    for _ in $(seq 1 120); do
+      curl -s -o /dev/null -u guest:guest http://127.0.0.1:15672/api/overview && break
+      sleep 0.5
+    done
+  fi
+  export TEST_RABBITMQ_URL=${TEST_RABBITMQ_URL:-amqp://guest:guest@127.0.0.1:5672}
+  export TEST_RABBITMQ_MANAGEMENT_URL=${TEST_RABBITMQ_MANAGEMENT_URL:-http://guest:guest@127.0.0.1:15672}
+}
+
+ensure_python() {
+  python3 -c 'import pika' 2>/dev/null || { say "installing pika"; python3 -m pip install -q pika >/dev/null; }
+}
+
 ensure_garage() {
   local env
   env=$(./scripts/garage.sh)
@@ -59,6 +84,8 @@ ensure_garage() {
 
 ensure_tools
 ensure_postgres
+ensure_rabbitmq
+ensure_python
 ensure_garage
 
 say "running the test suite"

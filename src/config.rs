@@ -30,6 +30,7 @@ const SEED_NAMES: &[(&str, &str)] = &[
     ("BACKUP_RETENTION_DAYS", "retention.days"),
     ("BACKUP_AGE_RECIPIENTS", "pipeline.age_recipients"),
     ("BACKUP_AGE_IDENTITY_FILE", "pipeline.age_identity_file"),
+    ("RABBITMQ_URL", "rabbitmq.url"),
 ];
 
 /// Settings whose environment value is a comma-separated list.
@@ -37,6 +38,8 @@ const LIST_KEYS: &[&str] = &[
     "pipeline.age_recipients",
     "postgres.schemas",
     "postgres.exclude_schemas",
+    "restore.allowed_users",
+    "messaging.retry_delays",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +59,122 @@ pub struct Settings {
     pub pipeline: PipelineSettings,
     pub postgres: PostgresSettings,
     pub retention: RetentionSettings,
+    pub rabbitmq: RabbitmqSettings,
+    pub messaging: MessagingSettings,
+    pub restore: RestoreSettings,
+    pub scheduler: SchedulerSettings,
+}
+
+/// What the scheduler binary reads: the broker and its schedules, nothing else.
+#[derive(Debug, Clone, Deserialize)]
+pub struct SchedulerConfig {
+    pub rabbitmq: RabbitmqSettings,
+    pub messaging: MessagingSettings,
+    pub scheduler: SchedulerSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RabbitmqSettings {
+    pub url: SecretString,
+    pub concurrency: u16,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MessagingSettings {
+    pub commands_exchange: String,
+    pub commands_queue: String,
+    pub notifications_exchange: String,
+    pub dead_exchange: String,
+    pub dead_queue: String,
+    pub retry_queue_prefix: String,
+    pub lease_queue_prefix: String,
+    pub retry_delays: Vec<HumanDuration>,
+    pub max_attempts: u32,
+    pub retry_jitter: f64,
+    pub delivery_limit: u32,
+    pub shutdown_timeout: HumanDuration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreSettings {
+    pub allowed_users: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SchedulerSettings {
+    pub missed_window: HumanDuration,
+    #[serde(default)]
+    pub schedules: Vec<ScheduleSettings>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleSettings {
+    pub name: String,
+    pub cron: String,
+    pub timezone: String,
+    pub action: String,
+    pub target: String,
+    #[serde(default)]
+    pub options: serde_json::Value,
+}
+
+/// A duration written as `500ms`, `5s`, `2m`, `1h` or `1d`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize)]
+#[serde(try_from = "String")]
+pub struct HumanDuration(pub std::time::Duration);
+
+impl TryFrom<String> for HumanDuration {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<Self, Self::Error> {
+        parse_duration(&text).map(HumanDuration)
+    }
+}
+
+impl std::fmt::Display for HumanDuration {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ms = self.0.as_millis();
+        let (value, unit) = [
+            (86_400_000, "d"),
+            (3_600_000, "h"),
+            (60_000, "m"),
+            (1000, "s"),
+        ]
+        .into_iter()
+        .find(|(size, _)| ms >= *size && ms.is_multiple_of(*size))
+        .map_or((ms, "ms"), |(size, unit)| (ms / size, unit));
+        write!(f, "{value}{unit}")
+    }
+}
+
+/// Parses `500ms`, `5s`, `2m`, `1h`, `1d`.
+pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or_else(|| format!("`{text}` has no unit (ms, s, m, h or d)"))?;
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("`{text}` does not start with a whole number"))?;
+    let millis = match unit {
+        "ms" => 1,
+        "s" => 1000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        other => {
+            return Err(format!(
+                "`{other}` in `{text}` is not a unit (ms, s, m, h or d)"
+            ));
+        }
+    };
+    Ok(std::time::Duration::from_millis(number * millis))
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -113,46 +232,7 @@ impl Settings {
 
     /// Loads settings from the given environment map (tests pass their own).
     pub fn load(env: &HashMap<String, String>) -> Result<Self, ConfigError> {
-        let dir = PathBuf::from(
-            env.get("BACKUP_CONFIG_DIR")
-                .map(String::as_str)
-                .unwrap_or("config"),
-        );
-        let mut builder = Config::builder().add_source(File::from_str(DEFAULTS, FileFormat::Toml));
-        let default_file = dir.join("default.toml");
-        if default_file.is_file() {
-            builder = builder.add_source(File::from(default_file).format(FileFormat::Toml));
-        }
-        if let Some(name) = env.get("BACKUP_ENV").filter(|name| !name.is_empty()) {
-            let path = dir.join(format!("{name}.toml"));
-            if !path.is_file() {
-                return Err(ConfigError::File {
-                    path,
-                    reason: format!("BACKUP_ENV={name} but this file does not exist"),
-                });
-            }
-            builder = builder.add_source(File::from(path).format(FileFormat::Toml));
-        }
-        // Seed names first, `BACKUP__SECTION__KEY` above them: two environment sources,
-        // the seed one with its names translated to `SECTION__KEY`.
-        let seeds = SEED_NAMES
-            .iter()
-            .filter_map(|(name, key)| {
-                env.get(*name)
-                    .map(|value| (key.replace('.', "__").to_uppercase(), value.clone()))
-            })
-            .collect();
-        let overrides = env
-            .iter()
-            .filter_map(|(name, value)| {
-                name.strip_prefix("BACKUP__")
-                    .map(|rest| (rest.to_string(), value.clone()))
-            })
-            .collect();
-        for source in [seeds, overrides] {
-            builder = builder.add_source(environment_source(source));
-        }
-        let mut settings: Settings = builder.build()?.try_deserialize()?;
+        let mut settings: Settings = layered(env)?.try_deserialize()?;
         settings.normalize();
         settings.validate()?;
         Ok(settings)
@@ -164,6 +244,7 @@ impl Settings {
             &mut self.pipeline.age_recipients,
             &mut self.postgres.schemas,
             &mut self.postgres.exclude_schemas,
+            &mut self.restore.allowed_users,
         ] {
             *list = list
                 .iter()
@@ -245,6 +326,10 @@ impl Settings {
                 format!("`{}` must be a relative key prefix", s.prefix),
             );
         }
+        self.messaging.validate()?;
+        if self.rabbitmq.concurrency == 0 {
+            return invalid("rabbitmq.concurrency", "must be at least 1".into());
+        }
         match url::Url::parse(self.postgres.database_url.expose_secret()) {
             Ok(url) if matches!(url.scheme(), "postgres" | "postgresql") => {}
             Ok(url) => {
@@ -263,11 +348,62 @@ impl Settings {
         Ok(())
     }
 
+    /// Loads what the scheduler needs; other sections are ignored.
+    pub fn scheduler(env: &HashMap<String, String>) -> Result<SchedulerConfig, ConfigError> {
+        let config: SchedulerConfig = layered(env)?.try_deserialize()?;
+        config.messaging.validate()?;
+        Ok(config)
+    }
+
     /// The age identity file, when one is configured.
     pub fn identity_file(&self) -> Option<&Path> {
         let path = self.pipeline.age_identity_file.as_path();
         (!path.as_os_str().is_empty()).then_some(path)
     }
+}
+
+/// The layered configuration: compiled-in defaults, files, then the environment.
+fn layered(env: &HashMap<String, String>) -> Result<Config, ConfigError> {
+    let dir = PathBuf::from(
+        env.get("BACKUP_CONFIG_DIR")
+            .map(String::as_str)
+            .unwrap_or("config"),
+    );
+    let mut builder = Config::builder().add_source(File::from_str(DEFAULTS, FileFormat::Toml));
+    let default_file = dir.join("default.toml");
+    if default_file.is_file() {
+        builder = builder.add_source(File::from(default_file).format(FileFormat::Toml));
+    }
+    if let Some(name) = env.get("BACKUP_ENV").filter(|name| !name.is_empty()) {
+        let path = dir.join(format!("{name}.toml"));
+        if !path.is_file() {
+            return Err(ConfigError::File {
+                path,
+                reason: format!("BACKUP_ENV={name} but this file does not exist"),
+            });
+        }
+        builder = builder.add_source(File::from(path).format(FileFormat::Toml));
+    }
+    // Seed names first, `BACKUP__SECTION__KEY` above them: two environment sources,
+    // the seed one with its names translated to `SECTION__KEY`.
+    let seeds = SEED_NAMES
+        .iter()
+        .filter_map(|(name, key)| {
+            env.get(*name)
+                .map(|value| (key.replace('.', "__").to_uppercase(), value.clone()))
+        })
+        .collect();
+    let overrides = env
+        .iter()
+        .filter_map(|(name, value)| {
+            name.strip_prefix("BACKUP__")
+                .map(|rest| (rest.to_string(), value.clone()))
+        })
+        .collect();
+    for source in [seeds, overrides] {
+        builder = builder.add_source(environment_source(source));
+    }
+    Ok(builder.build()?)
 }
 
 /// An environment source over `SECTION__KEY` names, with the list settings split on commas.
@@ -281,6 +417,34 @@ fn environment_source(vars: HashMap<String, String>) -> Environment {
         source = source.with_list_parse_key(key);
     }
     source
+}
+
+impl MessagingSettings {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key: &'static str, reason: String| Err(ConfigError::Invalid { key, reason });
+        if self.retry_delays.is_empty() {
+            return invalid("messaging.retry_delays", "needs at least one delay".into());
+        }
+        if self.retry_delays.iter().any(|d| d.0.is_zero()) {
+            return invalid(
+                "messaging.retry_delays",
+                "a delay of zero would spin".into(),
+            );
+        }
+        if self.max_attempts == 0 {
+            return invalid("messaging.max_attempts", "must be at least 1".into());
+        }
+        if !(0.0..1.0).contains(&self.retry_jitter) {
+            return invalid(
+                "messaging.retry_jitter",
+                format!("{} is outside [0, 1)", self.retry_jitter),
+            );
+        }
+        if self.delivery_limit == 0 {
+            return invalid("messaging.delivery_limit", "must be at least 1".into());
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -379,6 +543,29 @@ mod tests {
                 "{pairs:?}: `{message}` does not name {key}"
             );
         }
+    }
+
+    #[test]
+    fn durations_parse_and_print() {
+        let cases = [
+            ("500ms", 500),
+            ("5s", 5000),
+            ("2m", 120_000),
+            ("1h", 3_600_000),
+            ("1d", 86_400_000),
+        ];
+        for (text, ms) in cases {
+            let parsed = parse_duration(text).unwrap();
+            assert_eq!(parsed.as_millis(), ms, "{text}");
+            assert_eq!(HumanDuration(parsed).to_string(), text);
+        }
+        for bad in ["5", "s", "5 parsecs", "-1s", "1.5h"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+        let message = error_of(&[("BACKUP__MESSAGING__RETRY_DELAYS", "5s,forever")]);
+        assert!(message.contains("forever"), "{message}");
+        let message = error_of(&[("BACKUP__MESSAGING__RETRY_JITTER", "1.5")]);
+        assert!(message.contains("messaging.retry_jitter"), "{message}");
     }
 
     #[test]

@@ -24,7 +24,9 @@
 
 pub mod config;
 pub mod jobs;
+pub mod messaging;
 pub mod pipeline;
+pub mod schedule;
 pub mod storage;
 pub mod targets;
 pub mod telemetry;

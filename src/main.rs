@@ -1,4 +1,5 @@
-//! `crm-backup`: the operator CLI (run, list, show, restore, verify).
+//! `crm-backup`: the worker and the operator CLI (run, list, show, restore, verify,
+//! setup, enqueue, dlq).
 //!
 //! Exit status 0 means success; anything else failed, with a one-line reason on stderr.
 
@@ -13,10 +14,15 @@ use crm_backup::jobs::backup::{BackupRequest, run_backup};
 use crm_backup::jobs::restore::{RestoreRequest, run_restore};
 use crm_backup::jobs::verify::verify_backup;
 use crm_backup::jobs::{JobContext, JobError};
+use crm_backup::messaging::{
+    self, client::EventSubscription, command::Command as MessageCommand, dlq::Selection, event,
+    publisher::Publisher, worker::WorkerState,
+};
 use crm_backup::storage::catalog::{self, BackupRef};
 use crm_backup::storage::layout::{BackupId, TargetKind};
 use crm_backup::storage::manifest::Manifest;
 use crm_backup::telemetry;
+use std::sync::Arc;
 
 #[derive(Parser)]
 #[command(
@@ -31,6 +37,39 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Consume `backup.commands` and run steps until SIGTERM/SIGINT.
+    Worker,
+    /// Declare the RabbitMQ exchanges and queues (idempotent).
+    Setup,
+    /// Publish a command to `backup.commands`.
+    Enqueue {
+        /// backup, restore, verify, drill or prune.
+        action: String,
+        /// A target or `all`.
+        target: String,
+        /// An option as key=value; the value is read as JSON when it parses (repeatable).
+        #[arg(long = "option", value_name = "KEY=VALUE")]
+        options: Vec<String>,
+        /// For restore / verify / drill: a backup id or `latest`.
+        #[arg(long)]
+        backup_id: Option<String>,
+        #[arg(long)]
+        reason: Option<String>,
+        /// The command id (idempotency key); a new UUID by default.
+        #[arg(long)]
+        id: Option<String>,
+        /// Wait for the command's result: exit 0 when completed, 1 when failed.
+        #[arg(long)]
+        wait: bool,
+        /// How long --wait waits, e.g. 30m.
+        #[arg(long, default_value = "1h")]
+        timeout: String,
+    },
+    /// Dead-lettered commands.
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
     /// Back up now, without a broker: one line per target.
     Run {
         /// A target (postgres, …) or `all`.
@@ -91,6 +130,25 @@ enum Command {
     },
 }
 
+#[derive(Subcommand)]
+enum DlqCommand {
+    /// Show dead letters: id, action, target, attempts, last error, when.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Republish dead letters to backup.commands with attempts reset.
+    Replay {
+        #[arg(long = "id", required_unless_present = "all")]
+        ids: Vec<String>,
+        #[arg(long, conflicts_with = "ids")]
+        all: bool,
+        /// Only show what would be replayed.
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
 /// A CLI failure: printed as one line, exit status 1.
 struct Failure(String);
 
@@ -103,7 +161,11 @@ impl<E: std::fmt::Display> From<E> for Failure {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // Operator commands print their results on stdout; logs only for warnings.
-    telemetry::init("warn");
+    telemetry::init(if matches!(cli.command, Command::Worker) {
+        "info"
+    } else {
+        "warn"
+    });
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -127,6 +189,35 @@ async fn dispatch(command: Command) -> Result<ExitCode, Failure> {
     let settings = Settings::from_process_env()?;
     let ctx = JobContext::new(settings)?;
     match command {
+        Command::Worker => worker(ctx).await,
+        Command::Setup => {
+            let connection = messaging::connect(&ctx.settings.rabbitmq, "crm-backup setup").await?;
+            messaging::topology::declare(&connection, &ctx.settings.messaging).await?;
+            println!("RabbitMQ topology declared");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Enqueue {
+            action,
+            target,
+            options,
+            backup_id,
+            reason,
+            id,
+            wait,
+            timeout,
+        } => {
+            let mut command = MessageCommand::new(action.parse()?, target.parse()?, &requester());
+            command.options = parse_options(&options)?;
+            command.backup_id = backup_id;
+            command.reason = reason;
+            if let Some(id) = id {
+                command.id = id;
+            }
+            let command = MessageCommand::parse(&command.to_json())?;
+            let timeout = crm_backup::config::parse_duration(&timeout).map_err(Failure)?;
+            enqueue(&ctx, &command, wait, timeout).await
+        }
+        Command::Dlq { command } => dlq(&ctx, command).await,
         Command::Run {
             target,
             schemas,
@@ -203,6 +294,165 @@ async fn dispatch(command: Command) -> Result<ExitCode, Failure> {
             json,
         } => verify(&ctx, &backup, target.as_deref(), json).await,
     }
+}
+
+async fn worker(ctx: JobContext) -> Result<ExitCode, Failure> {
+    let shutdown = CancellationToken::new();
+    tokio::spawn({
+        let shutdown = shutdown.clone();
+        async move {
+            wait_for_signal().await;
+            tracing::info!("signal received: shutting down");
+            shutdown.cancel();
+        }
+    });
+    let state = Arc::new(WorkerState::default());
+    messaging::worker::run(ctx, state, shutdown).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut terminate) => {
+            tokio::select! {
+                _ = terminate.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+/// `--option k=v` pairs as a JSON object; values that parse as JSON are taken as JSON.
+fn parse_options(pairs: &[String]) -> Result<serde_json::Value, Failure> {
+    let mut options = serde_json::Map::new();
+    for pair in pairs {
+        let (key, value) = pair
+            .split_once('=')
+            .ok_or_else(|| Failure(format!("--option `{pair}` is not KEY=VALUE")))?;
+        let value = serde_json::from_str(value).unwrap_or_else(|_| json!(value));
+        options.insert(key.to_string(), value);
+    }
+    Ok(serde_json::Value::Object(options))
+}
+
+async fn enqueue(
+    ctx: &JobContext,
+    command: &MessageCommand,
+    wait: bool,
+    timeout: std::time::Duration,
+) -> Result<ExitCode, Failure> {
+    let settings = &ctx.settings;
+    let connection = messaging::connect(&settings.rabbitmq, "crm-backup enqueue").await?;
+    let user = messaging::amqp_user(&settings.rabbitmq);
+    let publisher = Publisher::open(&connection, &settings.messaging, &user).await?;
+    let mut events = if wait {
+        Some(EventSubscription::open(&connection, &settings.messaging).await?)
+    } else {
+        None
+    };
+    publisher
+        .command(command, Some(&command.id), Default::default())
+        .await?;
+    println!(
+        "enqueued {} {} {} (id {})",
+        command.action,
+        command.target,
+        command.backup_id.as_deref().unwrap_or(""),
+        command.id
+    );
+    let Some(events) = events.as_mut() else {
+        return Ok(ExitCode::SUCCESS);
+    };
+    let finals = events
+        .wait_for(command, timeout, |event| {
+            println!("{}", String::from_utf8_lossy(&event.to_json()));
+        })
+        .await?;
+    let failed: Vec<_> = finals
+        .iter()
+        .filter(|e| e.event != event::COMPLETED)
+        .collect();
+    if failed.is_empty() {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        let reasons: Vec<String> = failed
+            .iter()
+            .map(|e| {
+                let error = e
+                    .error
+                    .as_ref()
+                    .map_or("failed".to_string(), |err| err.message.clone());
+                format!("{}: {error}", e.command_id)
+            })
+            .collect();
+        Err(Failure(format!("command failed: {}", reasons.join("; "))))
+    }
+}
+
+async fn dlq(ctx: &JobContext, command: DlqCommand) -> Result<ExitCode, Failure> {
+    let settings = &ctx.settings;
+    let connection = messaging::connect(&settings.rabbitmq, "crm-backup dlq").await?;
+    match command {
+        DlqCommand::List { json } => {
+            let letters = messaging::dlq::list(&connection, &settings.messaging).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&letters)?);
+            } else if letters.is_empty() {
+                println!("no dead letters in {}", settings.messaging.dead_queue);
+            } else {
+                for letter in &letters {
+                    println!(
+                        "{}  {} {}  attempts {}  {}  {}",
+                        letter.id,
+                        letter.action.as_deref().unwrap_or("-"),
+                        letter.target.as_deref().unwrap_or("-"),
+                        letter.attempts,
+                        letter.failed_at.as_deref().unwrap_or("-"),
+                        letter.last_error.as_deref().unwrap_or("-"),
+                    );
+                }
+            }
+        }
+        DlqCommand::Replay { ids, all, dry_run } => {
+            let user = messaging::amqp_user(&settings.rabbitmq);
+            let publisher = Publisher::open(&connection, &settings.messaging, &user).await?;
+            let selection = if all {
+                Selection::All
+            } else {
+                Selection::Ids(ids.clone())
+            };
+            let replayed =
+                messaging::dlq::replay(&connection, &publisher, &selection, dry_run).await?;
+            let verb = if dry_run { "would replay" } else { "replayed" };
+            for letter in &replayed {
+                println!(
+                    "{verb} {} ({} {})",
+                    letter.id,
+                    letter.action.as_deref().unwrap_or("-"),
+                    letter.target.as_deref().unwrap_or("-")
+                );
+            }
+            let missing: Vec<&String> = ids
+                .iter()
+                .filter(|id| !replayed.iter().any(|l| &l.id == *id))
+                .collect();
+            if !missing.is_empty() {
+                return Err(Failure(format!(
+                    "not in the dead letters: {}",
+                    missing
+                        .iter()
+                        .map(|s| s.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )));
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn parse_target(target: &str) -> Result<TargetKind, Failure> {

@@ -29,6 +29,10 @@ pub enum JobError {
     Invalid(String),
     #[error("cancelled before it finished")]
     Cancelled,
+    #[error("verify failed: {0}")]
+    VerifyFailed(String),
+    #[error("action `{0}` is not implemented yet")]
+    NotImplemented(String),
 }
 
 impl JobError {
@@ -39,7 +43,7 @@ impl JobError {
             JobError::Catalog(err) => err.retryable(),
             JobError::Storage(err) => err.retryable(),
             JobError::Pipeline(err) => err.retryable(),
-            JobError::Invalid(_) => false,
+            JobError::Invalid(_) | JobError::VerifyFailed(_) | JobError::NotImplemented(_) => false,
             JobError::Cancelled => true,
         }
     }
@@ -53,9 +57,12 @@ impl JobError {
             }
             JobError::Catalog(CatalogError::Corrupt { .. }) => "corrupt_manifest",
             JobError::Catalog(CatalogError::Storage(_)) | JobError::Storage(_) => "storage",
-            JobError::Pipeline(PipelineError::Integrity { .. }) => "integrity",
+            JobError::Pipeline(PipelineError::Integrity { .. }) | JobError::VerifyFailed(_) => {
+                "integrity"
+            }
             JobError::Pipeline(_) => "pipeline",
             JobError::Invalid(_) => "invalid_request",
+            JobError::NotImplemented(_) => "not_implemented",
             JobError::Cancelled => "cancelled",
         }
     }

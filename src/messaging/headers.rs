@@ -1,0 +1,98 @@
+//! The AMQP headers that carry a command's retry state (`x-attempt`, `x-last-error`, …).
+
+use lapin::BasicProperties;
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+
+pub const ATTEMPT: &str = "x-attempt";
+pub const LAST_ERROR: &str = "x-last-error";
+pub const ERROR_KIND: &str = "x-error-kind";
+pub const FAILED_AT: &str = "x-failed-at";
+pub const ORIGINAL_ROUTING_KEY: &str = "x-original-routing-key";
+pub const REPLAYED: &str = "x-replayed";
+pub const DEATH: &str = "x-death";
+
+/// Reads an integer header, whatever integer width the publisher used.
+pub fn int(properties: &BasicProperties, name: &str) -> Option<i64> {
+    match properties.headers().as_ref()?.inner().get(name)? {
+        AMQPValue::ShortShortInt(v) => Some(i64::from(*v)),
+        AMQPValue::ShortShortUInt(v) => Some(i64::from(*v)),
+        AMQPValue::ShortInt(v) => Some(i64::from(*v)),
+        AMQPValue::ShortUInt(v) => Some(i64::from(*v)),
+        AMQPValue::LongInt(v) => Some(i64::from(*v)),
+        AMQPValue::LongUInt(v) => Some(i64::from(*v)),
+        AMQPValue::LongLongInt(v) => Some(*v),
+        AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok()?.parse().ok(),
+        _ => None,
+    }
+}
+
+/// Reads a string header.
+pub fn text(properties: &BasicProperties, name: &str) -> Option<String> {
+    match properties.headers().as_ref()?.inner().get(name)? {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_string()),
+        _ => None,
+    }
+}
+
+/// The attempt number of a delivery (1 when the header is absent).
+pub fn attempt(properties: &BasicProperties) -> u32 {
+    int(properties, ATTEMPT)
+        .and_then(|n| u32::try_from(n).ok())
+        .filter(|n| *n >= 1)
+        .unwrap_or(1)
+}
+
+/// How many times the broker dead-lettered this message (quorum delivery limit), from `x-death`.
+pub fn death_count(properties: &BasicProperties) -> i64 {
+    let Some(AMQPValue::FieldArray(deaths)) = properties
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get(DEATH))
+    else {
+        return 0;
+    };
+    deaths
+        .as_slice()
+        .iter()
+        .filter_map(|death| match death {
+            AMQPValue::FieldTable(table) => match table.inner().get("count") {
+                Some(AMQPValue::LongLongInt(n)) => Some(*n),
+                Some(AMQPValue::LongInt(n)) => Some(i64::from(*n)),
+                _ => None,
+            },
+            _ => None,
+        })
+        .sum()
+}
+
+/// The headers of a delivery, to copy onto a retry or dead-letter copy.
+pub fn copy(properties: &BasicProperties) -> FieldTable {
+    properties.headers().clone().unwrap_or_default()
+}
+
+pub fn set_int(table: &mut FieldTable, name: &str, value: i64) {
+    table.insert(ShortString::from(name), AMQPValue::LongLongInt(value));
+}
+
+pub fn set_text(table: &mut FieldTable, name: &str, value: &str) {
+    table.insert(
+        ShortString::from(name),
+        AMQPValue::LongString(LongString::from(value.as_bytes().to_vec())),
+    );
+}
+
+pub fn set_bool(table: &mut FieldTable, name: &str, value: bool) {
+    table.insert(ShortString::from(name), AMQPValue::Boolean(value));
+}
+
+/// Removes a header (lapin's table has no remove: rebuild it).
+pub fn without(table: &FieldTable, name: &str) -> FieldTable {
+    let inner = table
+        .inner()
+        .iter()
+        .filter(|(key, _)| key.as_str() != name)
+        .map(|(key, value)| (key.clone(), value.clone()))
+        .collect::<std::collections::BTreeMap<_, _>>();
+    FieldTable::from(inner)
+}

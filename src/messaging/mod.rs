@@ -1,0 +1,75 @@
+//! RabbitMQ: topology, command and event types, the publisher, the worker, retries and dead letters.
+//!
+//! ```text
+//! backup.commands (direct) ─► backup.commands (quorum; x-delivery-limit; DLX backup.dead)
+//! retryable failure ─► backup.retry.<delay> (TTL, DLX → backup.commands)
+//! permanent / exhausted ─► backup.dead (fanout) ─► backup.commands.dead
+//! events ─► backup.notifications (topic): backup.started | backup.completed | backup.failed
+//! ```
+
+pub mod client;
+pub mod command;
+pub mod dispatch;
+pub mod dlq;
+pub mod event;
+pub mod headers;
+pub mod lease;
+pub mod publisher;
+pub mod retry;
+pub mod topology;
+pub mod worker;
+
+use lapin::{Connection, ConnectionProperties};
+use secrecy::ExposeSecret;
+
+use crate::config::RabbitmqSettings;
+use crate::telemetry::redact_url;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MessagingError {
+    #[error("cannot connect to RabbitMQ at {url}: {message}")]
+    Connect { url: String, message: String },
+    #[error("RabbitMQ: {0}")]
+    Broker(String),
+    #[error("RabbitMQ did not confirm the publish to `{0}`")]
+    NotConfirmed(String),
+    #[error("RabbitMQ topology conflict: {0}")]
+    Topology(String),
+}
+
+impl MessagingError {
+    /// Connection and confirm problems pass; a topology conflict needs an operator.
+    pub fn retryable(&self) -> bool {
+        !matches!(self, MessagingError::Topology(_))
+    }
+}
+
+impl From<lapin::Error> for MessagingError {
+    fn from(err: lapin::Error) -> Self {
+        MessagingError::Broker(err.to_string())
+    }
+}
+
+/// Opens a connection named `name` (shown in the management UI).
+pub async fn connect(
+    settings: &RabbitmqSettings,
+    name: &str,
+) -> Result<Connection, MessagingError> {
+    let url = settings.url.expose_secret();
+    let properties = ConnectionProperties::default().with_connection_name(name.into());
+    Connection::connect(url, properties)
+        .await
+        .map_err(|err| MessagingError::Connect {
+            url: redact_url(url),
+            message: err.to_string(),
+        })
+}
+
+/// The AMQP user of the configured URL (what the broker checks `user_id` against).
+pub fn amqp_user(settings: &RabbitmqSettings) -> String {
+    url::Url::parse(settings.url.expose_secret())
+        .ok()
+        .map(|url| url.username().to_string())
+        .filter(|user| !user.is_empty())
+        .unwrap_or_else(|| "guest".to_string())
+}

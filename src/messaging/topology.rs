@@ -1,0 +1,125 @@
+//! Declares the exchanges and queues of DESIGN §3, idempotently (at worker start and by `setup`).
+
+use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{Channel, Connection, ExchangeKind};
+
+use super::MessagingError;
+use super::retry::RetryPolicy;
+use crate::config::MessagingSettings;
+
+fn table(entries: &[(&str, AMQPValue)]) -> FieldTable {
+    let mut table = FieldTable::default();
+    for (key, value) in entries {
+        table.insert(ShortString::from(*key), value.clone());
+    }
+    table
+}
+
+fn text(value: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(value.as_bytes().to_vec()))
+}
+
+/// Declares everything; safe to run any number of times. A queue that exists with other
+/// arguments is reported as a topology conflict naming it.
+pub async fn declare(
+    connection: &Connection,
+    names: &MessagingSettings,
+) -> Result<(), MessagingError> {
+    let channel = connection.create_channel().await?;
+    let durable = ExchangeDeclareOptions {
+        durable: true,
+        ..ExchangeDeclareOptions::default()
+    };
+    let exchanges = [
+        (&names.commands_exchange, ExchangeKind::Direct),
+        (&names.dead_exchange, ExchangeKind::Fanout),
+        (&names.notifications_exchange, ExchangeKind::Topic),
+    ];
+    for (name, kind) in exchanges {
+        channel
+            .exchange_declare(name.as_str().into(), kind, durable, FieldTable::default())
+            .await
+            .map_err(|err| conflict(name, err))?;
+    }
+    let commands_args = table(&[
+        ("x-queue-type", text("quorum")),
+        (
+            "x-delivery-limit",
+            AMQPValue::LongLongInt(i64::from(names.delivery_limit)),
+        ),
+        ("x-dead-letter-exchange", text(&names.dead_exchange)),
+    ]);
+    queue(&channel, &names.commands_queue, commands_args).await?;
+    bind(
+        &channel,
+        &names.commands_queue,
+        &names.commands_exchange,
+        &names.commands_queue,
+    )
+    .await?;
+
+    queue(&channel, &names.dead_queue, FieldTable::default()).await?;
+    bind(&channel, &names.dead_queue, &names.dead_exchange, "").await?;
+
+    let policy = RetryPolicy::from_settings(names);
+    for (tier, delay) in policy.delays.iter().enumerate() {
+        let args = table(&[
+            (
+                "x-message-ttl",
+                AMQPValue::LongLongInt(delay.as_millis() as i64),
+            ),
+            ("x-dead-letter-exchange", text(&names.commands_exchange)),
+            ("x-dead-letter-routing-key", text(&names.commands_queue)),
+        ]);
+        queue(
+            &channel,
+            &policy.queue_name(&names.retry_queue_prefix, tier),
+            args,
+        )
+        .await?;
+    }
+    let _ = channel.close(200, "topology declared".into()).await;
+    Ok(())
+}
+
+async fn queue(channel: &Channel, name: &str, args: FieldTable) -> Result<(), MessagingError> {
+    let options = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    channel
+        .queue_declare(name.into(), options, args)
+        .await
+        .map(|_| ())
+        .map_err(|err| conflict(name, err))
+}
+
+async fn bind(
+    channel: &Channel,
+    queue: &str,
+    exchange: &str,
+    key: &str,
+) -> Result<(), MessagingError> {
+    channel
+        .queue_bind(
+            queue.into(),
+            exchange.into(),
+            key.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|err| conflict(queue, err))
+}
+
+fn conflict(name: &str, err: lapin::Error) -> MessagingError {
+    let message = err.to_string();
+    if message.contains("PRECONDITION_FAILED") || message.contains("inequivalent") {
+        MessagingError::Topology(format!(
+            "`{name}` exists with different settings ({message}); delete it or align the configuration"
+        ))
+    } else {
+        MessagingError::Broker(format!("declaring `{name}`: {message}"))
+    }
+}

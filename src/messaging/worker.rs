@@ -1,0 +1,624 @@
+//! The worker: consumes `backup.commands`, runs one step per message, publishes events,
+//! and acks a message only once its outcome is durable.
+//!
+//! Outcomes of one delivery:
+//! - done → marker `commands/<id>.json` written, `backup.completed` confirmed, ack;
+//! - retryable failure → copy confirmed in the next retry tier, `backup.failed`, ack;
+//! - permanent failure or attempts exhausted → copy confirmed in the dead letters, ack;
+//! - target busy → copy in the first retry tier without using an attempt, ack;
+//! - shutdown or broker loss mid-step → no ack: the broker redelivers it.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use futures::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+};
+use lapin::types::FieldTable;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use super::command::{Action, Command, TargetSelector};
+use super::dispatch::{StepOutcome, run_step};
+use super::event::{self, Event, EventError};
+use super::lease::Leases;
+use super::publisher::Publisher;
+use super::retry::{Decision, RetryPolicy};
+use super::{MessagingError, amqp_user, connect, headers, topology};
+use crate::jobs::{JobContext, JobError};
+use crate::storage::catalog;
+use crate::storage::layout::{TargetKind, command_marker_key};
+
+/// `x-last-error` is cut to this many characters.
+const MAX_ERROR_HEADER: usize = 1000;
+
+/// Shared state the HTTP endpoints and tests can read.
+#[derive(Default)]
+pub struct WorkerState {
+    /// True while consuming from the broker.
+    pub consuming: AtomicBool,
+}
+
+/// Runs the worker until `shutdown` fires, reconnecting whenever the broker goes away.
+pub async fn run(
+    ctx: JobContext,
+    state: Arc<WorkerState>,
+    shutdown: CancellationToken,
+) -> Result<(), MessagingError> {
+    let mut backoff = Duration::from_millis(250);
+    loop {
+        let started = Instant::now();
+        let result = session(&ctx, &state, &shutdown).await;
+        state.consuming.store(false, Ordering::SeqCst);
+        match result {
+            Ok(()) => return Ok(()),
+            Err(err) if !err.retryable() => return Err(err),
+            Err(err) => {
+                if started.elapsed() > Duration::from_secs(30) {
+                    backoff = Duration::from_millis(250);
+                }
+                tracing::warn!(error = %err, retry_in = ?backoff, "broker session ended; reconnecting");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = shutdown.cancelled() => return Ok(()),
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+}
+
+/// Everything a step handler needs.
+struct StepEnv {
+    ctx: JobContext,
+    publisher: Publisher,
+    leases: Leases,
+    policy: RetryPolicy,
+}
+
+/// One connection's lifetime: declare, consume, handle; returns Ok only on shutdown.
+async fn session(
+    ctx: &JobContext,
+    state: &WorkerState,
+    shutdown: &CancellationToken,
+) -> Result<(), MessagingError> {
+    let settings = &ctx.settings;
+    let connection = Arc::new(connect(&settings.rabbitmq, "crm-backup worker").await?);
+    topology::declare(&connection, &settings.messaging).await?;
+    let user = amqp_user(&settings.rabbitmq);
+    let env = Arc::new(StepEnv {
+        ctx: ctx.clone(),
+        publisher: Publisher::open(&connection, &settings.messaging, &user).await?,
+        leases: Leases::new(connection.clone(), &settings.messaging.lease_queue_prefix),
+        policy: RetryPolicy::from_settings(&settings.messaging),
+    });
+    let channel = connection.create_channel().await?;
+    channel
+        .basic_qos(settings.rabbitmq.concurrency, BasicQosOptions::default())
+        .await?;
+    let tag = format!("crm-backup-worker-{}", uuid::Uuid::new_v4());
+    let mut consumer = channel
+        .basic_consume(
+            settings.messaging.commands_queue.as_str().into(),
+            tag.as_str().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    state.consuming.store(true, Ordering::SeqCst);
+    tracing::info!(queue = %settings.messaging.commands_queue, concurrency = settings.rabbitmq.concurrency, "worker consuming");
+
+    let steps_cancel = CancellationToken::new();
+    let mut steps = JoinSet::new();
+    let ended = loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break Ok(()),
+            next = consumer.next() => match next {
+                Some(Ok(delivery)) => {
+                    steps.spawn(handle(env.clone(), delivery, steps_cancel.child_token()));
+                }
+                Some(Err(err)) => break Err(MessagingError::from(err)),
+                None => break Err(MessagingError::Broker("the broker cancelled the consumer".into())),
+            },
+            Some(joined) = steps.join_next(), if !steps.is_empty() => {
+                if let Err(err) = joined {
+                    tracing::error!(error = %err, "a step task panicked; its command will be redelivered");
+                }
+            }
+        }
+    };
+    state.consuming.store(false, Ordering::SeqCst);
+    match &ended {
+        Ok(()) => {
+            let _ = channel
+                .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+                .await;
+            let limit = settings.messaging.shutdown_timeout.0;
+            tracing::info!(
+                running = steps.len(),
+                ?limit,
+                "shutting down: letting running steps finish"
+            );
+            if tokio::time::timeout(limit, drain(&mut steps))
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    "steps still running at the shutdown timeout: aborting them; the broker will redeliver their commands"
+                );
+                steps_cancel.cancel();
+                drain(&mut steps).await;
+            }
+        }
+        Err(err) => {
+            // Leases and unacked deliveries died with the connection: stop the steps,
+            // their commands come back on the next connection.
+            tracing::warn!(error = %err, running = steps.len(), "broker connection lost: aborting running steps");
+            steps_cancel.cancel();
+            drain(&mut steps).await;
+        }
+    }
+    let _ = connection.close(200, "worker stopping".into()).await;
+    ended
+}
+
+async fn drain(steps: &mut JoinSet<()>) {
+    while steps.join_next().await.is_some() {}
+}
+
+/// How a delivery is settled once its outcome is durable.
+enum Settle {
+    Ack,
+    Requeue,
+}
+
+async fn handle(env: Arc<StepEnv>, delivery: Delivery, cancel: CancellationToken) {
+    let settle = match process(&env, &delivery, &cancel).await {
+        Ok(settle) => settle,
+        Err(err) => {
+            tracing::warn!(error = %err, "could not make the outcome durable; the command goes back to the queue");
+            Settle::Requeue
+        }
+    };
+    let settled = match settle {
+        Settle::Ack => delivery.ack(BasicAckOptions::default()).await,
+        Settle::Requeue => {
+            delivery
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    ..BasicNackOptions::default()
+                })
+                .await
+        }
+    };
+    if let Err(err) = settled {
+        tracing::warn!(error = %err, "could not settle a delivery; the broker will redeliver it");
+    }
+}
+
+/// Facts about the delivery every outcome needs.
+struct Received<'a> {
+    delivery: &'a Delivery,
+    attempt: u32,
+    correlation_id: Option<String>,
+}
+
+impl Received<'_> {
+    fn event(&self, name: &str, command_id: &str, command: Option<&Command>) -> Event {
+        let mut event = Event::new(name, command_id, self.attempt);
+        event.correlation_id = self.correlation_id.clone();
+        if let Some(command) = command {
+            event.action = Some(command.action.to_string());
+            event.target = Some(command.target.to_string());
+            event.set_id = command.set_id.clone();
+        }
+        event
+    }
+}
+
+async fn process(
+    env: &StepEnv,
+    delivery: &Delivery,
+    cancel: &CancellationToken,
+) -> Result<Settle, MessagingError> {
+    let received = Received {
+        delivery,
+        attempt: headers::attempt(&delivery.properties),
+        correlation_id: delivery
+            .properties
+            .correlation_id()
+            .as_ref()
+            .map(|id| id.as_str().to_string()),
+    };
+    let command = match Command::parse(&delivery.data) {
+        Ok(command) => command,
+        Err(err) => {
+            let id = delivery
+                .properties
+                .message_id()
+                .as_ref()
+                .map_or("unknown".to_string(), |id| id.as_str().to_string());
+            let mut failed = received.event(event::FAILED, &id, None);
+            (failed.action, failed.target) = loose_action_target(&delivery.data);
+            return dead_letter(env, &received, failed, err.kind(), &err.to_string(), false).await;
+        }
+    };
+    if command.action == Action::Restore {
+        let sender = delivery
+            .properties
+            .user_id()
+            .as_ref()
+            .map(|u| u.as_str().to_string());
+        if !restore_allowed(env, sender.as_deref()) {
+            let failed = received.event(event::FAILED, &command.id, Some(&command));
+            let message = format!(
+                "restore requested by AMQP user `{}`, who is not in restore.allowed_users",
+                sender.as_deref().unwrap_or("(none: no user_id property)")
+            );
+            return dead_letter(env, &received, failed, "unauthorized", &message, false).await;
+        }
+    }
+    match read_marker(env, &command.id).await {
+        Ok(Some(mut done)) => {
+            tracing::info!(command_id = %command.id, "command already done: re-announcing its result");
+            done.correlation_id = received.correlation_id.clone().or(done.correlation_id);
+            done.at = Utc::now();
+            env.publisher.event(&done).await?;
+            return Ok(Settle::Ack);
+        }
+        Ok(None) => {}
+        Err(err) => return fail(env, &received, &command, &err).await,
+    }
+    match command.target {
+        TargetSelector::All if command.action != Action::Prune => {
+            fan_out(env, &received, &command).await
+        }
+        TargetSelector::All => step(env, &received, &command, None, cancel).await,
+        TargetSelector::One(target) => step(env, &received, &command, Some(target), cancel).await,
+    }
+}
+
+/// `all`: one step command per enabled target, sharing the parent's id as `set_id`.
+/// The started event, naming the steps, goes out first: whoever follows the parent
+/// then knows every step before any of them can report.
+async fn fan_out(
+    env: &StepEnv,
+    received: &Received<'_>,
+    command: &Command,
+) -> Result<Settle, MessagingError> {
+    let steps: Vec<Command> = env
+        .ctx
+        .targets
+        .enabled()
+        .into_iter()
+        .map(|target| command.step_for(target))
+        .collect();
+    let mut started = received.event(event::STARTED, &command.id, Some(command));
+    started.set_id = Some(command.id.clone());
+    started.details = Some(serde_json::json!({
+        "steps": steps.iter().map(|step| step.id.clone()).collect::<Vec<_>>(),
+    }));
+    env.publisher.event(&started).await?;
+    for step in &steps {
+        env.publisher
+            .command(
+                step,
+                received.correlation_id.as_deref(),
+                FieldTable::default(),
+            )
+            .await?;
+    }
+    tracing::info!(command_id = %command.id, steps = steps.len(), "fanned out");
+    Ok(Settle::Ack)
+}
+
+/// Runs one step under the target's lease.
+async fn step(
+    env: &StepEnv,
+    received: &Received<'_>,
+    command: &Command,
+    target: Option<TargetKind>,
+    cancel: &CancellationToken,
+) -> Result<Settle, MessagingError> {
+    let lease = match target {
+        Some(target) => match env.leases.try_acquire(target).await? {
+            Some(lease) => Some(lease),
+            None => return busy(env, received, command).await,
+        },
+        None => None,
+    };
+    let settle = run_leased(env, received, command, target, cancel).await;
+    if let Some(lease) = lease {
+        lease.release().await;
+    }
+    settle
+}
+
+async fn run_leased(
+    env: &StepEnv,
+    received: &Received<'_>,
+    command: &Command,
+    target: Option<TargetKind>,
+    cancel: &CancellationToken,
+) -> Result<Settle, MessagingError> {
+    // A crash between the manifest and the marker must not make a second backup.
+    if let (true, Some(target), Action::Backup) =
+        (received.delivery.redelivered, target, command.action)
+        && let Ok(listing) = catalog::list(&env.ctx.storage, target).await
+        && let Some(manifest) = listing
+            .manifests
+            .iter()
+            .find(|m| m.command_id.as_deref() == Some(command.id.as_str()))
+    {
+        tracing::info!(command_id = %command.id, backup_id = %manifest.id, "redelivered command already has its backup");
+        let outcome = StepOutcome::of_manifest(&env.ctx, manifest);
+        return complete(env, received, command, outcome, Duration::ZERO).await;
+    }
+    env.publisher
+        .event(&received.event(event::STARTED, &command.id, Some(command)))
+        .await?;
+    let started = Instant::now();
+    let result = match target {
+        Some(target) => run_step(&env.ctx, command, target, cancel).await,
+        None => Err(JobError::NotImplemented(command.action.to_string())),
+    };
+    audit(command, received.attempt, &result, started.elapsed());
+    match result {
+        Ok(outcome) => complete(env, received, command, outcome, started.elapsed()).await,
+        Err(JobError::Cancelled) => Ok(Settle::Requeue),
+        Err(err) => fail(env, received, command, &err).await,
+    }
+}
+
+/// Marker first, then the confirmed event: a redelivery then finds the marker.
+async fn complete(
+    env: &StepEnv,
+    received: &Received<'_>,
+    command: &Command,
+    outcome: StepOutcome,
+    elapsed: Duration,
+) -> Result<Settle, MessagingError> {
+    let mut done = received.event(event::COMPLETED, &command.id, Some(command));
+    done.backup_id = outcome.backup_id;
+    done.set_id = outcome.set_id.or(done.set_id);
+    done.size_bytes = outcome.size_bytes;
+    done.raw_size_bytes = outcome.raw_size_bytes;
+    done.sha256 = outcome.sha256;
+    done.location = outcome.location;
+    done.details = outcome.details;
+    done.duration_ms = Some(elapsed.as_millis() as u64);
+    let marker = command_marker_key(&command.id);
+    if let Err(err) = env
+        .ctx
+        .storage
+        .put_bytes(&marker, bytes::Bytes::from(done.to_json()))
+        .await
+    {
+        return Err(MessagingError::Broker(format!(
+            "writing the command marker {marker} failed: {err}"
+        )));
+    }
+    env.publisher.event(&done).await?;
+    Ok(Settle::Ack)
+}
+
+/// A failed step: retry tier or dead letter, by the error's class and the attempt count.
+async fn fail(
+    env: &StepEnv,
+    received: &Received<'_>,
+    command: &Command,
+    err: &JobError,
+) -> Result<Settle, MessagingError> {
+    let failed = received.event(event::FAILED, &command.id, Some(command));
+    match env
+        .policy
+        .after_failure(received.attempt, err.retryable(), rand::random::<f64>())
+    {
+        Decision::DeadLetter => {
+            dead_letter(
+                env,
+                received,
+                failed,
+                err.kind(),
+                &err.to_string(),
+                err.retryable(),
+            )
+            .await
+        }
+        Decision::Retry {
+            tier,
+            next_attempt,
+            expiration,
+        } => {
+            let queue = env
+                .policy
+                .queue_name(&env.publisher.names().retry_queue_prefix, tier);
+            let headers = failure_headers(received, next_attempt, err.kind(), &err.to_string());
+            env.publisher
+                .to_retry_queue(
+                    &queue,
+                    &received.delivery.data,
+                    &received.delivery.properties,
+                    headers,
+                    expiration.as_millis(),
+                )
+                .await?;
+            announce_failure(env, failed, err.kind(), &err.to_string(), true, true).await;
+            tracing::info!(command_id = %command.id, attempt = received.attempt, %queue, "will retry");
+            Ok(Settle::Ack)
+        }
+    }
+}
+
+/// The target is busy with another step: wait in the first tier, attempt unchanged.
+async fn busy(
+    env: &StepEnv,
+    received: &Received<'_>,
+    command: &Command,
+) -> Result<Settle, MessagingError> {
+    let Decision::Retry {
+        tier,
+        next_attempt,
+        expiration,
+    } = env
+        .policy
+        .when_busy(received.attempt, rand::random::<f64>())
+    else {
+        unreachable!("when_busy always retries");
+    };
+    let queue = env
+        .policy
+        .queue_name(&env.publisher.names().retry_queue_prefix, tier);
+    let mut headers = headers::copy(&received.delivery.properties);
+    headers::set_int(&mut headers, headers::ATTEMPT, i64::from(next_attempt));
+    env.publisher
+        .to_retry_queue(
+            &queue,
+            &received.delivery.data,
+            &received.delivery.properties,
+            headers,
+            expiration.as_millis(),
+        )
+        .await?;
+    tracing::info!(command_id = %command.id, %queue, "target busy: delayed");
+    Ok(Settle::Ack)
+}
+
+async fn dead_letter(
+    env: &StepEnv,
+    received: &Received<'_>,
+    failed: Event,
+    kind: &str,
+    message: &str,
+    retryable: bool,
+) -> Result<Settle, MessagingError> {
+    let headers = failure_headers(received, received.attempt, kind, message);
+    env.publisher
+        .to_dead_letters(
+            &received.delivery.data,
+            &received.delivery.properties,
+            headers,
+        )
+        .await?;
+    announce_failure(env, failed, kind, message, retryable, false).await;
+    tracing::warn!(command_id = %failed_id(received), kind, message, "dead-lettered");
+    Ok(Settle::Ack)
+}
+
+fn failed_id(received: &Received<'_>) -> String {
+    received
+        .delivery
+        .properties
+        .message_id()
+        .as_ref()
+        .map_or_else(String::new, |id| id.as_str().to_string())
+}
+
+/// The failed event is published after the copy is safe; losing it loses no command.
+async fn announce_failure(
+    env: &StepEnv,
+    mut failed: Event,
+    kind: &str,
+    message: &str,
+    retryable: bool,
+    will_retry: bool,
+) {
+    failed.error = Some(EventError {
+        kind: kind.to_string(),
+        message: message.to_string(),
+        retryable,
+    });
+    failed.will_retry = Some(will_retry);
+    if let Err(err) = env.publisher.event(&failed).await {
+        tracing::warn!(error = %err, command_id = %failed.command_id, "could not publish backup.failed");
+    }
+}
+
+fn failure_headers(received: &Received<'_>, attempt: u32, kind: &str, message: &str) -> FieldTable {
+    let mut table = headers::copy(&received.delivery.properties);
+    let message: String = message.chars().take(MAX_ERROR_HEADER).collect();
+    headers::set_int(&mut table, headers::ATTEMPT, i64::from(attempt));
+    headers::set_text(&mut table, headers::LAST_ERROR, &message);
+    headers::set_text(&mut table, headers::ERROR_KIND, kind);
+    headers::set_text(&mut table, headers::FAILED_AT, &Utc::now().to_rfc3339());
+    headers::set_text(
+        &mut table,
+        headers::ORIGINAL_ROUTING_KEY,
+        received.delivery.routing_key.as_str(),
+    );
+    table
+}
+
+fn restore_allowed(env: &StepEnv, sender: Option<&str>) -> bool {
+    // The worker's own user is trusted: it re-publishes retries of restores it accepted.
+    sender.is_some_and(|user| {
+        user == env.publisher.user()
+            || env
+                .ctx
+                .settings
+                .restore
+                .allowed_users
+                .iter()
+                .any(|allowed| allowed == user)
+    })
+}
+
+async fn read_marker(env: &StepEnv, command_id: &str) -> Result<Option<Event>, JobError> {
+    match env
+        .ctx
+        .storage
+        .get_bytes(&command_marker_key(command_id))
+        .await
+    {
+        Ok(bytes) => Ok(serde_json::from_slice(&bytes).ok()),
+        Err(crate::storage::StorageError::NotFound { .. }) => Ok(None),
+        Err(err) => Err(err.into()),
+    }
+}
+
+/// `action` and `target` of a message that is not a valid command, when they can be read.
+fn loose_action_target(body: &[u8]) -> (Option<String>, Option<String>) {
+    let value: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+    let field = |name: &str| value.get(name).and_then(|v| v.as_str()).map(String::from);
+    (field("action"), field("target"))
+}
+
+/// One audit line per operation.
+fn audit(
+    command: &Command,
+    attempt: u32,
+    result: &Result<StepOutcome, JobError>,
+    elapsed: Duration,
+) {
+    let duration_ms = elapsed.as_millis() as u64;
+    match result {
+        Ok(outcome) => tracing::info!(
+            audit = true,
+            command_id = %command.id,
+            requested_by = %command.requested_by,
+            action = %command.action,
+            target = %command.target,
+            attempt,
+            outcome = "completed",
+            backup_id = outcome.backup_id.as_deref().unwrap_or(""),
+            size_bytes = outcome.size_bytes.unwrap_or(0),
+            duration_ms,
+        ),
+        Err(err) => tracing::warn!(
+            audit = true,
+            command_id = %command.id,
+            requested_by = %command.requested_by,
+            action = %command.action,
+            target = %command.target,
+            attempt,
+            outcome = "failed",
+            error_kind = err.kind(),
+            error = %err,
+            duration_ms,
+        ),
+    }
+}
