@@ -1,6 +1,8 @@
 //! Shared test support: unique names, real PostgreSQL databases, local and Garage storage.
 #![allow(dead_code)]
 
+pub mod broker;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -250,4 +252,20 @@ pub fn run_cli(env: &HashMap<String, String>, args: &[&str]) -> (bool, String, S
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// A `pg_dump` wrapper in its own directory; `script` is the shell body run before the
+/// real pg_dump (`$@` are its arguments). `--version` always answers.
+pub fn pg_dump_wrapper(dir: &Path, script: &str) -> String {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join("pg_dump");
+    std::fs::write(
+        &path,
+        format!(
+            "#!/bin/sh\nif [ \"$1\" = --version ]; then exec pg_dump --version; fi\n{script}\n"
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    dir.display().to_string()
 }

@@ -1,0 +1,765 @@
+//! The message-driven worker against the real RabbitMQ (a vhost per test) and PostgreSQL.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use common::broker::{TestVhost, assert_valid_event};
+use common::{Store, TestDatabase, TestSetup, pg_dump_wrapper, psql};
+use crm_backup::config::RabbitmqSettings;
+use crm_backup::messaging::client::EventSubscription;
+use crm_backup::messaging::command::{Action, Command as BackupCommand, TargetSelector};
+use crm_backup::messaging::dlq::{self, Selection};
+use crm_backup::messaging::event::{self, Event};
+use crm_backup::messaging::publisher::{Outgoing, Publisher};
+use crm_backup::messaging::worker::{self, WorkerState};
+use crm_backup::messaging::{self as broker};
+use crm_backup::storage::catalog;
+use crm_backup::storage::layout::TargetKind;
+use lapin::BasicProperties;
+use secrecy::SecretString;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// A worker running in this process, with its own vhost, database and storage.
+struct Harness {
+    vhost: TestVhost,
+    _db: TestDatabase,
+    setup: TestSetup,
+    workers: Vec<(CancellationToken, JoinHandle<()>, Arc<WorkerState>)>,
+}
+
+impl Harness {
+    fn new(prefix: &str, extra: &[(&str, &str)]) -> Self {
+        let vhost = TestVhost::create(prefix);
+        let db = TestDatabase::create(prefix);
+        psql(
+            &db.name,
+            "CREATE TABLE crm_notes AS SELECT i, md5(i::text) AS note FROM generate_series(1, 2000) i",
+        );
+        let url = vhost.url();
+        let mut env: Vec<(&str, &str)> = vec![
+            ("RABBITMQ_URL", url.as_str()),
+            ("BACKUP__MESSAGING__RETRY_DELAYS", "1s,2s"),
+            ("BACKUP__MESSAGING__MAX_ATTEMPTS", "3"),
+            ("BACKUP__MESSAGING__SHUTDOWN_TIMEOUT", "20s"),
+        ];
+        env.extend_from_slice(extra);
+        let setup = TestSetup::new(&db.name, Store::Local, &env);
+        Harness {
+            vhost,
+            _db: db,
+            setup,
+            workers: Vec::new(),
+        }
+    }
+
+    async fn start_worker(&mut self) {
+        let shutdown = CancellationToken::new();
+        let state = Arc::new(WorkerState::default());
+        let handle = tokio::spawn({
+            let ctx = self.setup.ctx.clone();
+            let state = state.clone();
+            let shutdown = shutdown.clone();
+            async move {
+                worker::run(ctx, state, shutdown)
+                    .await
+                    .expect("worker runs");
+            }
+        });
+        wait_until("the worker consumes", || {
+            state.consuming.load(Ordering::SeqCst)
+        })
+        .await;
+        self.workers.push((shutdown, handle, state));
+    }
+
+    async fn stop_workers(&mut self) {
+        for (shutdown, handle, _) in self.workers.drain(..) {
+            shutdown.cancel();
+            let _ = handle.await;
+        }
+    }
+
+    fn rabbitmq(&self, url: &str) -> RabbitmqSettings {
+        RabbitmqSettings {
+            url: SecretString::from(url.to_string()),
+            concurrency: 1,
+        }
+    }
+
+    /// A client as guest: publisher plus an event subscription opened before anything is sent.
+    async fn client(&self) -> Client {
+        self.client_as(&self.vhost.url()).await
+    }
+
+    async fn client_as(&self, url: &str) -> Client {
+        let settings = self.rabbitmq(url);
+        let connection = broker::connect(&settings, "test client").await.unwrap();
+        broker::topology::declare(&connection, &self.setup.settings.messaging)
+            .await
+            .unwrap();
+        let user = broker::amqp_user(&settings);
+        let publisher = Publisher::open(&connection, &self.setup.settings.messaging, &user)
+            .await
+            .unwrap();
+        let events = EventSubscription::open(&connection, &self.setup.settings.messaging)
+            .await
+            .unwrap();
+        Client {
+            connection,
+            publisher,
+            events,
+        }
+    }
+
+    async fn manifests_of(&self, command_id: &str) -> usize {
+        catalog::list(&self.setup.ctx.storage, TargetKind::Postgres)
+            .await
+            .unwrap()
+            .manifests
+            .iter()
+            .filter(|m| m.command_id.as_deref() == Some(command_id))
+            .count()
+    }
+
+    /// Env for a worker child process (same settings as in-process).
+    fn child_env(&self) -> Vec<(String, String)> {
+        self.setup
+            .env
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+}
+
+struct Client {
+    connection: lapin::Connection,
+    publisher: Publisher,
+    events: EventSubscription,
+}
+
+impl Client {
+    async fn send(&self, command: &BackupCommand) {
+        self.publisher
+            .command(
+                command,
+                Some(&format!("corr-{}", command.id)),
+                Default::default(),
+            )
+            .await
+            .unwrap();
+    }
+
+    async fn send_raw(&self, body: &[u8], message_id: &str) {
+        let names = self.publisher.names().clone();
+        self.publisher
+            .publish(Outgoing {
+                exchange: &names.commands_exchange,
+                routing_key: &names.commands_queue,
+                body,
+                properties: BasicProperties::default().with_message_id(message_id.into()),
+                mandatory: true,
+            })
+            .await
+            .unwrap();
+    }
+
+    /// Every event of `command` until it ends, each validated against the schema.
+    async fn follow(&mut self, command: &BackupCommand) -> Vec<Event> {
+        let mut seen = Vec::new();
+        self.events
+            .wait_for(command, WAIT, |event| {
+                assert_valid_event(event);
+                seen.push(event.clone());
+            })
+            .await
+            .unwrap_or_else(|err| panic!("{err}; events so far: {seen:#?}"));
+        seen
+    }
+}
+
+async fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
+    for _ in 0..400 {
+        if check() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("timed out waiting until {what}");
+}
+
+fn backup_command(target: TargetKind) -> BackupCommand {
+    BackupCommand::new(Action::Backup, TargetSelector::One(target), "test-suite")
+}
+
+fn names(events: &[Event]) -> Vec<(String, u32)> {
+    events
+        .iter()
+        .map(|e| (e.event.clone(), e.attempt))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_backup_command_runs_once_and_reports_in_order() {
+    let mut h = Harness::new("w_happy", &[]);
+    h.start_worker().await;
+    let mut client = h.client().await;
+    let mut command = backup_command(TargetKind::Postgres);
+    command.reason = Some("before migration 0042".into());
+    client.send(&command).await;
+
+    let events = client.follow(&command).await;
+    assert_eq!(
+        names(&events),
+        [("backup.started".into(), 1), ("backup.completed".into(), 1)]
+    );
+    let done = &events[1];
+    assert_eq!(
+        done.correlation_id.as_deref(),
+        Some(format!("corr-{}", command.id).as_str())
+    );
+    let backup_id = done.backup_id.clone().unwrap();
+    assert!(
+        done.location
+            .as_ref()
+            .unwrap()
+            .ends_with(&format!("postgres/{backup_id}/"))
+    );
+    assert!(done.size_bytes.unwrap() > 0 && done.sha256.is_some());
+    let manifest = catalog::get(&h.setup.ctx.storage, &backup_id.parse().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(manifest.command_id.as_deref(), Some(command.id.as_str()));
+    assert_eq!(manifest.requested_by, "test-suite");
+    assert_eq!(manifest.reason.as_deref(), Some("before migration 0042"));
+
+    // The same command again: acked and re-announced, not run again.
+    client.send(&command).await;
+    let again = client.follow(&command).await;
+    assert_eq!(names(&again), [("backup.completed".into(), 1)]);
+    assert_eq!(again[0].backup_id.as_deref(), Some(backup_id.as_str()));
+    assert_eq!(h.manifests_of(&command.id).await, 1);
+    h.stop_workers().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn malformed_commands_are_dead_lettered_with_a_reason() {
+    let mut h = Harness::new("w_malformed", &[]);
+    h.start_worker().await;
+    let mut client = h.client().await;
+
+    client.send_raw(b"{this is not json", "bad-json-1").await;
+    let not_json = BackupCommand {
+        id: "bad-json-1".into(),
+        ..backup_command(TargetKind::Postgres)
+    };
+    let events = client.follow(&not_json).await;
+    let failed = events.last().unwrap();
+    assert_eq!(failed.event, event::FAILED);
+    assert_eq!(failed.will_retry, Some(false));
+    assert_eq!(failed.error.as_ref().unwrap().kind, "invalid_json");
+
+    let unknown_field = br#"{"version":1,"id":"bad-schema-1","action":"backup","target":"postgres","requested_by":"x","colour":"red"}"#;
+    client.send_raw(unknown_field, "bad-schema-1").await;
+    let schema = BackupCommand {
+        id: "bad-schema-1".into(),
+        ..backup_command(TargetKind::Postgres)
+    };
+    let events = client.follow(&schema).await;
+    let error = events.last().unwrap().error.clone().unwrap();
+    assert_eq!(error.kind, "schema_violation");
+    assert!(
+        error.message.contains("unknown field `colour`"),
+        "{}",
+        error.message
+    );
+    assert!(!error.retryable);
+
+    let unknown_target = br#"{"version":1,"id":"bad-target-1","action":"backup","target":"mysql","requested_by":"x"}"#;
+    client.send_raw(unknown_target, "bad-target-1").await;
+    let target = BackupCommand {
+        id: "bad-target-1".into(),
+        ..backup_command(TargetKind::Postgres)
+    };
+    let events = client.follow(&target).await;
+    assert!(
+        events
+            .last()
+            .unwrap()
+            .error
+            .as_ref()
+            .unwrap()
+            .message
+            .contains("unknown target `mysql`")
+    );
+
+    let letters = dlq::list(&client.connection, client.publisher.names())
+        .await
+        .unwrap();
+    let ids: Vec<&str> = letters.iter().map(|l| l.id.as_str()).collect();
+    assert_eq!(ids, ["bad-json-1", "bad-schema-1", "bad-target-1"]);
+    assert_eq!(letters[1].error_kind.as_deref(), Some("schema_violation"));
+    assert!(letters[1].last_error.as_ref().unwrap().contains("colour"));
+    assert_eq!(letters[1].action.as_deref(), Some("backup"));
+    assert!(
+        letters
+            .iter()
+            .all(|l| l.attempts == 1 && l.failed_at.is_some())
+    );
+    // Listing removes nothing.
+    assert_eq!(
+        dlq::list(&client.connection, client.publisher.names())
+            .await
+            .unwrap()
+            .len(),
+        3
+    );
+    h.stop_workers().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn transient_failures_are_retried_with_growing_delays() {
+    let bin = tempfile::tempdir().unwrap();
+    let counter = bin.path().join("count");
+    std::fs::write(&counter, "0").unwrap();
+    // The first two pg_dump runs die by SIGKILL (retryable); the third succeeds.
+    let bin_dir = pg_dump_wrapper(
+        bin.path(),
+        &format!(
+            "n=$(cat {c}); echo $((n + 1)) > {c}\nif [ \"$n\" -lt 2 ]; then kill -KILL $$; fi\nexec pg_dump \"$@\"",
+            c = counter.display()
+        ),
+    );
+    let mut h = Harness::new(
+        "w_retry",
+        &[("BACKUP__POSTGRES__BIN_DIR", bin_dir.as_str())],
+    );
+    h.start_worker().await;
+    let mut client = h.client().await;
+    let command = backup_command(TargetKind::Postgres);
+    client.send(&command).await;
+
+    let events = client.follow(&command).await;
+    assert_eq!(
+        names(&events),
+        [
+            ("backup.started".into(), 1),
+            ("backup.failed".into(), 1),
+            ("backup.started".into(), 2),
+            ("backup.failed".into(), 2),
+            ("backup.started".into(), 3),
+            ("backup.completed".into(), 3),
+        ]
+    );
+    for failed in [&events[1], &events[3]] {
+        assert_eq!(failed.will_retry, Some(true));
+        let error = failed.error.as_ref().unwrap();
+        assert!(
+            error.retryable && error.message.contains("killed by signal 9"),
+            "{error:?}"
+        );
+    }
+    let first_wait = events[2].at - events[1].at;
+    let second_wait = events[4].at - events[3].at;
+    assert!(
+        first_wait >= chrono::Duration::milliseconds(750),
+        "{first_wait}"
+    );
+    assert!(
+        second_wait >= chrono::Duration::milliseconds(1550),
+        "{second_wait}"
+    );
+    assert!(second_wait > first_wait);
+    assert_eq!(h.manifests_of(&command.id).await, 1);
+    h.stop_workers().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn exhausted_attempts_dead_letter_and_replay_completes() {
+    let bin = tempfile::tempdir().unwrap();
+    let broken = bin.path().join("broken");
+    std::fs::write(&broken, "").unwrap();
+    let bin_dir = pg_dump_wrapper(
+        bin.path(),
+        &format!(
+            "if [ -e {} ]; then kill -KILL $$; fi\nexec pg_dump \"$@\"",
+            broken.display()
+        ),
+    );
+    let mut h = Harness::new(
+        "w_exhaust",
+        &[("BACKUP__POSTGRES__BIN_DIR", bin_dir.as_str())],
+    );
+    h.start_worker().await;
+    let mut client = h.client().await;
+    let command = backup_command(TargetKind::Postgres);
+    client.send(&command).await;
+
+    let events = client.follow(&command).await;
+    let failures: Vec<_> = events.iter().filter(|e| e.event == event::FAILED).collect();
+    assert_eq!(failures.len(), 3, "{events:#?}");
+    assert_eq!(
+        failures.iter().map(|e| e.will_retry).collect::<Vec<_>>(),
+        [Some(true), Some(true), Some(false)]
+    );
+    let names_of = client.publisher.names().clone();
+    let letters = dlq::list(&client.connection, &names_of).await.unwrap();
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].id, command.id);
+    assert_eq!(letters[0].attempts, 3);
+    assert_eq!(letters[0].error_kind.as_deref(), Some("tool_failed"));
+    assert_eq!(h.manifests_of(&command.id).await, 0);
+
+    // The cause is fixed; a dry run changes nothing, a replay runs it from attempt 1.
+    std::fs::remove_file(&broken).unwrap();
+    let planned = dlq::replay(&client.connection, &client.publisher, &Selection::All, true)
+        .await
+        .unwrap();
+    assert_eq!(planned.len(), 1);
+    assert_eq!(
+        dlq::list(&client.connection, &names_of)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    let replayed = dlq::replay(
+        &client.connection,
+        &client.publisher,
+        &Selection::Ids(vec![command.id.clone()]),
+        false,
+    )
+    .await
+    .unwrap();
+    assert_eq!(replayed.len(), 1);
+    let events = client.follow(&command).await;
+    assert_eq!(
+        names(&events),
+        [("backup.started".into(), 1), ("backup.completed".into(), 1)]
+    );
+    assert!(
+        dlq::list(&client.connection, &names_of)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(h.manifests_of(&command.id).await, 1);
+    h.stop_workers().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_workers_never_run_one_target_at_once() {
+    let bin = tempfile::tempdir().unwrap();
+    let bin_dir = pg_dump_wrapper(bin.path(), "sleep 1\nexec pg_dump \"$@\"");
+    let mut h = Harness::new(
+        "w_lease",
+        &[("BACKUP__POSTGRES__BIN_DIR", bin_dir.as_str())],
+    );
+    h.start_worker().await;
+    h.start_worker().await;
+    let mut client = h.client().await;
+    let first = backup_command(TargetKind::Postgres);
+    let second = backup_command(TargetKind::Postgres);
+    client.send(&first).await;
+    client.send(&second).await;
+
+    let mut all = client.follow(&first).await;
+    all.extend(client.follow(&second).await);
+    let span = |id: &str| {
+        let of = |name: &str| {
+            all.iter()
+                .find(|e| e.command_id == id && e.event == name)
+                .unwrap()
+                .at
+        };
+        (of(event::STARTED), of(event::COMPLETED))
+    };
+    let (a_start, a_end) = span(&first.id);
+    let (b_start, b_end) = span(&second.id);
+    assert!(
+        a_end <= b_start || b_end <= a_start,
+        "steps overlapped: {a_start}..{a_end} and {b_start}..{b_end}"
+    );
+    assert!(
+        all.iter().all(|e| e.event != event::FAILED),
+        "busy is not a failure: {all:#?}"
+    );
+    h.stop_workers().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lost_broker_connection_is_recovered() {
+    let mut h = Harness::new("w_reconnect", &[]);
+    h.start_worker().await;
+    let state = h.workers[0].2.clone();
+    // The management API lists connections a few seconds after they open.
+    let mut worker_connections = Vec::new();
+    for _ in 0..120 {
+        worker_connections = h.vhost.connections();
+        if !worker_connections.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(
+        !worker_connections.is_empty(),
+        "the worker's connection never showed up"
+    );
+    for name in &worker_connections {
+        h.vhost.close_connection(name);
+    }
+    wait_until("the worker notices", || {
+        !state.consuming.load(Ordering::SeqCst)
+    })
+    .await;
+    wait_until("the worker reconnects", || {
+        state.consuming.load(Ordering::SeqCst)
+    })
+    .await;
+
+    let mut client = h.client().await;
+    let command = backup_command(TargetKind::Postgres);
+    client.send(&command).await;
+    let events = client.follow(&command).await;
+    assert_eq!(events.last().unwrap().event, event::COMPLETED);
+    h.stop_workers().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn restores_are_accepted_only_from_allowed_users() {
+    let mut h = Harness::new("w_restore", &[]);
+    let (ops, ops_url) = h.vhost.user("ops");
+    let (_, intruder_url) = h.vhost.user("intruder");
+    // Settings are read at start: rebuild the context with ops allowed.
+    let mut env = h.setup.env.clone();
+    env.insert("BACKUP__RESTORE__ALLOWED_USERS".into(), ops.clone());
+    h.setup.settings = crm_backup::config::Settings::load(&env).unwrap();
+    h.setup.ctx = crm_backup::jobs::JobContext::new(h.setup.settings.clone()).unwrap();
+    h.start_worker().await;
+
+    let mut client = h.client().await;
+    let backup = backup_command(TargetKind::Postgres);
+    client.send(&backup).await;
+    let backup_id = client
+        .follow(&backup)
+        .await
+        .last()
+        .unwrap()
+        .backup_id
+        .clone()
+        .unwrap();
+
+    let restore = |into: &str| {
+        let mut command = BackupCommand::new(
+            Action::Restore,
+            TargetSelector::One(TargetKind::Postgres),
+            "ops-console",
+        );
+        command.backup_id = Some(backup_id.clone());
+        command.options = serde_json::json!({ "into": into });
+        command
+    };
+    let denied_db = common::unique("w_denied");
+    let mut intruder = h.client_as(&intruder_url).await;
+    let denied = restore(&denied_db);
+    intruder.send(&denied).await;
+    let events = intruder.follow(&denied).await;
+    let error = events.last().unwrap().error.clone().unwrap();
+    assert_eq!(error.kind, "unauthorized");
+    assert!(!common::database_exists(&denied_db));
+
+    let allowed_db = TestDatabase::adopt(&common::unique("w_allowed"));
+    let mut operator = h.client_as(&ops_url).await;
+    let allowed = restore(&allowed_db.name);
+    operator.send(&allowed).await;
+    let events = operator.follow(&allowed).await;
+    let done = events.last().unwrap();
+    assert_eq!(done.event, event::COMPLETED, "{events:#?}");
+    assert_eq!(
+        psql(&allowed_db.name, "SELECT count(*) FROM crm_notes"),
+        "2000"
+    );
+    assert!(
+        done.details.as_ref().unwrap()["destination"]
+            .as_str()
+            .unwrap()
+            .contains(&allowed_db.name)
+    );
+    h.stop_workers().await;
+}
+
+fn spawn_worker_process(h: &Harness) -> Child {
+    Command::new(common::crm_backup_bin())
+        .arg("worker")
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .envs(h.child_env())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("worker process starts")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_killed_mid_step_leaves_the_command_to_another_exactly_once() {
+    let bin = tempfile::tempdir().unwrap();
+    let first_run = bin.path().join("first");
+    std::fs::write(&first_run, "").unwrap();
+    // The first pg_dump stalls long enough to kill its worker under it.
+    let bin_dir = pg_dump_wrapper(
+        bin.path(),
+        &format!(
+            "if [ -e {f} ]; then rm {f}; sleep 30; fi\nexec pg_dump \"$@\"",
+            f = first_run.display()
+        ),
+    );
+    let h = Harness::new(
+        "w_sigkill",
+        &[("BACKUP__POSTGRES__BIN_DIR", bin_dir.as_str())],
+    );
+    let mut client = h.client().await;
+    let mut doomed = spawn_worker_process(&h);
+    let command = backup_command(TargetKind::Postgres);
+    client.send(&command).await;
+    let started = client.events.next(WAIT).await.unwrap().unwrap();
+    assert_eq!(
+        (started.event.as_str(), started.command_id.as_str()),
+        (event::STARTED, command.id.as_str())
+    );
+    doomed.kill().unwrap(); // SIGKILL
+    doomed.wait().unwrap();
+
+    let mut survivor = spawn_worker_process(&h);
+    let events = client.follow(&command).await;
+    survivor.kill().unwrap();
+    survivor.wait().unwrap();
+    assert_eq!(
+        events.last().unwrap().event,
+        event::COMPLETED,
+        "{events:#?}"
+    );
+    assert_eq!(h.manifests_of(&command.id).await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_lets_the_running_step_finish() {
+    let bin = tempfile::tempdir().unwrap();
+    let bin_dir = pg_dump_wrapper(bin.path(), "sleep 2\nexec pg_dump \"$@\"");
+    let h = Harness::new(
+        "w_sigterm",
+        &[("BACKUP__POSTGRES__BIN_DIR", bin_dir.as_str())],
+    );
+    let mut client = h.client().await;
+    let mut worker = spawn_worker_process(&h);
+    let command = backup_command(TargetKind::Postgres);
+    client.send(&command).await;
+    let started = client.events.next(WAIT).await.unwrap().unwrap();
+    assert_eq!(started.event, event::STARTED);
+    let status = Command::new("kill")
+        .args(["-TERM", &worker.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let events = client.follow(&command).await;
+    assert_eq!(events.last().unwrap().event, event::COMPLETED);
+    let exit = worker.wait().unwrap();
+    assert!(
+        exit.success(),
+        "the worker exits cleanly after its step: {exit}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_shutdown_timeout_aborts_the_step_and_another_worker_redoes_it() {
+    let bin = tempfile::tempdir().unwrap();
+    let first_run = bin.path().join("first");
+    std::fs::write(&first_run, "").unwrap();
+    let bin_dir = pg_dump_wrapper(
+        bin.path(),
+        &format!(
+            "if [ -e {f} ]; then rm {f}; sleep 20; fi\nexec pg_dump \"$@\"",
+            f = first_run.display()
+        ),
+    );
+    let mut h = Harness::new(
+        "w_abort",
+        &[
+            ("BACKUP__POSTGRES__BIN_DIR", bin_dir.as_str()),
+            ("BACKUP__MESSAGING__SHUTDOWN_TIMEOUT", "1s"),
+        ],
+    );
+    let mut client = h.client().await;
+    let mut worker = spawn_worker_process(&h);
+    let command = backup_command(TargetKind::Postgres);
+    client.send(&command).await;
+    assert_eq!(
+        client.events.next(WAIT).await.unwrap().unwrap().event,
+        event::STARTED
+    );
+    Command::new("kill")
+        .args(["-TERM", &worker.id().to_string()])
+        .status()
+        .unwrap();
+    let exit = worker.wait().unwrap();
+    assert!(exit.success(), "{exit}");
+    assert_eq!(
+        h.manifests_of(&command.id).await,
+        0,
+        "an aborted step writes no manifest"
+    );
+    assert!(
+        h.setup
+            .stored_files()
+            .iter()
+            .all(|f| !f.to_string_lossy().contains("postgres/")),
+        "{:?}",
+        h.setup.stored_files()
+    );
+
+    h.start_worker().await;
+    let events = client.follow(&command).await;
+    assert_eq!(
+        events.last().unwrap().event,
+        event::COMPLETED,
+        "{events:#?}"
+    );
+    assert_eq!(h.manifests_of(&command.id).await, 1);
+    h.stop_workers().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn backup_all_fans_out_into_steps_sharing_a_set_id() {
+    let mut h = Harness::new("w_all", &[]);
+    h.start_worker().await;
+    let mut client = h.client().await;
+    let command = BackupCommand::new(Action::Backup, TargetSelector::All, "scheduler:nightly");
+    client.send(&command).await;
+    let events = client.follow(&command).await;
+    let parent = &events[0];
+    assert_eq!(
+        (parent.event.as_str(), parent.command_id.as_str()),
+        (event::STARTED, command.id.as_str())
+    );
+    let done: Vec<_> = events
+        .iter()
+        .filter(|e| e.event == event::COMPLETED)
+        .collect();
+    assert_eq!(done.len(), h.setup.ctx.targets.enabled().len());
+    for event in done {
+        assert_eq!(event.set_id.as_deref(), Some(command.id.as_str()));
+        let manifest = catalog::get(
+            &h.setup.ctx.storage,
+            &event.backup_id.clone().unwrap().parse().unwrap(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(manifest.set_id.as_deref(), Some(command.id.as_str()));
+    }
+    h.stop_workers().await;
+}
