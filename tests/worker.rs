@@ -763,3 +763,63 @@ async fn backup_all_fans_out_into_steps_sharing_a_set_id() {
     }
     h.stop_workers().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn enqueue_wait_exits_with_the_commands_result() {
+    let mut h = Harness::new("w_enqueue", &[]);
+    h.start_worker().await;
+    let env = h.setup.env.clone();
+    let (ok, stdout, stderr) = tokio::task::spawn_blocking(move || {
+        common::run_cli(
+            &env,
+            &[
+                "enqueue",
+                "backup",
+                "postgres",
+                "--reason",
+                "cli",
+                "--wait",
+                "--timeout",
+                "60s",
+            ],
+        )
+    })
+    .await
+    .unwrap();
+    assert!(ok, "{stdout}{stderr}");
+    assert!(
+        stdout.contains("\"event\":\"backup.completed\""),
+        "{stdout}"
+    );
+
+    let env = h.setup.env.clone();
+    let (ok, stdout, stderr) = tokio::task::spawn_blocking(move || {
+        common::run_cli(
+            &env,
+            &[
+                "enqueue",
+                "verify",
+                "postgres",
+                "--backup-id",
+                "20200101T000000Z-postgres-abcd",
+                "--wait",
+                "--timeout",
+                "60s",
+            ],
+        )
+    })
+    .await
+    .unwrap();
+    assert!(!ok, "{stdout}");
+    assert!(stderr.contains("not found"), "{stderr}");
+
+    let env = h.setup.env.clone();
+    let (ok, _, stderr) = tokio::task::spawn_blocking(move || {
+        common::run_cli(&env, &["enqueue", "explode", "postgres"])
+    })
+    .await
+    .unwrap();
+    assert!(!ok);
+    assert!(stderr.contains("unknown action `explode`"), "{stderr}");
+    h.stop_workers().await;
+}

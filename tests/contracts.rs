@@ -1,0 +1,115 @@
+//! The README's examples are part of the contract: they must match the schemas and work.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use common::broker::TestVhost;
+use common::{Store, TestDatabase, TestSetup};
+use crm_backup::messaging::command::Command;
+use crm_backup::messaging::worker::{self, WorkerState};
+use crm_backup::storage::catalog;
+use crm_backup::storage::layout::TargetKind;
+use tokio_util::sync::CancellationToken;
+
+const README: &str = include_str!("../README.md");
+
+/// The fenced block after each `<!-- marker -->` line.
+fn blocks_after(marker: &str) -> Vec<String> {
+    let mut blocks = Vec::new();
+    let mut lines = README.lines();
+    while let Some(line) = lines.next() {
+        if line.trim() != format!("<!-- {marker} -->") {
+            continue;
+        }
+        let fence = lines.next().expect("a fenced block follows the marker");
+        assert!(
+            fence.starts_with("```"),
+            "marker {marker} is not followed by a fence"
+        );
+        let body: Vec<&str> = lines
+            .by_ref()
+            .take_while(|l| !l.starts_with("```"))
+            .collect();
+        blocks.push(body.join("\n"));
+    }
+    blocks
+}
+
+#[test]
+fn readme_commands_match_the_schema_and_parse() {
+    let schema: serde_json::Value =
+        serde_json::from_str(include_str!("../schemas/command.schema.json")).unwrap();
+    let validator = jsonschema::validator_for(&schema).unwrap();
+    let examples = blocks_after("command example");
+    assert!(examples.len() >= 2);
+    for example in &examples {
+        let value: serde_json::Value = serde_json::from_str(example).unwrap();
+        let errors: Vec<String> = validator
+            .iter_errors(&value)
+            .map(|e| e.to_string())
+            .collect();
+        assert!(errors.is_empty(), "{example}: {errors:?}");
+        Command::parse(example.as_bytes()).unwrap_or_else(|e| panic!("{example}: {e}"));
+    }
+    // The schema rejects what the worker rejects.
+    let mut bad: serde_json::Value = serde_json::from_str(&examples[0]).unwrap();
+    bad["colour"] = "red".into();
+    assert!(!validator.is_valid(&bad));
+    let mut restore_all: serde_json::Value = serde_json::from_str(&examples[1]).unwrap();
+    restore_all["target"] = "all".into();
+    assert!(!validator.is_valid(&restore_all));
+    assert!(Command::parse(restore_all.to_string().as_bytes()).is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_readme_python_snippet_requests_a_backup_and_gets_its_result() {
+    let snippet = blocks_after("pika example")
+        .pop()
+        .expect("the README has a pika example");
+    let vhost = TestVhost::create("pika");
+    let db = TestDatabase::create("pika");
+    let url = vhost.url();
+    let setup = TestSetup::new(&db.name, Store::Local, &[("RABBITMQ_URL", url.as_str())]);
+    let shutdown = CancellationToken::new();
+    let state = Arc::new(WorkerState::default());
+    let worker = tokio::spawn(worker::run(
+        setup.ctx.clone(),
+        state.clone(),
+        shutdown.clone(),
+    ));
+    while !state.consuming.load(Ordering::SeqCst) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("request_backup.py");
+    std::fs::write(&script, snippet).unwrap();
+    let out = tokio::process::Command::new("python3")
+        .arg(&script)
+        .env("AMQP_URL", &url)
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.first().copied(), Some("backup.started "), "{stdout}");
+    let completed = lines.last().unwrap();
+    let backup_id = completed
+        .strip_prefix("backup.completed ")
+        .expect("completed last");
+    let manifest = catalog::get(&setup.ctx.storage, &backup_id.parse().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(manifest.target, TargetKind::Postgres);
+    assert_eq!(manifest.requested_by, "crm-api");
+    shutdown.cancel();
+    let _ = worker.await;
+}
