@@ -160,3 +160,30 @@ async fn two_schedulers_cause_one_run_per_fire_and_catch_up_missed_fires() {
     shutdown.cancel();
     let _ = worker.await;
 }
+
+#[test]
+fn the_scheduler_links_no_database_storage_or_compression_code() {
+    let out = Command::new("nm")
+        .args(["-C", env!("CARGO_BIN_EXE_crm-backup-scheduler")])
+        .output()
+        .expect("nm (binutils) is installed");
+    assert!(out.status.success());
+    let symbols = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        symbols.contains("lapin::"),
+        "the symbol check sees the broker client"
+    );
+    for crate_name in [
+        "tokio_postgres::",
+        "object_store::",
+        "zstd::",
+        "redis::",
+        "reqwest::",
+    ] {
+        let count = symbols.matches(crate_name).count();
+        assert_eq!(
+            count, 0,
+            "{crate_name} is linked into the scheduler ({count} symbols)"
+        );
+    }
+}

@@ -164,7 +164,7 @@ impl Client {
                 routing_key: &names.commands_queue,
                 body,
                 properties: BasicProperties::default().with_message_id(message_id.into()),
-                mandatory: true,
+                must_route: true,
             })
             .await
             .unwrap();
@@ -822,4 +822,45 @@ async fn enqueue_wait_exits_with_the_commands_result() {
     assert!(!ok);
     assert!(stderr.contains("unknown action `explode`"), "{stderr}");
     h.stop_workers().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_command_that_keeps_killing_workers_is_stopped_by_the_delivery_limit() {
+    let bin = tempfile::tempdir().unwrap();
+    // pg_dump's parent is the worker process: this "poison" kills whoever runs it.
+    let bin_dir = pg_dump_wrapper(bin.path(), "kill -KILL $PPID\nsleep 5");
+    let h = Harness::new(
+        "w_poison",
+        &[
+            ("BACKUP__POSTGRES__BIN_DIR", bin_dir.as_str()),
+            ("BACKUP__MESSAGING__DELIVERY_LIMIT", "2"),
+        ],
+    );
+    let client = h.client().await;
+    let command = backup_command(TargetKind::Postgres);
+    client.send(&command).await;
+    let names = client.publisher.names().clone();
+    let mut crashes = 0;
+    let letters = loop {
+        let letters = dlq::list(&client.connection, &names).await.unwrap();
+        if !letters.is_empty() || crashes == 6 {
+            break letters;
+        }
+        let mut worker = spawn_worker_process(&h);
+        let status = tokio::task::spawn_blocking(move || worker.wait().unwrap())
+            .await
+            .unwrap();
+        assert!(!status.success(), "the poison kills the worker");
+        crashes += 1;
+        // Give the broker a moment to requeue or dead-letter the unacked delivery.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    assert_eq!(letters.len(), 1, "after {crashes} crashes");
+    assert_eq!(letters[0].id, command.id);
+    assert_eq!(letters[0].error_kind.as_deref(), Some("delivery_limit"));
+    assert!(
+        (2..=4).contains(&crashes),
+        "{crashes} crashes before the limit stopped it"
+    );
+    assert_eq!(h.manifests_of(&command.id).await, 0);
 }

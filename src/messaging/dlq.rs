@@ -126,7 +126,7 @@ pub async fn replay(
                     routing_key: &names.commands_queue,
                     body: &delivery.data,
                     properties,
-                    mandatory: true,
+                    must_route: true,
                 })
                 .await?;
             delivery.ack(BasicAckOptions::default()).await?;

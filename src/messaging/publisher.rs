@@ -1,7 +1,8 @@
 //! Publishing with confirms: events, commands, retry and dead-letter copies.
 //!
-//! Every publish is persistent and waits for the broker's confirm; a nack or an
-//! unroutable mandatory message is an error, so nothing is acked upstream on a hope.
+//! Every publish is mandatory and persistent and waits for the broker's confirm. A nack is
+//! an error; so is an unroutable command or copy, so nothing is acked upstream on a hope.
+//! An unroutable event (nobody subscribed yet) is logged, not an error of the backup.
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{FieldTable, ShortString};
@@ -29,8 +30,8 @@ pub struct Outgoing<'a> {
     pub routing_key: &'a str,
     pub body: &'a [u8],
     pub properties: BasicProperties,
-    /// Fail if no queue receives it.
-    pub mandatory: bool,
+    /// Whether a message no queue receives is an error (else a warning).
+    pub must_route: bool,
 }
 
 impl Publisher {
@@ -68,7 +69,7 @@ impl Publisher {
                 message.exchange.into(),
                 message.routing_key.into(),
                 BasicPublishOptions {
-                    mandatory: message.mandatory,
+                    mandatory: true,
                     ..BasicPublishOptions::default()
                 },
                 message.body,
@@ -83,16 +84,17 @@ impl Publisher {
             return Err(MessagingError::NotConfirmed(target));
         }
         if confirm.take_message().is_some() {
-            return Err(MessagingError::NotConfirmed(format!(
-                "{target} (unroutable)"
-            )));
+            if message.must_route {
+                return Err(MessagingError::NotConfirmed(format!(
+                    "{target} (unroutable)"
+                )));
+            }
+            tracing::warn!(%target, "no queue is bound for this message");
         }
         Ok(())
     }
 
     /// Publishes an event on the notifications exchange.
-    ///
-    /// Not mandatory: an event nobody listens to is not an error of the backup.
     pub async fn event(&self, event: &Event) -> Result<(), MessagingError> {
         let mut properties = BasicProperties::default()
             .with_message_id(uuid::Uuid::new_v4().to_string().into())
@@ -105,7 +107,7 @@ impl Publisher {
             routing_key: event.routing_key(),
             body: &event.to_json(),
             properties,
-            mandatory: false,
+            must_route: false,
         })
         .await
     }
@@ -130,7 +132,7 @@ impl Publisher {
             routing_key: &self.names.commands_queue,
             body: &command.to_json(),
             properties,
-            mandatory: true,
+            must_route: true,
         })
         .await
     }
@@ -153,7 +155,7 @@ impl Publisher {
             routing_key: queue,
             body,
             properties,
-            mandatory: true,
+            must_route: true,
         })
         .await
     }
@@ -171,7 +173,7 @@ impl Publisher {
             routing_key: &self.names.commands_queue,
             body,
             properties,
-            mandatory: true,
+            must_route: true,
         })
         .await
     }

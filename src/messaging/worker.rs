@@ -177,10 +177,22 @@ enum Settle {
 }
 
 async fn handle(env: Arc<StepEnv>, delivery: Delivery, cancel: CancellationToken) {
-    let settle = match process(&env, &delivery, &cancel).await {
-        Ok(settle) => settle,
-        Err(err) => {
+    let delivery = Arc::new(delivery);
+    // A panic inside a step must not strand its delivery unacked: requeue it, and let
+    // the quorum queue's delivery limit stop a message that keeps failing this way.
+    let processed = tokio::spawn({
+        let delivery = delivery.clone();
+        async move { process(&env, &delivery, &cancel).await }
+    })
+    .await;
+    let settle = match processed {
+        Ok(Ok(settle)) => settle,
+        Ok(Err(err)) => {
             tracing::warn!(error = %err, "could not make the outcome durable; the command goes back to the queue");
+            Settle::Requeue
+        }
+        Err(err) => {
+            tracing::error!(error = %err, "a step panicked; the command goes back to the queue");
             Settle::Requeue
         }
     };
