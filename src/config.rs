@@ -31,6 +31,22 @@ const SEED_NAMES: &[(&str, &str)] = &[
     ("BACKUP_AGE_RECIPIENTS", "pipeline.age_recipients"),
     ("BACKUP_AGE_IDENTITY_FILE", "pipeline.age_identity_file"),
     ("RABBITMQ_URL", "rabbitmq.url"),
+    ("REDIS_HOST", "redis.host"),
+    ("REDIS_PORT", "redis.port"),
+    ("REDIS_USERNAME", "redis.username"),
+    ("REDIS_PASSWORD", "redis.password"),
+    (
+        "RABBITMQ_MANAGEMENT_URL",
+        "rabbitmq_definitions.management_url",
+    ),
+    ("RABBITMQ_MANAGEMENT_USER", "rabbitmq_definitions.user"),
+    (
+        "RABBITMQ_MANAGEMENT_PASSWORD",
+        "rabbitmq_definitions.password",
+    ),
+    ("CONSUL_HTTP_ADDR", "consul.address"),
+    ("CONSUL_HTTP_TOKEN", "consul.token"),
+    ("DOCUMENTS_STORAGE_ROOT", "documents.root"),
 ];
 
 /// Settings whose environment value is a comma-separated list.
@@ -63,6 +79,54 @@ pub struct Settings {
     pub messaging: MessagingSettings,
     pub restore: RestoreSettings,
     pub scheduler: SchedulerSettings,
+    pub redis: RedisSettings,
+    pub rabbitmq_definitions: RabbitmqDefinitionsSettings,
+    pub consul: ConsulSettings,
+    pub documents: DocumentsSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisSettings {
+    pub enabled: bool,
+    pub host: String,
+    pub port: u16,
+    pub username: String,
+    pub password: SecretString,
+    pub mode: RedisMode,
+    pub server_binary: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RedisMode {
+    Rdb,
+    Keys,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RabbitmqDefinitionsSettings {
+    pub enabled: bool,
+    pub management_url: String,
+    pub user: String,
+    pub password: SecretString,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsulSettings {
+    pub enabled: bool,
+    pub address: String,
+    pub token: SecretString,
+    pub snapshot: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DocumentsSettings {
+    pub enabled: bool,
+    pub root: PathBuf,
 }
 
 /// What the scheduler binary reads: the broker and its schedules, nothing else.
@@ -327,6 +391,23 @@ impl Settings {
             );
         }
         self.messaging.validate()?;
+        for (key, url) in [
+            (
+                "rabbitmq_definitions.management_url",
+                &self.rabbitmq_definitions.management_url,
+            ),
+            ("consul.address", &self.consul.address),
+        ] {
+            match url::Url::parse(url) {
+                Ok(parsed) if matches!(parsed.scheme(), "http" | "https") => {}
+                _ => {
+                    return invalid(key, format!("`{}` is not an http(s) URL", redact_url(url)));
+                }
+            }
+        }
+        if self.redis.host.is_empty() {
+            return invalid("redis.host", "is empty".into());
+        }
         if self.rabbitmq.concurrency == 0 {
             return invalid("rabbitmq.concurrency", "must be at least 1".into());
         }

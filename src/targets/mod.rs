@@ -4,8 +4,10 @@
 //! go into the manifest; on restore it reads them back from an [`ArtifactSource`]. It
 //! knows nothing about commands, brokers, hashes or storage keys.
 
+mod http;
 pub mod postgres;
 mod process;
+pub mod rabbitmq;
 
 use std::collections::BTreeMap;
 
@@ -244,6 +246,12 @@ impl Targets {
             targets.insert(
                 TargetKind::Postgres,
                 Box::new(postgres::Postgres::new(&settings.postgres)),
+            );
+        }
+        if settings.rabbitmq_definitions.enabled {
+            targets.insert(
+                TargetKind::Rabbitmq,
+                Box::new(rabbitmq::Rabbitmq::new(&settings.rabbitmq_definitions)),
             );
         }
         Targets { targets }

@@ -46,6 +46,14 @@ pub struct TestVhost {
 }
 
 impl TestVhost {
+    /// Takes charge of a vhost made by the code under test, so it is deleted too.
+    pub fn adopt(name: &str) -> Self {
+        TestVhost {
+            name: name.to_string(),
+            users: Vec::new(),
+        }
+    }
+
     pub fn create(prefix: &str) -> Self {
         let name = super::unique(prefix);
         management("PUT", &format!("vhosts/{name}"), Some("{}"));

@@ -1,0 +1,119 @@
+//! HTTP for targets that speak to an API (RabbitMQ management, Consul): timeouts, retries
+//! of transient failures, and errors that say whether another try can help.
+
+use std::time::Duration;
+
+use reqwest::{Method, RequestBuilder, Response, StatusCode};
+
+use super::TargetError;
+use crate::storage::layout::TargetKind;
+use crate::telemetry::redact_url;
+
+/// Attempts of one request when the server answers 5xx or the connection fails.
+const ATTEMPTS: u32 = 4;
+
+#[derive(Clone)]
+pub struct ApiClient {
+    client: reqwest::Client,
+    base: String,
+    target: TargetKind,
+    /// Secrets that must not reach an error message (tokens, passwords).
+    secrets: Vec<String>,
+}
+
+impl ApiClient {
+    pub fn new(target: TargetKind, base: &str, secrets: Vec<String>) -> Result<Self, TargetError> {
+        let client = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .timeout(Duration::from_secs(600))
+            .build()
+            .map_err(|err| TargetError::Unusable(format!("HTTP client: {err}")))?;
+        Ok(ApiClient {
+            client,
+            base: base.trim_end_matches('/').to_string(),
+            target,
+            secrets: secrets.into_iter().filter(|s| !s.is_empty()).collect(),
+        })
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}/{}", self.base, path.trim_start_matches('/'))
+    }
+
+    /// Sends the request built by `build`, retrying connection failures and 5xx answers
+    /// with a growing pause; returns the first answer that is not one of those.
+    pub async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        build: impl Fn(RequestBuilder) -> RequestBuilder,
+    ) -> Result<Response, TargetError> {
+        let url = self.url(path);
+        let mut pause = Duration::from_millis(200);
+        let mut last = String::new();
+        for attempt in 1..=ATTEMPTS {
+            match build(self.client.request(method.clone(), &url))
+                .send()
+                .await
+            {
+                Ok(response) if !response.status().is_server_error() => return Ok(response),
+                Ok(response) => {
+                    last = format!("{} answered {}", self.shown(&url), response.status());
+                }
+                Err(err) if err.is_builder() => {
+                    return Err(TargetError::InvalidOptions {
+                        target: self.target,
+                        message: self.scrub(&format!("cannot request {}: {err}", self.shown(&url))),
+                    });
+                }
+                Err(err) => last = self.scrub(&format!("{}: {err}", self.shown(&url))),
+            }
+            if attempt < ATTEMPTS {
+                tracing::debug!(target = %self.target, attempt, error = %last, "retrying");
+                tokio::time::sleep(pause).await;
+                pause *= 2;
+            }
+        }
+        Err(TargetError::Unreachable {
+            target: self.target,
+            message: format!("{last} (after {ATTEMPTS} attempts)"),
+        })
+    }
+
+    /// Turns a non-success answer into an error naming the request.
+    pub async fn expect_success(
+        &self,
+        response: Response,
+        what: &str,
+    ) -> Result<Response, TargetError> {
+        let status = response.status();
+        if status.is_success() {
+            return Ok(response);
+        }
+        let body = response.text().await.unwrap_or_default();
+        let body: String = self.scrub(&body).chars().take(300).collect();
+        let message = format!("{what}: HTTP {status}: {body}");
+        Err(match status {
+            StatusCode::TOO_MANY_REQUESTS | StatusCode::REQUEST_TIMEOUT => {
+                TargetError::Unreachable {
+                    target: self.target,
+                    message,
+                }
+            }
+            _ => TargetError::Tool {
+                tool: format!("{} API", self.target),
+                message,
+                retryable: false,
+            },
+        })
+    }
+
+    fn shown(&self, url: &str) -> String {
+        redact_url(url)
+    }
+
+    fn scrub(&self, text: &str) -> String {
+        let secrets: Vec<&str> = self.secrets.iter().map(String::as_str).collect();
+        crate::telemetry::scrub(text, &secrets)
+    }
+}

@@ -1,0 +1,223 @@
+//! RabbitMQ definitions: back up, delete, restore (beside and in place), compare — real broker.
+
+mod common;
+
+use common::broker::{TestVhost, management};
+use common::{Store, TestSetup};
+use crm_backup::jobs::backup::{BackupRequest, run_backup};
+use crm_backup::jobs::restore::{RestoreRequest, run_restore};
+use crm_backup::jobs::verify::verify_backup;
+use crm_backup::storage::catalog::BackupRef;
+use crm_backup::storage::layout::TargetKind;
+use crm_backup::targets::rabbitmq::RabbitmqFacts;
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+fn escape(vhost: &str) -> String {
+    vhost.replace('/', "%2F")
+}
+
+/// The vhost's topology, in a form that compares equal across vhosts.
+fn topology(vhost: &str) -> Value {
+    let get = |what: &str| -> Vec<Value> {
+        serde_json::from_str(&management(
+            "GET",
+            &format!("{what}/{}", escape(vhost)),
+            None,
+        ))
+        .unwrap()
+    };
+    let mut exchanges: Vec<Value> = get("exchanges")
+        .into_iter()
+        .filter(|e| {
+            !e["name"].as_str().unwrap().is_empty()
+                && !e["name"].as_str().unwrap().starts_with("amq.")
+        })
+        .map(|e| {
+            json!([
+                e["name"],
+                e["type"],
+                e["durable"],
+                e["auto_delete"],
+                e["arguments"]
+            ])
+        })
+        .collect();
+    let mut queues: Vec<Value> = get("queues")
+        .into_iter()
+        .map(|q| json!([q["name"], q["durable"], q["auto_delete"], q["arguments"]]))
+        .collect();
+    let mut bindings: Vec<Value> = get("bindings")
+        .into_iter()
+        .filter(|b| !b["source"].as_str().unwrap().is_empty())
+        .map(|b| {
+            json!([
+                b["source"],
+                b["destination"],
+                b["destination_type"],
+                b["routing_key"],
+                b["arguments"]
+            ])
+        })
+        .collect();
+    let mut policies: Vec<Value> = get("policies")
+        .into_iter()
+        .map(|p| {
+            json!([
+                p["name"],
+                p["pattern"],
+                p["apply-to"],
+                p["definition"],
+                p["priority"]
+            ])
+        })
+        .collect();
+    for list in [&mut exchanges, &mut queues, &mut bindings, &mut policies] {
+        list.sort_by_key(|v| v.to_string());
+    }
+    json!({ "exchanges": exchanges, "queues": queues, "bindings": bindings, "policies": policies })
+}
+
+fn populate(vhost: &str) {
+    let v = escape(vhost);
+    management(
+        "PUT",
+        &format!("exchanges/{v}/crm.events"),
+        Some(r#"{"type":"topic","durable":true}"#),
+    );
+    management(
+        "PUT",
+        &format!("exchanges/{v}/crm.direct"),
+        Some(r#"{"type":"direct","durable":true,"arguments":{"alternate-exchange":"crm.events"}}"#),
+    );
+    management(
+        "PUT",
+        &format!("queues/{v}/crm.fsm"),
+        Some(r#"{"durable":true,"arguments":{"x-queue-type":"quorum"}}"#),
+    );
+    management(
+        "PUT",
+        &format!("queues/{v}/crm.mail"),
+        Some(r#"{"durable":true,"arguments":{"x-max-length":1000,"x-message-ttl":60000}}"#),
+    );
+    management(
+        "POST",
+        &format!("bindings/{v}/e/crm.events/q/crm.fsm"),
+        Some(r#"{"routing_key":"deal.*","arguments":{}}"#),
+    );
+    management(
+        "POST",
+        &format!("bindings/{v}/e/crm.direct/q/crm.mail"),
+        Some(r#"{"routing_key":"mail","arguments":{"x-kind":"ü"}}"#),
+    );
+    management(
+        "PUT",
+        &format!("policies/{v}/crm-ttl"),
+        Some(
+            r#"{"pattern":"^crm\\.mail$","definition":{"max-length":500},"apply-to":"queues","priority":1}"#,
+        ),
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn definitions_round_trip_beside_and_in_place() {
+    let vhost = TestVhost::create("defs");
+    populate(&vhost.name);
+    let original = topology(&vhost.name);
+    assert_eq!(original["queues"].as_array().unwrap().len(), 2);
+    let setup = TestSetup::new("postgres", Store::Local, &[]);
+
+    let manifest = run_backup(
+        &setup.ctx,
+        &BackupRequest::new(TargetKind::Rabbitmq, "test"),
+        &CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    let facts: RabbitmqFacts = serde_json::from_value(manifest.source.clone()).unwrap();
+    assert!(
+        facts.vhosts >= 2 && facts.queues >= 2 && facts.bindings >= 2 && facts.policies >= 1,
+        "{facts:?}"
+    );
+    assert!(verify_backup(&setup.ctx, &manifest).await.unwrap().ok());
+
+    // Beside: the vhost comes back under a new name, the original untouched.
+    let request = RestoreRequest {
+        target: TargetKind::Rabbitmq,
+        backup: BackupRef::Id(manifest.id.clone()),
+        options: json!({ "vhost": vhost.name, "vhost_prefix": "restored-" }),
+    };
+    let (_, report) = run_restore(&setup.ctx, &request).await.unwrap();
+    let beside = TestVhost::adopt(&format!("restored-{}", vhost.name));
+    assert_eq!(report.details["vhosts"], json!([beside.name]));
+    assert_eq!(topology(&beside.name), original);
+    assert_eq!(report.details["users_imported"], 0);
+
+    // In place: delete the vhost, restore it from the backup.
+    management("DELETE", &format!("vhosts/{}", vhost.name), None);
+    let request = RestoreRequest {
+        target: TargetKind::Rabbitmq,
+        backup: BackupRef::Latest,
+        options: json!({ "vhost": vhost.name, "in_place": true }),
+    };
+    run_restore(&setup.ctx, &request).await.unwrap();
+    management(
+        "PUT",
+        &format!("permissions/{}/guest", vhost.name),
+        Some(r#"{"configure":".*","write":".*","read":".*"}"#),
+    );
+    assert_eq!(topology(&vhost.name), original);
+
+    // A vhost the backup does not have is a clear, permanent error.
+    let request = RestoreRequest {
+        target: TargetKind::Rabbitmq,
+        backup: BackupRef::Latest,
+        options: json!({ "vhost": "no-such-vhost" }),
+    };
+    let err = run_restore(&setup.ctx, &request).await.unwrap_err();
+    assert!(
+        err.to_string().contains("no vhost `no-such-vhost`"),
+        "{err}"
+    );
+    assert!(!err.retryable());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_management_api_is_retryable_and_leaves_nothing() {
+    let setup = TestSetup::new(
+        "postgres",
+        Store::Local,
+        &[(
+            "RABBITMQ_MANAGEMENT_URL",
+            "http://guest:s3cret-pw@127.0.0.1:1",
+        )],
+    );
+    let err = run_backup(
+        &setup.ctx,
+        &BackupRequest::new(TargetKind::Rabbitmq, "test"),
+        &CancellationToken::new(),
+    )
+    .await
+    .unwrap_err();
+    assert!(err.retryable(), "{err}");
+    assert!(!err.to_string().contains("s3cret-pw"), "{err}");
+    assert!(setup.stored_files().is_empty());
+
+    let wrong_password = TestSetup::new(
+        "postgres",
+        Store::Local,
+        &[(
+            "RABBITMQ_MANAGEMENT_URL",
+            "http://guest:wrong@127.0.0.1:15672",
+        )],
+    );
+    let err = run_backup(
+        &wrong_password.ctx,
+        &BackupRequest::new(TargetKind::Rabbitmq, "test"),
+        &CancellationToken::new(),
+    )
+    .await
+    .unwrap_err();
+    assert!(err.to_string().contains("401"), "{err}");
+    assert!(!err.retryable());
+}
