@@ -24,6 +24,9 @@ ensure_tools() {
   need age age
   need curl curl
   need psql postgresql-client
+  need redis-server redis-server
+  need redis-cli redis-tools
+  need nm binutils
 }
 
 ensure_postgres() {

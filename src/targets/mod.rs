@@ -8,6 +8,7 @@ mod http;
 pub mod postgres;
 mod process;
 pub mod rabbitmq;
+pub mod redis;
 
 use std::collections::BTreeMap;
 
@@ -246,6 +247,12 @@ impl Targets {
             targets.insert(
                 TargetKind::Postgres,
                 Box::new(postgres::Postgres::new(&settings.postgres)),
+            );
+        }
+        if settings.redis.enabled {
+            targets.insert(
+                TargetKind::Redis,
+                Box::new(redis::Redis::new(&settings.redis)),
             );
         }
         if settings.rabbitmq_definitions.enabled {

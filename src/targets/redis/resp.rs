@@ -1,0 +1,246 @@
+//! A minimal RESP2 client: commands, pipelines, and the raw replication stream of `SYNC`.
+//!
+//! The `redis` crate cannot consume a SYNC payload, and the target needs little else.
+
+use std::io;
+use std::path::Path;
+
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::net::{TcpStream, UnixStream};
+
+/// One reply. Bulk strings stay bytes: keys and DUMP payloads are binary.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Reply {
+    Status(String),
+    Error(String),
+    Int(i64),
+    Bulk(Option<Vec<u8>>),
+    Array(Option<Vec<Reply>>),
+}
+
+impl Reply {
+    pub fn into_result(self) -> Result<Reply, String> {
+        match self {
+            Reply::Error(message) => Err(message),
+            other => Ok(other),
+        }
+    }
+
+    pub fn as_bytes(&self) -> Option<&[u8]> {
+        match self {
+            Reply::Bulk(Some(bytes)) => Some(bytes),
+            Reply::Status(text) => Some(text.as_bytes()),
+            _ => None,
+        }
+    }
+
+    pub fn as_int(&self) -> Option<i64> {
+        match self {
+            Reply::Int(n) => Some(*n),
+            _ => None,
+        }
+    }
+}
+
+trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+
+pub struct Connection {
+    stream: BufReader<Box<dyn Stream>>,
+}
+
+impl Connection {
+    pub async fn tcp(host: &str, port: u16) -> io::Result<Self> {
+        let stream = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            TcpStream::connect((host, port)),
+        )
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
+        stream.set_nodelay(true)?;
+        Ok(Connection {
+            stream: BufReader::with_capacity(256 * 1024, Box::new(stream)),
+        })
+    }
+
+    pub async fn unix(path: &Path) -> io::Result<Self> {
+        let stream = UnixStream::connect(path).await?;
+        Ok(Connection {
+            stream: BufReader::with_capacity(256 * 1024, Box::new(stream)),
+        })
+    }
+
+    /// `AUTH [user] password` when a password is set.
+    pub async fn authenticate(
+        &mut self,
+        username: &str,
+        password: &str,
+    ) -> io::Result<Result<(), String>> {
+        if password.is_empty() {
+            return Ok(Ok(()));
+        }
+        let reply = if username.is_empty() {
+            self.command(&[b"AUTH", password.as_bytes()]).await?
+        } else {
+            self.command(&[b"AUTH", username.as_bytes(), password.as_bytes()])
+                .await?
+        };
+        Ok(reply.into_result().map(|_| ()))
+    }
+
+    /// Sends one command and reads its reply.
+    pub async fn command(&mut self, args: &[&[u8]]) -> io::Result<Reply> {
+        self.send(args).await?;
+        self.stream.flush().await?;
+        self.read_reply().await
+    }
+
+    /// Sends many commands, then reads all replies (one round trip).
+    pub async fn pipeline(&mut self, commands: &[Vec<Vec<u8>>]) -> io::Result<Vec<Reply>> {
+        for command in commands {
+            let args: Vec<&[u8]> = command.iter().map(Vec::as_slice).collect();
+            self.send(&args).await?;
+        }
+        self.stream.flush().await?;
+        let mut replies = Vec::with_capacity(commands.len());
+        for _ in commands {
+            replies.push(self.read_reply().await?);
+        }
+        Ok(replies)
+    }
+
+    /// Sends a command without reading a reply (for `SYNC`, whose answer is a stream).
+    pub async fn send_only(&mut self, args: &[&[u8]]) -> io::Result<()> {
+        self.send(args).await?;
+        self.stream.flush().await
+    }
+
+    async fn send(&mut self, args: &[&[u8]]) -> io::Result<()> {
+        let mut frame = Vec::with_capacity(16 + args.iter().map(|a| a.len() + 16).sum::<usize>());
+        frame.extend_from_slice(format!("*{}\r\n", args.len()).as_bytes());
+        for arg in args {
+            frame.extend_from_slice(format!("${}\r\n", arg.len()).as_bytes());
+            frame.extend_from_slice(arg);
+            frame.extend_from_slice(b"\r\n");
+        }
+        self.stream.get_mut().write_all(&frame).await
+    }
+
+    async fn read_line(&mut self) -> io::Result<Vec<u8>> {
+        let mut line = Vec::new();
+        let n = self.stream.read_until(b'\n', &mut line).await?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the server closed the connection",
+            ));
+        }
+        while line.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+            line.pop();
+        }
+        Ok(line)
+    }
+
+    pub async fn read_reply(&mut self) -> io::Result<Reply> {
+        let line = self.read_line().await?;
+        let (kind, rest) = line
+            .split_first()
+            .ok_or_else(|| protocol("empty reply line"))?;
+        let text = || String::from_utf8_lossy(rest).into_owned();
+        let number = || -> io::Result<i64> {
+            text()
+                .parse()
+                .map_err(|_| protocol(&format!("bad number `{}`", text())))
+        };
+        Ok(match kind {
+            b'+' => Reply::Status(text()),
+            b'-' => Reply::Error(text()),
+            b':' => Reply::Int(number()?),
+            b'$' => {
+                let len = number()?;
+                if len < 0 {
+                    Reply::Bulk(None)
+                } else {
+                    let mut data = vec![0u8; len as usize + 2];
+                    self.stream.read_exact(&mut data).await?;
+                    data.truncate(len as usize);
+                    Reply::Bulk(Some(data))
+                }
+            }
+            b'*' => {
+                let len = number()?;
+                if len < 0 {
+                    Reply::Array(None)
+                } else {
+                    let mut items = Vec::with_capacity(len as usize);
+                    for _ in 0..len {
+                        items.push(Box::pin(self.read_reply()).await?);
+                    }
+                    Reply::Array(Some(items))
+                }
+            }
+            other => {
+                return Err(protocol(&format!(
+                    "unexpected reply type `{}`",
+                    *other as char
+                )));
+            }
+        })
+    }
+
+    /// After `SYNC`: skips keep-alive newlines and reads the payload header,
+    /// `$<len>` or `$EOF:<40-byte mark>` (diskless). An error reply is returned as `Err(message)`.
+    pub async fn read_sync_header(&mut self) -> io::Result<Result<SyncPayload, String>> {
+        loop {
+            let line = self.read_line().await?;
+            if line.is_empty() {
+                continue; // keep-alive while the server prepares the snapshot
+            }
+            return Ok(match line[0] {
+                b'-' => Err(String::from_utf8_lossy(&line[1..]).into_owned()),
+                b'$' if line.starts_with(b"$EOF:") => {
+                    let mark = line[5..].to_vec();
+                    if mark.len() != 40 {
+                        return Err(protocol("EOF mark is not 40 bytes"));
+                    }
+                    Ok(SyncPayload::UntilMark(mark))
+                }
+                b'$' => {
+                    let len: u64 = String::from_utf8_lossy(&line[1..])
+                        .parse()
+                        .map_err(|_| protocol("bad payload length"))?;
+                    Ok(SyncPayload::Length(len))
+                }
+                b'+' => continue, // e.g. +FULLRESYNC on servers that answer SYNC like PSYNC
+                _ => return Err(protocol("unexpected line before the RDB payload")),
+            });
+        }
+    }
+
+    /// Reads up to `buf.len()` raw bytes (the RDB payload after the header).
+    pub async fn read_raw(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.stream.read(buf).await
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum SyncPayload {
+    Length(u64),
+    UntilMark(Vec<u8>),
+}
+
+fn protocol(message: &str) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("Redis protocol: {message}"),
+    )
+}
+
+/// `INFO <section>` as key → value pairs.
+pub fn parse_info(text: &str) -> Vec<(String, String)> {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| line.split_once(':'))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect()
+}

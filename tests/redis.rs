@@ -1,0 +1,426 @@
+//! Redis: RDB over the replication protocol (both payload forms), the keys fallback, live and
+//! file restores, existing-key policies — against real redis-server processes.
+
+mod common;
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::{Store, TestSetup};
+use crm_backup::jobs::backup::{BackupRequest, run_backup};
+use crm_backup::jobs::restore::{RestoreRequest, run_restore};
+use crm_backup::jobs::verify::verify_backup;
+use crm_backup::storage::catalog::BackupRef;
+use crm_backup::storage::layout::TargetKind;
+use crm_backup::storage::manifest::Manifest;
+use crm_backup::targets::redis::RedisFacts;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+/// A redis-server of the test's own, on a free port, killed on drop.
+struct RedisServer {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl RedisServer {
+    fn start(extra: &[&str]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        Self::start_in(dir, extra)
+    }
+
+    fn start_in(dir: tempfile::TempDir, extra: &[&str]) -> Self {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .args(["--enable-debug-command", "yes", "--dir"])
+            .arg(dir.path())
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server starts");
+        let server = RedisServer {
+            child,
+            port,
+            _dir: dir,
+        };
+        for _ in 0..200 {
+            if server.cli(&["PING"]) == "PONG" {
+                return server;
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        panic!("redis-server on {port} did not start");
+    }
+
+    fn cli_db(&self, db: u32, args: &[&str]) -> String {
+        let out = Command::new("redis-cli")
+            .args([
+                "--no-raw",
+                "-p",
+                &self.port.to_string(),
+                "-n",
+                &db.to_string(),
+            ])
+            .args(args)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .trim_matches('"')
+            .to_string()
+    }
+
+    fn cli(&self, args: &[&str]) -> String {
+        self.cli_db(0, args)
+    }
+
+    fn eval(&self, db: u32, script: &str) -> String {
+        self.cli_db(db, &["EVAL", script, "0"])
+    }
+
+    /// Every key of `db` with a digest of its value (independent of encoding and of
+    /// hash-table order) and its TTL in units of 10 s.
+    fn contents(&self, db: u32) -> Vec<(String, String, i64)> {
+        let out = self.eval(
+            db,
+            "local out = {} \
+             for _, k in ipairs(redis.call('KEYS', '*')) do \
+               local t = redis.call('TYPE', k)['ok'] local parts = {t} \
+               if t == 'string' then parts[#parts + 1] = redis.call('GET', k) \
+               elseif t == 'list' then for _, v in ipairs(redis.call('LRANGE', k, 0, -1)) do parts[#parts + 1] = v end \
+               elseif t == 'set' then local m = redis.call('SMEMBERS', k) table.sort(m) \
+                 for _, v in ipairs(m) do parts[#parts + 1] = v end \
+               elseif t == 'hash' then local h = redis.call('HGETALL', k) local f = {} \
+                 for i = 1, #h, 2 do f[#f + 1] = h[i] .. '=' .. h[i + 1] end table.sort(f) \
+                 for _, v in ipairs(f) do parts[#parts + 1] = v end \
+               elseif t == 'zset' then for _, v in ipairs(redis.call('ZRANGE', k, 0, -1, 'WITHSCORES')) do parts[#parts + 1] = v end \
+               elseif t == 'stream' then \
+                 for _, e in ipairs(redis.call('XRANGE', k, '-', '+')) do parts[#parts + 1] = e[1] \
+                   for _, v in ipairs(e[2]) do parts[#parts + 1] = v end end \
+                 for _, g in ipairs(redis.call('XINFO', 'GROUPS', k)) do \
+                   for i = 1, #g do parts[#parts + 1] = tostring(g[i]) end end \
+               end \
+               table.insert(out, k .. ' ' .. redis.sha1hex(table.concat(parts, '|')) .. ' ' .. redis.call('PTTL', k)) \
+             end return out",
+        );
+        let mut rows: Vec<(String, String, i64)> = out
+            .lines()
+            .filter(|l| !l.is_empty() && !l.contains("(empty"))
+            .map(|line| {
+                let line = line
+                    .split_once(") ")
+                    .map_or(line, |(_, rest)| rest)
+                    .trim_matches('"');
+                let mut parts = line.rsplitn(3, ' ');
+                let ttl: i64 = parts.next().unwrap().parse().unwrap();
+                let digest = parts.next().unwrap().to_string();
+                let key = parts.next().unwrap().to_string();
+                (
+                    key,
+                    digest,
+                    if ttl < 0 { ttl } else { (ttl + 500) / 10_000 },
+                )
+            })
+            .collect();
+        rows.sort();
+        rows
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Every type, binary and non-ASCII keys, big values, TTLs, two databases.
+fn populate(server: &RedisServer) {
+    server.eval(
+        0,
+        "redis.call('SET', 'fsm:deal:1', 'qualified') \
+         redis.call('SET', '\\0bin\\255key', '\\1\\2\\0\\3') \
+         redis.call('SET', 'ключ:客户', 'значение') \
+         redis.call('SET', 'big', string.rep('x', 3 * 1024 * 1024)) \
+         redis.call('SET', 'session:1', 'token', 'PX', 3600000) \
+         for i = 1, 20000 do redis.call('RPUSH', 'queue', 'item-' .. i) end \
+         for i = 1, 300 do redis.call('HSET', 'deal:1', 'field' .. i, 'value' .. i) end \
+         redis.call('HSET', 'small-hash', 'a', '1') \
+         for i = 1, 500 do redis.call('SADD', 'tags', 'tag' .. i) end \
+         redis.call('SADD', 'ints', 1, 2, 3) \
+         for i = 1, 200 do redis.call('ZADD', 'scores', i * 1.5, 'member' .. i) end \
+         redis.call('EXPIRE', 'scores', 7200) \
+         for i = 1, 50 do redis.call('XADD', 'events', '*', 'kind', 'deal', 'n', tostring(i)) end \
+         redis.call('XGROUP', 'CREATE', 'events', 'mailer', '0') \
+         redis.call('XREADGROUP', 'GROUP', 'mailer', 'c1', 'COUNT', 5, 'STREAMS', 'events', '>') \
+         return 1",
+    );
+    server.eval(
+        3,
+        "for i = 1, 1000 do redis.call('SET', 'cache:' .. i, i, 'EX', 86400) end return 1",
+    );
+}
+
+fn setup_for(server: &RedisServer, extra: &[(&str, &str)]) -> TestSetup {
+    let port = server.port.to_string();
+    let mut env = vec![("REDIS_HOST", "127.0.0.1"), ("REDIS_PORT", port.as_str())];
+    env.extend_from_slice(extra);
+    TestSetup::new("postgres", Store::Local, &env)
+}
+
+async fn backup(setup: &TestSetup) -> (Manifest, RedisFacts) {
+    let manifest = run_backup(
+        &setup.ctx,
+        &BackupRequest::new(TargetKind::Redis, "test"),
+        &CancellationToken::new(),
+    )
+    .await
+    .expect("redis backup");
+    let facts = serde_json::from_value(manifest.source.clone()).unwrap();
+    (manifest, facts)
+}
+
+async fn restore(
+    setup: &TestSetup,
+    manifest: &Manifest,
+    options: serde_json::Value,
+) -> Result<serde_json::Value, String> {
+    let request = RestoreRequest {
+        target: TargetKind::Redis,
+        backup: BackupRef::Id(manifest.id.clone()),
+        options,
+    };
+    run_restore(&setup.ctx, &request)
+        .await
+        .map(|(_, report)| report.details)
+        .map_err(|err| err.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_rdb_backup_restores_live_and_to_a_file() {
+    let source = RedisServer::start(&[]);
+    populate(&source);
+    let setup = setup_for(&source, &[]);
+    let (manifest, facts) = backup(&setup).await;
+    assert_eq!(facts.mode, crm_backup::config::RedisMode::Rdb);
+    assert!(facts.rdb_version.unwrap() >= 9);
+    assert_eq!(facts.keyspace["db3"].keys, 1000);
+    assert_eq!(facts.keyspace["db3"].expires, 1000);
+    assert_eq!(facts.key_count, 1012);
+    assert!(verify_backup(&setup.ctx, &manifest).await.unwrap().ok());
+
+    // Live, onto another running Redis.
+    let target = RedisServer::start(&[]);
+    let details = restore(
+        &setup,
+        &manifest,
+        json!({ "host": "127.0.0.1", "port": target.port }),
+    )
+    .await
+    .unwrap();
+    assert_eq!(details["restored"], 1012);
+    for db in [0, 3] {
+        assert_eq!(target.contents(db), source.contents(db), "db{db}");
+    }
+    assert!(
+        source
+            .contents(0)
+            .iter()
+            .any(|(k, _, _)| k.contains("\\x00bin\\xffkey")),
+        "binary key present"
+    );
+
+    // To a file: a redis-server started on it has the same dataset, TTLs included.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("dump.rdb");
+    restore(&setup, &manifest, json!({ "to_file": file }))
+        .await
+        .unwrap();
+    let from_file = RedisServer::start_in(dir, &["--dbfilename", "dump.rdb"]);
+    assert_eq!(
+        from_file.cli(&["DEBUG", "DIGEST"]),
+        source.cli(&["DEBUG", "DIGEST"])
+    );
+    // The file is never overwritten.
+    let again = tempfile::tempdir().unwrap();
+    let existing = again.path().join("dump.rdb");
+    std::fs::write(&existing, b"keep me").unwrap();
+    let err = restore(&setup, &manifest, json!({ "to_file": existing }))
+        .await
+        .unwrap_err();
+    assert!(err.contains("cannot create"), "{err}");
+    assert_eq!(std::fs::read(&existing).unwrap(), b"keep me");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disk_based_sync_payload_works_too() {
+    let source = RedisServer::start(&["--repl-diskless-sync", "no"]);
+    populate(&source);
+    let setup = setup_for(&source, &[]);
+    let (manifest, facts) = backup(&setup).await;
+    assert!(facts.rdb_version.is_some());
+    let report = verify_backup(&setup.ctx, &manifest).await.unwrap();
+    assert!(report.ok(), "{report:?}");
+    assert!(report.artifacts[0].detail.contains("CRC-64 valid"));
+    let target = RedisServer::start(&[]);
+    restore(
+        &setup,
+        &manifest,
+        json!({ "host": "127.0.0.1", "port": target.port }),
+    )
+    .await
+    .unwrap();
+    assert_eq!(target.contents(0), source.contents(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_refuses_sync_is_backed_up_key_by_key() {
+    let source = RedisServer::start(&["--rename-command", "SYNC", ""]);
+    populate(&source);
+    let setup = setup_for(&source, &[]);
+    let (manifest, facts) = backup(&setup).await;
+    assert_eq!(facts.mode, crm_backup::config::RedisMode::Keys);
+    assert!(
+        facts
+            .fallback_reason
+            .as_ref()
+            .unwrap()
+            .contains("SYNC refused"),
+        "{facts:?}"
+    );
+    assert_eq!(facts.keys_written, Some(1012));
+    assert_eq!(manifest.artifacts[0].format, "redis-keys");
+    let report = verify_backup(&setup.ctx, &manifest).await.unwrap();
+    assert!(
+        report.ok() && report.artifacts[0].detail.contains("1012 keys"),
+        "{report:?}"
+    );
+
+    let target = RedisServer::start(&[]);
+    restore(
+        &setup,
+        &manifest,
+        json!({ "host": "127.0.0.1", "port": target.port }),
+    )
+    .await
+    .unwrap();
+    for db in [0, 3] {
+        assert_eq!(target.contents(db), source.contents(db), "db{db}");
+    }
+    let err = restore(&setup, &manifest, json!({ "to_file": "/tmp/never.rdb" }))
+        .await
+        .unwrap_err();
+    assert!(err.contains("restores live only"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn existing_keys_follow_the_chosen_policy() {
+    let source = RedisServer::start(&[]);
+    source.eval(
+        0,
+        "redis.call('SET', 'a', 'from-backup') redis.call('SET', 'b', 'from-backup') return 1",
+    );
+    let setup = setup_for(&source, &[]);
+    let (manifest, _) = backup(&setup).await;
+    let target = RedisServer::start(&[]);
+    let reset = || {
+        target.cli(&["FLUSHALL"]);
+        target.eval(0, "redis.call('SET', 'a', 'target-own') redis.call('SET', 'extra', 'target-only') return 1");
+    };
+    let to_target = |existing: Option<&str>| {
+        let mut options = json!({ "host": "127.0.0.1", "port": target.port });
+        if let Some(policy) = existing {
+            options["existing"] = json!(policy);
+        }
+        options
+    };
+
+    reset();
+    let err = restore(&setup, &manifest, to_target(None))
+        .await
+        .unwrap_err();
+    assert!(
+        err.contains("existing = replace, skip or flush-first"),
+        "{err}"
+    );
+    assert_eq!(
+        target.cli(&["GET", "b"]),
+        "(nil)",
+        "nothing written when refused"
+    );
+
+    reset();
+    let details = restore(&setup, &manifest, to_target(Some("skip")))
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            details["restored"].as_u64(),
+            details["skipped_existing"].as_u64()
+        ),
+        (Some(1), Some(1))
+    );
+    assert_eq!(target.cli(&["GET", "a"]), "target-own");
+    assert_eq!(target.cli(&["GET", "b"]), "from-backup");
+
+    reset();
+    restore(&setup, &manifest, to_target(Some("replace")))
+        .await
+        .unwrap();
+    assert_eq!(target.cli(&["GET", "a"]), "from-backup");
+    assert_eq!(target.cli(&["GET", "extra"]), "target-only");
+
+    reset();
+    restore(&setup, &manifest, to_target(Some("flush-first")))
+        .await
+        .unwrap();
+    assert_eq!(target.cli(&["GET", "a"]), "from-backup");
+    assert_eq!(target.cli(&["EXISTS", "extra"]), "(integer) 0");
+
+    let err = restore(&setup, &manifest, json!({})).await.unwrap_err();
+    assert!(err.contains("to_file, host"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_redis_is_a_retryable_error_without_debris() {
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let setup = TestSetup::new(
+        "postgres",
+        Store::Local,
+        &[
+            ("REDIS_PORT", port.to_string().as_str()),
+            ("REDIS_PASSWORD", "sekrit-pass"),
+        ],
+    );
+    let err = run_backup(
+        &setup.ctx,
+        &BackupRequest::new(TargetKind::Redis, "test"),
+        &CancellationToken::new(),
+    )
+    .await
+    .unwrap_err();
+    assert!(err.retryable(), "{err}");
+    assert!(!err.to_string().contains("sekrit-pass"));
+    assert!(setup.stored_files().is_empty());
+}
