@@ -69,7 +69,7 @@ pub async fn run_backup(
         started_at,
         finished_at: Utc::now(),
         retain_until: request.retain_until,
-        parent: None,
+        parent: sink.parent().cloned(),
         tool: ToolInfo::current(),
         source: facts,
         artifacts: sink.records().to_vec(),

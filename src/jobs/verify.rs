@@ -63,7 +63,9 @@ pub async fn verify_backup(
                 continue;
             }
         };
-        let structure = target.check_artifact(record, decoded.reader).await;
+        let structure = target
+            .check_artifact(manifest, record, decoded.reader)
+            .await;
         let hashes = decoded.verification.result().await;
         let (ok, detail) = match (hashes, structure) {
             (Err(err), _) if err.retryable() => return Err(err.into()),

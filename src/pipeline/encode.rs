@@ -142,6 +142,16 @@ impl ArtifactWriter {
         }
     }
 
+    /// A blocking `std::io::Write` into this artifact, for producers on a blocking thread
+    /// (tar). Drop it before calling [`ArtifactWriter::finish`].
+    pub fn blocking_sink(&self) -> BlockingSink {
+        BlockingSink {
+            tx: self.tx.clone(),
+            buffer: Vec::with_capacity(self.chunk_size),
+            chunk_size: self.chunk_size,
+        }
+    }
+
     /// Completes compression, encryption and upload; returns the artifact's record.
     pub async fn finish(mut self) -> Result<ArtifactRecord, PipelineError> {
         self.tx = None;
@@ -280,6 +290,45 @@ fn encode(
         raw: raw.finish(),
         stored: sink.tally.finish(),
     })
+}
+
+/// Raw bytes from a blocking producer into an [`ArtifactWriter`], in chunks.
+pub struct BlockingSink {
+    tx: Option<mpsc::Sender<Bytes>>,
+    buffer: Vec<u8>,
+    chunk_size: usize,
+}
+
+impl BlockingSink {
+    fn send(&mut self) -> io::Result<()> {
+        if self.buffer.is_empty() {
+            return Ok(());
+        }
+        let chunk = std::mem::replace(&mut self.buffer, Vec::with_capacity(self.chunk_size));
+        match &self.tx {
+            Some(tx) => tx.blocking_send(Bytes::from(chunk)).map_err(|_| {
+                io::Error::new(io::ErrorKind::BrokenPipe, "the artifact upload stopped")
+            }),
+            None => Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "the artifact is closed",
+            )),
+        }
+    }
+}
+
+impl Write for BlockingSink {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        self.buffer.extend_from_slice(data);
+        if self.buffer.len() >= self.chunk_size {
+            self.send()?;
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.send()
+    }
 }
 
 /// The last stage of the blocking half: hashes stored bytes and hands them on in chunks.

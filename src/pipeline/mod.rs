@@ -17,7 +17,7 @@ use std::sync::Arc;
 use sha2::{Digest, Sha256};
 
 pub use decode::{ArtifactReader, DecodedArtifact, Verification, open_artifact};
-pub use encode::{ArtifactWriter, PendingAborts};
+pub use encode::{ArtifactWriter, BlockingSink, PendingAborts};
 
 use crate::config::PipelineSettings;
 use crate::storage::StorageError;

@@ -4,6 +4,7 @@
 //! go into the manifest; on restore it reads them back from an [`ArtifactSource`]. It
 //! knows nothing about commands, brokers, hashes or storage keys.
 
+pub mod documents;
 mod http;
 pub mod postgres;
 mod process;
@@ -107,6 +108,7 @@ pub trait Target: Send + Sync {
     /// one-line summary. The default only reads it through, so its hashes get checked.
     async fn check_artifact(
         &self,
+        _manifest: &Manifest,
         record: &ArtifactRecord,
         mut reader: ArtifactReader,
     ) -> Result<String, TargetError> {
@@ -138,6 +140,7 @@ pub struct ArtifactSink {
     backup_id: BackupId,
     pending: PendingAborts,
     records: Vec<ArtifactRecord>,
+    parent: Option<BackupId>,
 }
 
 impl ArtifactSink {
@@ -148,7 +151,26 @@ impl ArtifactSink {
             backup_id,
             pending: PendingAborts::default(),
             records: Vec::new(),
+            parent: None,
         }
+    }
+
+    pub fn backup_id(&self) -> &BackupId {
+        &self.backup_id
+    }
+
+    /// The storage the backup goes to (to read earlier backups, for incrementals).
+    pub fn storage(&self) -> &Storage {
+        &self.storage
+    }
+
+    /// An incremental backup names the backup it builds on.
+    pub fn set_parent(&mut self, parent: BackupId) {
+        self.parent = Some(parent);
+    }
+
+    pub fn parent(&self) -> Option<&BackupId> {
+        self.parent.as_ref()
     }
 
     /// Starts an artifact called `name` (stored as `name.zst[.age]`); `format` names the raw bytes.
@@ -210,6 +232,20 @@ impl ArtifactSource {
         }
     }
 
+    /// The same storage and keys, for another backup (the ancestors of an incremental).
+    pub fn for_manifest(&self, manifest: Manifest) -> ArtifactSource {
+        ArtifactSource::new(
+            manifest,
+            self.storage.clone(),
+            self.keyring.clone(),
+            self.chunk_size,
+        )
+    }
+
+    pub fn storage(&self) -> &Storage {
+        &self.storage
+    }
+
     pub fn record(&self, name: &str) -> Result<&ArtifactRecord, TargetError> {
         self.manifest.artifact(name).ok_or_else(|| {
             TargetError::Unusable(format!(
@@ -259,6 +295,12 @@ impl Targets {
             targets.insert(
                 TargetKind::Rabbitmq,
                 Box::new(rabbitmq::Rabbitmq::new(&settings.rabbitmq_definitions)),
+            );
+        }
+        if settings.documents.enabled {
+            targets.insert(
+                TargetKind::Documents,
+                Box::new(documents::Documents::new(&settings.documents)),
             );
         }
         Targets { targets }

@@ -510,6 +510,7 @@ impl Target for Postgres {
 
     async fn check_artifact(
         &self,
+        _manifest: &crate::storage::manifest::Manifest,
         record: &ArtifactRecord,
         mut reader: ArtifactReader,
     ) -> Result<String, TargetError> {

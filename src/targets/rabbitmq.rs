@@ -372,6 +372,7 @@ impl Target for Rabbitmq {
 
     async fn check_artifact(
         &self,
+        _manifest: &crate::storage::manifest::Manifest,
         record: &ArtifactRecord,
         mut reader: ArtifactReader,
     ) -> Result<String, TargetError> {

@@ -847,6 +847,7 @@ impl Target for Redis {
 
     async fn check_artifact(
         &self,
+        _manifest: &crate::storage::manifest::Manifest,
         record: &ArtifactRecord,
         mut reader: ArtifactReader,
     ) -> Result<String, TargetError> {

@@ -1,0 +1,468 @@
+//! Documents: the file tree under `DOCUMENTS_STORAGE_ROOT` as a tar stream, with a per-file
+//! index (path, size, mode, mtime, SHA-256) in the manifest; optionally incremental.
+//!
+//! An incremental backup stores only files changed since its parent; every index entry
+//! names the backup that holds its content (`stored_in`), so a restore takes each file
+//! from the right backup of the chain and nothing that was deleted comes back.
+
+mod archive;
+pub mod extract;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use async_trait::async_trait;
+use chrono::Utc;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use tokio_util::io::SyncIoBridge;
+
+use self::archive::write_tree;
+pub use self::archive::{EntryKind, IndexEntry, Skipped};
+use self::extract::unpack;
+use super::{ArtifactSink, ArtifactSource, RestoreReport, Target, TargetError, parse_options};
+use crate::config::DocumentsSettings;
+use crate::pipeline::ArtifactReader;
+use crate::storage::catalog;
+use crate::storage::layout::TargetKind;
+use crate::storage::manifest::{ArtifactRecord, Manifest};
+
+const KIND: TargetKind = TargetKind::Documents;
+const ARTIFACT: &str = "documents.tar";
+const FORMAT: &str = "tar";
+
+pub struct Documents {
+    root: PathBuf,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BackupOptions {
+    /// Store only what changed since the previous documents backup.
+    #[serde(default)]
+    incremental: bool,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RestoreOptions {
+    /// An empty (or new) directory to restore into; default `<root>.restore-<time>`.
+    to: Option<PathBuf>,
+    /// Replace the document root: restored beside it, then swapped in; the old tree is
+    /// kept as `<root>.replaced-<time>`.
+    #[serde(default)]
+    in_place: bool,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct DocumentsFacts {
+    pub root: String,
+    pub incremental: bool,
+    /// Ancestors of an incremental backup, the full backup first.
+    pub chain: Vec<String>,
+    pub files: u64,
+    pub dirs: u64,
+    pub symlinks: u64,
+    pub total_bytes: u64,
+    /// Files whose content is in this backup's own tar.
+    pub stored_files: u64,
+    pub stored_bytes: u64,
+    pub skipped: Vec<Skipped>,
+    pub changed_during_backup: Vec<String>,
+    /// Paths of the parent that no longer exist (incremental).
+    pub deleted: Vec<String>,
+    pub index: Vec<IndexEntry>,
+}
+
+impl Documents {
+    pub fn new(settings: &DocumentsSettings) -> Self {
+        Documents {
+            root: settings.root.clone(),
+        }
+    }
+
+    fn check_root(&self) -> Result<(), TargetError> {
+        match std::fs::metadata(&self.root) {
+            Ok(meta) if meta.is_dir() => Ok(()),
+            Ok(_) => Err(TargetError::InvalidOptions {
+                target: KIND,
+                message: format!(
+                    "DOCUMENTS_STORAGE_ROOT {} is not a directory",
+                    self.root.display()
+                ),
+            }),
+            Err(err) => Err(TargetError::Unreachable {
+                target: KIND,
+                message: format!("DOCUMENTS_STORAGE_ROOT {}: {err}", self.root.display()),
+            }),
+        }
+    }
+}
+
+fn facts_of(manifest: &Manifest) -> Result<DocumentsFacts, TargetError> {
+    serde_json::from_value(manifest.source.clone())
+        .map_err(|err| TargetError::Unusable(format!("manifest facts of {}: {err}", manifest.id)))
+}
+
+/// `<root>.<role>-<time>` next to the root.
+fn sibling(root: &Path, role: &str) -> PathBuf {
+    let name = root
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "documents".into());
+    root.with_file_name(format!(
+        "{name}.{role}-{}",
+        Utc::now().format("%Y%m%dT%H%M%S")
+    ))
+}
+
+/// Creates `dest` (or takes it if it exists and is empty); true if it was created.
+fn prepare_destination(dest: &Path) -> Result<bool, TargetError> {
+    match std::fs::read_dir(dest) {
+        Ok(mut entries) => {
+            if entries.next().is_some() {
+                return Err(TargetError::Refused(format!(
+                    "{} is not empty; restore into an empty or new directory",
+                    dest.display()
+                )));
+            }
+            Ok(false)
+        }
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(dest).map_err(|err| {
+                TargetError::Refused(format!("cannot create {}: {err}", dest.display()))
+            })?;
+            Ok(true)
+        }
+        Err(err) => Err(TargetError::Refused(format!("{}: {err}", dest.display()))),
+    }
+}
+
+#[async_trait]
+impl Target for Documents {
+    fn kind(&self) -> TargetKind {
+        KIND
+    }
+
+    async fn health(&self) -> Result<(), TargetError> {
+        self.check_root()
+    }
+
+    async fn backup(&self, options: &Value, sink: &mut ArtifactSink) -> Result<Value, TargetError> {
+        let options: BackupOptions = parse_options(KIND, options)?;
+        self.check_root()?;
+        let (previous, parent_facts) = if options.incremental {
+            let listing = catalog::list(sink.storage(), KIND).await.map_err(|err| {
+                TargetError::Unusable(format!("reading the previous backup: {err}"))
+            })?;
+            match listing.manifests.last() {
+                Some(parent) => {
+                    let facts = facts_of(parent)?;
+                    sink.set_parent(parent.id.clone());
+                    (Some(parent.id.to_string()), Some(facts))
+                }
+                None => (None, None),
+            }
+        } else {
+            (None, None)
+        };
+        let previous_index: BTreeMap<String, IndexEntry> = parent_facts
+            .as_ref()
+            .map(|facts| {
+                facts
+                    .index
+                    .iter()
+                    .map(|e| (e.path.clone(), e.clone()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let writer = sink.create(ARTIFACT, FORMAT).await?;
+        let out = writer.blocking_sink();
+        let root = self.root.clone();
+        let this_backup = sink.backup_id().to_string();
+        let previous_for_walk = previous_index.clone();
+        let written = tokio::task::spawn_blocking(move || {
+            let (report, mut out) = write_tree(&root, out, &previous_for_walk, &this_backup)?;
+            out.flush()?;
+            Ok::<_, std::io::Error>(report)
+        })
+        .await
+        .map_err(|err| TargetError::Unusable(format!("archiving task failed: {err}")))?;
+        let report = match written {
+            Ok(report) => report,
+            Err(err) => {
+                drop(writer); // aborts the upload
+                return Err(TargetError::Tool {
+                    tool: "tar".into(),
+                    message: format!("archiving {}: {err}", self.root.display()),
+                    retryable: err.kind() != std::io::ErrorKind::PermissionDenied,
+                });
+            }
+        };
+        sink.finish(writer).await?;
+        if !report.changed_during_backup.is_empty() {
+            tracing::warn!(files = ?report.changed_during_backup, "documents changed while they were read");
+        }
+        let present: BTreeSet<&str> = report.index.iter().map(|e| e.path.as_str()).collect();
+        let deleted = previous_index
+            .keys()
+            .filter(|path| !present.contains(path.as_str()))
+            .cloned()
+            .collect();
+        let count = |kind: EntryKind| report.index.iter().filter(|e| e.kind == kind).count() as u64;
+        let mut chain = parent_facts.map(|f| f.chain).unwrap_or_default();
+        chain.extend(previous);
+        let facts = DocumentsFacts {
+            root: self.root.display().to_string(),
+            incremental: !chain.is_empty(),
+            chain,
+            files: count(EntryKind::File),
+            dirs: count(EntryKind::Dir),
+            symlinks: count(EntryKind::Symlink),
+            total_bytes: report.index.iter().map(|e| e.size).sum(),
+            stored_files: report.stored_files,
+            stored_bytes: report.stored_bytes,
+            skipped: report.skipped,
+            changed_during_backup: report.changed_during_backup,
+            deleted,
+            index: report.index,
+        };
+        Ok(serde_json::to_value(facts).expect("facts serialize"))
+    }
+
+    async fn restore(
+        &self,
+        source: &ArtifactSource,
+        options: &Value,
+    ) -> Result<RestoreReport, TargetError> {
+        let options: RestoreOptions = parse_options(KIND, options)?;
+        if options.in_place && options.to.is_some() {
+            return Err(TargetError::InvalidOptions {
+                target: KIND,
+                message: "to and in_place exclude each other".into(),
+            });
+        }
+        let facts = facts_of(&source.manifest)?;
+        let dest = match (&options.to, options.in_place) {
+            (Some(to), _) => to.clone(),
+            (None, _) => sibling(&self.root, "restore"),
+        };
+        let created = prepare_destination(&dest)?;
+        let restored = restore_chain(source, &facts, &dest).await;
+        if let Err(err) = restored {
+            if created {
+                let _ = std::fs::remove_dir_all(&dest);
+            } else if let Ok(entries) = std::fs::read_dir(&dest) {
+                for entry in entries.flatten() {
+                    let _ = if entry.path().is_dir() && !entry.path().is_symlink() {
+                        std::fs::remove_dir_all(entry.path())
+                    } else {
+                        std::fs::remove_file(entry.path())
+                    };
+                }
+            }
+            return Err(err);
+        }
+        let mut details = json!({
+            "directory": dest,
+            "files": facts.files,
+            "dirs": facts.dirs,
+            "symlinks": facts.symlinks,
+            "bytes": facts.total_bytes,
+            "chain": facts.chain,
+        });
+        if options.in_place {
+            let replaced = sibling(&self.root, "replaced");
+            if self.root.exists() {
+                std::fs::rename(&self.root, &replaced).map_err(|err| {
+                    TargetError::Refused(format!(
+                        "moving {} aside failed: {err}; the restored tree is in {}",
+                        self.root.display(),
+                        dest.display()
+                    ))
+                })?;
+                details["previous_directory"] = json!(replaced);
+            }
+            std::fs::rename(&dest, &self.root).map_err(|err| {
+                TargetError::Refused(format!(
+                    "moving {} into place failed: {err}",
+                    dest.display()
+                ))
+            })?;
+            details["directory"] = json!(self.root);
+        }
+        Ok(RestoreReport {
+            destination: format!(
+                "directory {}",
+                details["directory"].as_str().unwrap_or_default()
+            ),
+            details,
+        })
+    }
+
+    async fn check_artifact(
+        &self,
+        manifest: &Manifest,
+        record: &ArtifactRecord,
+        reader: ArtifactReader,
+    ) -> Result<String, TargetError> {
+        let facts = facts_of(manifest)?;
+        let own = manifest.id.to_string();
+        let expected: BTreeMap<String, Option<String>> = facts
+            .index
+            .iter()
+            .filter(|e| e.kind == EntryKind::File && e.stored_in.as_deref() == Some(own.as_str()))
+            .map(|e| (e.path.clone(), e.sha256.clone()))
+            .collect();
+        let name = record.name.clone();
+        let hashes = tokio::task::spawn_blocking(move || list_hashes(SyncIoBridge::new(reader)))
+            .await
+            .map_err(|err| TargetError::Unusable(format!("{name}: {err}")))?
+            .map_err(|err| TargetError::Unusable(format!("{}: {err}", record.name)))?;
+        let mut problems = Vec::new();
+        for (path, sha) in &expected {
+            match hashes.get(path) {
+                None => problems.push(format!("{path} is missing from the archive")),
+                Some(actual) if Some(actual) != sha.as_ref() => {
+                    problems.push(format!("{path}: SHA-256 {actual} differs from the index"))
+                }
+                Some(_) => {}
+            }
+        }
+        if let Some(extra) = hashes.keys().find(|p| !expected.contains_key(*p)) {
+            problems.push(format!("{extra} is in the archive but not in the index"));
+        }
+        if !problems.is_empty() {
+            return Err(TargetError::Unusable(format!(
+                "{}: {} ({} problems)",
+                record.name,
+                problems[0],
+                problems.len()
+            )));
+        }
+        Ok(format!(
+            "tar listing matches the index; {} file hashes recomputed",
+            expected.len()
+        ))
+    }
+}
+
+/// SHA-256 of every regular file in a tar stream, without writing anything.
+fn list_hashes<R: std::io::Read>(reader: R) -> std::io::Result<BTreeMap<String, String>> {
+    use sha2::{Digest, Sha256};
+    let mut archive = tar::Archive::new(reader);
+    let mut hashes = BTreeMap::new();
+    for entry in archive.entries()? {
+        let mut entry = entry?;
+        if entry.header().entry_type() != tar::EntryType::Regular {
+            continue;
+        }
+        let path = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
+        let mut hasher = Sha256::new();
+        std::io::copy(&mut entry, &mut hasher)?;
+        hashes.insert(path, hex::encode(hasher.finalize()));
+    }
+    // Read to the end, so the stream's own hashes are checked over every byte.
+    let mut rest = archive.into_inner();
+    std::io::copy(&mut rest, &mut std::io::sink())?;
+    Ok(hashes)
+}
+
+/// Unpacks each backup of the chain, taking from each only what the final index says it holds.
+async fn restore_chain(
+    source: &ArtifactSource,
+    facts: &DocumentsFacts,
+    dest: &Path,
+) -> Result<(), TargetError> {
+    let own = source.manifest.id.to_string();
+    let index: BTreeMap<String, IndexEntry> = facts
+        .index
+        .iter()
+        .map(|e| (e.path.clone(), e.clone()))
+        .collect();
+    let mut members = facts.chain.clone();
+    members.push(own.clone());
+    let mut hashes = BTreeMap::new();
+    for member in &members {
+        let member_source = if *member == own {
+            source.for_manifest(source.manifest.clone())
+        } else {
+            let id = member
+                .parse()
+                .map_err(|err| TargetError::Unusable(format!("chain of {own}: {err}")))?;
+            let manifest = catalog::get(source.storage(), &id)
+                .await
+                .map_err(|err| TargetError::Unusable(format!("chain of {own}: {err}")))?;
+            source.for_manifest(manifest)
+        };
+        let record = member_source.record(ARTIFACT)?.clone();
+        let decoded = member_source.open(&record).await?;
+        let reader = SyncIoBridge::new(decoded.reader);
+        let dest_owned = dest.to_path_buf();
+        let index_for_member = index.clone();
+        let member_id = member.clone();
+        let last = *member == own;
+        let unpacked = tokio::task::spawn_blocking(move || {
+            let wanted = |path: &str, kind: EntryKind| match index_for_member.get(path) {
+                Some(entry) if entry.kind != kind => false,
+                Some(entry) if kind == EntryKind::File => {
+                    entry.stored_in.as_deref() == Some(member_id.as_str())
+                }
+                // Directories and links come from the newest backup only.
+                Some(_) => last,
+                None => false,
+            };
+            let mut reader = reader;
+            let result = unpack(&mut reader, &dest_owned, &wanted);
+            // Drain the rest so the stream's hashes cover every byte.
+            let _ = std::io::copy(&mut reader, &mut std::io::sink());
+            result
+        })
+        .await
+        .map_err(|err| TargetError::Unusable(format!("unpacking task failed: {err}")))?;
+        decoded.verification.result().await?;
+        let unpacked = unpacked.map_err(|err| TargetError::Unusable(err.to_string()))?;
+        hashes.extend(unpacked.hashes);
+    }
+    finish_tree(dest, &index, &hashes)
+}
+
+/// Checks every file against the index, then sets modes and mtimes (directories last,
+/// deepest first, since writing into a directory changes its mtime).
+fn finish_tree(
+    dest: &Path,
+    index: &BTreeMap<String, IndexEntry>,
+    hashes: &BTreeMap<String, String>,
+) -> Result<(), TargetError> {
+    use std::os::unix::fs::PermissionsExt;
+    for entry in index.values().filter(|e| e.kind == EntryKind::File) {
+        let actual = hashes.get(&entry.path);
+        if actual != entry.sha256.as_ref() {
+            return Err(TargetError::Mismatch(format!(
+                "{}: restored SHA-256 {:?} differs from the index {:?}",
+                entry.path, actual, entry.sha256
+            )));
+        }
+    }
+    let mut ordered: Vec<&IndexEntry> = index
+        .values()
+        .filter(|e| e.kind != EntryKind::Symlink)
+        .collect();
+    ordered.sort_by_key(|e| {
+        (
+            e.kind == EntryKind::Dir,
+            std::cmp::Reverse(e.path.matches('/').count()),
+        )
+    });
+    for entry in ordered {
+        let path = dest.join(&entry.path);
+        let set = || -> std::io::Result<()> {
+            let when = filetime::FileTime::from_unix_time(entry.mtime, entry.mtime_nanos);
+            filetime::set_file_mtime(&path, when)?;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(entry.mode & 0o1777))
+        };
+        set().map_err(|err| TargetError::Refused(format!("{}: {err}", path.display())))?;
+    }
+    Ok(())
+}
