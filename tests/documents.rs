@@ -352,8 +352,11 @@ async fn in_place_restore_swaps_and_keeps_the_replaced_tree() {
     assert!(err.contains("exclude each other"), "{err}");
 }
 
-/// A tar with one raw entry, its name written byte for byte (no path sanitising).
-fn raw_tar(entries: &[(&[u8], tar::EntryType, &[u8], Option<&[u8]>)]) -> Vec<u8> {
+/// One hand-made entry: name, type, content, link target — written byte for byte.
+type RawEntry<'a> = (&'a [u8], tar::EntryType, &'a [u8], Option<&'a [u8]>);
+
+/// A tar of raw entries (no path sanitising, as an attacker would write it).
+fn raw_tar(entries: &[RawEntry]) -> Vec<u8> {
     let mut builder = tar::Builder::new(Vec::new());
     for (name, kind, data, link) in entries {
         let mut header = tar::Header::new_old();
