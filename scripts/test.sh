@@ -54,6 +54,19 @@ ensure_postgres() {
   export TEST_DATABASE_URL
 }
 
+ensure_redis() {
+  if ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then
+    say "starting Redis"
+    mkdir -p /var/lib/redis /var/log/redis
+    redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no \
+      --dir /var/lib/redis --logfile /var/log/redis/ci.log
+    for _ in $(seq 1 50); do
+      redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1 && break
+      sleep 0.2
+    done
+  fi
+}
+
 ensure_rabbitmq() {
   if ! command -v rabbitmqctl >/dev/null 2>&1; then
     apt_install rabbitmq-server
@@ -87,6 +100,7 @@ ensure_garage() {
 
 ensure_tools
 ensure_postgres
+ensure_redis
 ensure_rabbitmq
 ensure_python
 ensure_garage

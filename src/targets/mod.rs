@@ -4,6 +4,7 @@
 //! go into the manifest; on restore it reads them back from an [`ArtifactSource`]. It
 //! knows nothing about commands, brokers, hashes or storage keys.
 
+pub mod consul;
 pub mod documents;
 mod http;
 pub mod postgres;
@@ -295,6 +296,12 @@ impl Targets {
             targets.insert(
                 TargetKind::Rabbitmq,
                 Box::new(rabbitmq::Rabbitmq::new(&settings.rabbitmq_definitions)),
+            );
+        }
+        if settings.consul.enabled {
+            targets.insert(
+                TargetKind::Consul,
+                Box::new(consul::Consul::new(&settings.consul)),
             );
         }
         if settings.documents.enabled {

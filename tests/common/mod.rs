@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod broker;
+pub mod consul_double;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
