@@ -106,4 +106,4 @@ ensure_python
 ensure_garage
 
 say "running the test suite"
-cargo test --all-targets --locked "$@"
+cargo test --all-targets --locked --no-fail-fast "$@"

@@ -83,6 +83,10 @@ enum Command {
         /// PostgreSQL: also dump roles (pg_dumpall --globals-only).
         #[arg(long)]
         globals: bool,
+        /// A target option as key=value, e.g. incremental=true (with `all`:
+        /// documents.incremental=true). Values are read as JSON when they parse.
+        #[arg(long = "option", value_name = "KEY=VALUE")]
+        options: Vec<String>,
         /// Why this backup is taken (recorded in the manifest).
         #[arg(long)]
         reason: Option<String>,
@@ -116,6 +120,10 @@ enum Command {
         /// PostgreSQL: do not restore object ownership.
         #[arg(long)]
         no_owner: bool,
+        /// A target option as key=value (e.g. to=/srv/restore, host=10.0.0.5, existing=skip,
+        /// vhost=crm, prefix=restored/); values are read as JSON when they parse.
+        #[arg(long = "option", value_name = "KEY=VALUE")]
+        options: Vec<String>,
         #[arg(long)]
         json: bool,
     },
@@ -223,10 +231,14 @@ async fn dispatch(command: Command) -> Result<ExitCode, Failure> {
             schemas,
             exclude_schemas,
             globals,
+            options: pairs,
             reason,
             json,
         } => {
             let mut options = serde_json::Map::new();
+            if let serde_json::Value::Object(parsed) = parse_options(&pairs)? {
+                options.extend(parsed);
+            }
             if !schemas.is_empty() {
                 options.insert("schemas".into(), json!(schemas));
             }
@@ -252,6 +264,7 @@ async fn dispatch(command: Command) -> Result<ExitCode, Failure> {
             in_place,
             yes,
             no_owner,
+            options: pairs,
             json,
         } => {
             if in_place && !yes {
@@ -262,6 +275,9 @@ async fn dispatch(command: Command) -> Result<ExitCode, Failure> {
             let backup: BackupRef = backup.parse()?;
             let target = resolve_target(&backup, target.as_deref())?;
             let mut options = serde_json::Map::new();
+            if let serde_json::Value::Object(parsed) = parse_options(&pairs)? {
+                options.extend(parsed);
+            }
             if let Some(into) = into {
                 options.insert("into".into(), json!(into));
             }
@@ -494,9 +510,7 @@ async fn run(
         let mut request = BackupRequest::new(kind, &requester());
         request.reason = reason.clone();
         request.set_id = set_id.clone();
-        if kind == TargetKind::Postgres {
-            request.options = serde_json::Value::Object(options.clone());
-        }
+        request.options = options_for(kind, &options, target == "all");
         match run_backup(ctx, &request, &cancel).await {
             Ok(manifest) => print_backup(ctx, &manifest, json),
             Err(err) => {
@@ -513,6 +527,31 @@ async fn run(
             failed.join("; ")
         ))),
     }
+}
+
+/// The options of one target: all of them for a single target; with `all`, those
+/// prefixed `<target>.` (and PostgreSQL's own flags).
+fn options_for(
+    kind: TargetKind,
+    options: &serde_json::Map<String, serde_json::Value>,
+    all: bool,
+) -> serde_json::Value {
+    if !all {
+        return serde_json::Value::Object(options.clone());
+    }
+    let prefix = format!("{kind}.");
+    let postgres_flags = ["schemas", "exclude_schemas", "globals"];
+    let picked: serde_json::Map<String, serde_json::Value> = options
+        .iter()
+        .filter_map(|(key, value)| match key.strip_prefix(&prefix) {
+            Some(own) => Some((own.to_string(), value.clone())),
+            None if kind == TargetKind::Postgres && postgres_flags.contains(&key.as_str()) => {
+                Some((key.clone(), value.clone()))
+            }
+            None => None,
+        })
+        .collect();
+    serde_json::Value::Object(picked)
 }
 
 fn requester() -> String {

@@ -104,3 +104,81 @@ fn run_prints_one_line_per_target_and_list_shows_it() {
     assert!(!ok);
     assert!(stderr.contains("unknown target `mysql`"), "{stderr}");
 }
+
+#[test]
+fn run_all_backs_up_every_enabled_target_and_fails_if_one_fails() {
+    let db = TestDatabase::create("cli_all");
+    let documents = tempfile::tempdir().unwrap();
+    std::fs::write(documents.path().join("invoice.pdf"), b"%PDF").unwrap();
+    let closed_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+        .to_string();
+    let root = documents.path().display().to_string();
+    let setup = TestSetup::new(
+        &db.name,
+        Store::Local,
+        &[
+            ("REDIS_PORT", closed_port.as_str()),
+            ("DOCUMENTS_STORAGE_ROOT", root.as_str()),
+            ("BACKUP__DOCUMENTS__ENABLED", "true"),
+        ],
+    );
+    let (ok, stdout, stderr) = run_cli(
+        &setup.env,
+        &[
+            "run",
+            "all",
+            "--json",
+            "--option",
+            "documents.incremental=true",
+        ],
+    );
+    assert!(!ok, "one target failed: {stdout}");
+    assert!(stderr.contains("redis"), "{stderr}");
+    let lines: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let outcome: Vec<(String, bool)> = lines
+        .iter()
+        .map(|l| {
+            (
+                l["target"].as_str().unwrap().to_string(),
+                l["ok"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        outcome,
+        [
+            ("postgres".to_string(), true),
+            ("redis".into(), false),
+            ("rabbitmq".into(), true),
+            ("documents".into(), true)
+        ]
+    );
+    assert_eq!(lines[1]["error"]["retryable"], true);
+
+    // The successful ones form one set.
+    let (ok, stdout, _) = run_cli(&setup.env, &["list", "--json"]);
+    assert!(ok);
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(rows.len(), 3);
+    let set_ids: std::collections::BTreeSet<_> = rows
+        .iter()
+        .map(|r| r["set_id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(set_ids.len(), 1, "{rows:?}");
+
+    // Disabled targets are left out of `all`.
+    let mut env = setup.env.clone();
+    for name in ["REDIS", "RABBITMQ_DEFINITIONS", "DOCUMENTS"] {
+        env.insert(format!("BACKUP__{name}__ENABLED"), "false".into());
+    }
+    let (ok, stdout, stderr) = run_cli(&env, &["run", "all"]);
+    assert!(ok, "{stderr}");
+    assert_eq!(stdout.lines().count(), 1, "{stdout}");
+}

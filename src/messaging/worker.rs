@@ -274,16 +274,8 @@ async fn process(
             return dead_letter(env, &received, failed, "unauthorized", &message, false).await;
         }
     }
-    match read_marker(env, &command.id).await {
-        Ok(Some(mut done)) => {
-            tracing::info!(command_id = %command.id, "command already done: re-announcing its result");
-            done.correlation_id = received.correlation_id.clone().or(done.correlation_id);
-            done.at = Utc::now();
-            env.publisher.event(&done).await?;
-            return Ok(Settle::Ack);
-        }
-        Ok(None) => {}
-        Err(err) => return fail(env, &received, &command, &err).await,
+    if let Some(settle) = announce_if_done(env, &received, &command).await? {
+        return Ok(settle);
     }
     match command.target {
         TargetSelector::All if command.action != Action::Prune => {
@@ -291,6 +283,25 @@ async fn process(
         }
         TargetSelector::All => step(env, &received, &command, None, cancel).await,
         TargetSelector::One(target) => step(env, &received, &command, Some(target), cancel).await,
+    }
+}
+
+/// A command whose marker exists is done: re-announce its result instead of running it.
+async fn announce_if_done(
+    env: &StepEnv,
+    received: &Received<'_>,
+    command: &Command,
+) -> Result<Option<Settle>, MessagingError> {
+    match read_marker(env, &command.id).await {
+        Ok(Some(mut done)) => {
+            tracing::info!(command_id = %command.id, "command already done: re-announcing its result");
+            done.correlation_id = received.correlation_id.clone().or(done.correlation_id);
+            done.at = Utc::now();
+            env.publisher.event(&done).await?;
+            Ok(Some(Settle::Ack))
+        }
+        Ok(None) => Ok(None),
+        Err(err) => fail(env, received, command, &err).await.map(Some),
     }
 }
 
@@ -357,6 +368,10 @@ async fn run_leased(
     target: Option<TargetKind>,
     cancel: &CancellationToken,
 ) -> Result<Settle, MessagingError> {
+    // A duplicate may have waited for the lease while its twin ran: check again.
+    if let Some(settle) = announce_if_done(env, received, command).await? {
+        return Ok(settle);
+    }
     // A crash between the manifest and the marker must not make a second backup.
     if let (true, Some(target), Action::Backup) =
         (received.delivery.redelivered, target, command.action)

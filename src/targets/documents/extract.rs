@@ -193,10 +193,11 @@ mod tests {
 
     #[test]
     fn paths_must_stay_relative_and_inside() {
-        for good in ["a", "a/b/c.txt", "dir/", "документ.pdf"] {
+        // Interior `.` components are normalised away by the path parser: still inside.
+        for good in ["a", "a/b/c.txt", "dir/", "документ.pdf", "a/./b"] {
             assert!(safe_relative(good).is_ok(), "{good}");
         }
-        for bad in ["", "/etc/passwd", "../x", "a/../../x", "a/./b", "./a"] {
+        for bad in ["", "/etc/passwd", "../x", "a/../../x", "./a"] {
             assert!(safe_relative(bad).is_err(), "{bad}");
         }
     }
