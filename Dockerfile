@@ -1,0 +1,18 @@
+# crm-backup worker, scheduler and CLI in one image.
+FROM rust:1.95-bookworm AS build
+WORKDIR /src
+COPY . .
+RUN cargo build --release --locked --bins
+
+FROM debian:bookworm-slim
+# pg_dump/pg_restore must be at least the server's major version; redis-server reads an RDB
+# back for live restores; zstd and age let operators restore with stock tools.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends postgresql-client-15 redis-server zstd age ca-certificates \
+ && rm -rf /var/lib/apt/lists/*
+COPY --from=build /src/target/release/crm-backup /src/target/release/crm-backup-scheduler /usr/local/bin/
+COPY config /app/config
+WORKDIR /app
+ENV BACKUP_CONFIG_DIR=/app/config BACKUP_ENV=production BACKUP_LOG_FORMAT=json
+ENTRYPOINT ["crm-backup"]
+CMD ["worker"]

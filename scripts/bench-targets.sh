@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# Redis and documents backup benchmarks, each against the reference tool, in one run:
+#   Redis (~1 GiB, half-random values):  redis-cli --rdb <file>      vs  crm-backup run redis
+#   documents (~2 GiB, 20,000 files):    tar -cf - | zstd -3 -T0 > f  vs  crm-backup run documents
+#   (and `restic backup` when restic is installed)
+# crm-backup writes to Garage on loopback. Prints medians of wall time and peak RSS and
+# the ratios; targets: <= 1.10x the reference tool's time, peak RSS <= 64 MiB.
+#
+#   BENCH_ROUNDS=3 BENCH_REDIS_MB=1024 BENCH_DOCS_MB=2048 BENCH_DOCS_FILES=20000 scripts/bench-targets.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$HOME/.cargo/bin:$PATH"
+
+ROUNDS=${BENCH_ROUNDS:-3}
+REDIS_MB=${BENCH_REDIS_MB:-1024}
+DOCS_MB=${BENCH_DOCS_MB:-2048}
+DOCS_FILES=${BENCH_DOCS_FILES:-20000}
+DATA=${BENCH_DATA_DIR:-$HOME/.cache/crm-backup/bench}
+WORK=$(mktemp -d)
+REDIS_PORT=${BENCH_REDIS_PORT:-6390}
+cleanup() {
+  redis-cli -p "$REDIS_PORT" shutdown nosave >/dev/null 2>&1 || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+command -v /usr/bin/time >/dev/null || apt-get install -y -q time >/dev/null
+eval "$(./scripts/garage.sh)"
+cargo build --release --locked -q --bin crm-backup
+BIN=$PWD/target/release/crm-backup
+export BACKUP_S3_ENDPOINT="$BACKUP_TEST_S3_ENDPOINT" BACKUP_S3_BUCKET="$BACKUP_TEST_S3_BUCKET" \
+  BACKUP_S3_REGION="$BACKUP_TEST_S3_REGION" BACKUP_S3_ACCESS_KEY="$BACKUP_TEST_S3_ACCESS_KEY" \
+  BACKUP_S3_SECRET_KEY="$BACKUP_TEST_S3_SECRET_KEY" BACKUP_STORAGE_PREFIX="bench/$(date +%s)" \
+  BACKUP_CONFIG_DIR=/nonexistent
+
+measure() { # <label> <command...>: appends "seconds kib"
+  local label=$1; shift
+  /usr/bin/time -f "%e %M" -o "$WORK/one" "$@" >/dev/null
+  cat "$WORK/one" >> "$WORK/$label"
+}
+median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+col() { awk -v c="$2" '{print $c}' "$WORK/$1" | median; }
+div() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
+row() { # <name> <label> <baseline label>
+  printf '| %s | %s | %s | %sx |\n' "$1" "$(col "$2" 1)" "$(div "$(col "$2" 2)" 1024)" "$(div "$(col "$2" 1)" "$(col "$3" 1)")"
+}
+
+# --- Redis: a private server with ~REDIS_MB of data (values are hex of random bytes) ---
+mkdir -p "$DATA/redis"
+redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no --dir "$DATA/redis" \
+  --dbfilename bench.rdb --daemonize yes >/dev/null
+sleep 0.5
+if [ ! -s "$DATA/redis/bench.rdb" ]; then
+  echo "loading ~${REDIS_MB} MiB into Redis ..." >&2
+  python3 - "$REDIS_MB" <<'PY' | redis-cli -p "$REDIS_PORT" --pipe >/dev/null
+import os, sys
+mb = int(sys.argv[1]); n = mb * 1024 // 1
+out = sys.stdout.buffer
+for i in range(n):
+    value = os.urandom(256).hex() + "crm:" * 128
+    key = f"crm:fsm:{i}"
+    out.write(f"*3\r\n$3\r\nSET\r\n${len(key)}\r\n{key}\r\n${len(value)}\r\n{value}\r\n".encode())
+PY
+  redis-cli -p "$REDIS_PORT" save >/dev/null
+else
+  redis-cli -p "$REDIS_PORT" shutdown nosave >/dev/null 2>&1 || true
+  redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no --dir "$DATA/redis" \
+    --dbfilename bench.rdb --daemonize yes >/dev/null
+  until redis-cli -p "$REDIS_PORT" ping 2>/dev/null | grep -q PONG; do sleep 0.5; done
+fi
+REDIS_MEM=$(redis-cli -p "$REDIS_PORT" info memory | sed -n 's/^used_memory_human:\(.*\)\r$/\1/p')
+for round in $(seq 1 "$ROUNDS"); do
+  echo "redis round $round/$ROUNDS" >&2
+  # redis-cli needs a real file (it truncates and fsyncs it): the same disk Garage writes to.
+  measure redis_cli redis-cli -p "$REDIS_PORT" --rdb "$WORK/dump.rdb"
+  measure redis_crm env REDIS_PORT="$REDIS_PORT" "$BIN" run redis
+done
+
+# --- documents: DOCS_FILES files, ~DOCS_MB in total (half random, half text) ---
+DOCS="$DATA/documents-$DOCS_FILES-$DOCS_MB"
+if [ ! -d "$DOCS" ]; then
+  echo "creating $DOCS_FILES files, ~${DOCS_MB} MiB ..." >&2
+  python3 - "$DOCS" "$DOCS_FILES" "$DOCS_MB" <<'PY'
+import os, sys
+root, files, mb = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+size = mb * 1024 * 1024 // files
+for i in range(files):
+    d = os.path.join(root, f"customer-{i % 500:03d}", f"{i % 7}")
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, f"document-{i:05d}.bin"), "wb") as f:
+        f.write(os.urandom(size // 2) + (b"Invoice line %d\n" % i) * (size // 2 // 16))
+PY
+fi
+DOCS_SIZE=$(du -sh "$DOCS" | cut -f1)
+for round in $(seq 1 "$ROUNDS"); do
+  echo "documents round $round/$ROUNDS" >&2
+  measure tar_zstd sh -c "tar -cf - -C '$DOCS' . | zstd -3 -T0 -q > '$WORK/docs.tar.zst'"
+  measure docs_crm env DOCUMENTS_STORAGE_ROOT="$DOCS" BACKUP__DOCUMENTS__ENABLED=true "$BIN" run documents
+  if command -v restic >/dev/null; then
+    export RESTIC_PASSWORD=bench RESTIC_REPOSITORY="$WORK/restic-repository"
+    [ -d "$RESTIC_REPOSITORY" ] || restic init -q
+    measure restic restic backup -q "$DOCS"
+  fi
+done
+
+printf '\n| run | seconds | peak RSS (MiB) | time vs reference |\n|---|---|---|---|\n'
+row "\`redis-cli --rdb file\` (${REDIS_MEM} in Redis)" redis_cli redis_cli
+row '`crm-backup run redis` (to Garage)' redis_crm redis_cli
+row "\`tar -cf - | zstd -3 -T0 > file\` ($DOCS_FILES files, $DOCS_SIZE)" tar_zstd tar_zstd
+row '`crm-backup run documents` (to Garage)' docs_crm tar_zstd
+[ -f "$WORK/restic" ] && row '`restic backup`' restic tar_zstd
+printf '\nmedians of %s rounds\n' "$ROUNDS"
