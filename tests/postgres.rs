@@ -188,6 +188,10 @@ async fn round_trip_of_every_schema_through_local_storage() {
     assert_eq!(rows["billing.invoices"], 3000);
     assert_eq!(rows["public.documents_meta"], 5);
     assert_eq!(facts.large_objects, Some(5));
+    assert_eq!(
+        facts.row_count_source, "archive",
+        "counted from the dump itself"
+    );
     assert!(facts.server_version.starts_with("15") || !facts.server_version.is_empty());
     assert!(facts.pg_dump_version.contains("pg_dump"));
     let dump = &manifest.artifacts[0];
@@ -212,6 +216,55 @@ async fn round_trip_of_every_schema_through_local_storage() {
     assert_same(&fingerprint(&restored.name), &before);
     // The original was not touched.
     assert_same(&fingerprint(&source.name), &before);
+}
+
+#[test]
+fn rows_are_counted_in_the_archive_exactly_as_count_star_sees_them() {
+    let db = create_fixture("pg_archive_count");
+    psql(
+        &db.name,
+        "CREATE TABLE public.empty (x int); CREATE TABLE public.\"Odd \"\"name\"\"\" (t text); \
+        INSERT INTO public.\"Odd \"\"name\"\"\" VALUES (E'a\\nb'), (E'\\\\.'), ('\\.'), (NULL)",
+    );
+    let dump = Command::new("pg_dump")
+        .args([
+            "-Fc",
+            "-Z0",
+            "--no-password",
+            "-d",
+            &common::pg_url(&db.name),
+        ])
+        .output()
+        .unwrap();
+    assert!(dump.status.success());
+    let counts =
+        crm_backup::targets::postgres::archive::count_rows(dump.stdout.as_slice()).unwrap();
+    let tables = psql(
+        &db.name,
+        "SELECT schemaname || '|' || tablename FROM pg_tables WHERE schemaname NOT IN ('pg_catalog', 'information_schema')",
+    );
+    assert_eq!(counts.len(), tables.lines().count(), "{counts:?}");
+    for line in tables.lines() {
+        let (schema, table) = line.split_once('|').unwrap();
+        let expected: i64 = psql(
+            &db.name,
+            &format!(
+                "SELECT count(*) FROM \"{schema}\".\"{}\"",
+                table.replace('"', "\"\"")
+            ),
+        )
+        .parse()
+        .unwrap();
+        assert_eq!(
+            counts[&(schema.to_string(), table.to_string())],
+            expected,
+            "{schema}.{table}"
+        );
+    }
+    assert_eq!(
+        counts[&("public".to_string(), "Odd \"name\"".to_string())],
+        4
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

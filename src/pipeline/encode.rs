@@ -123,23 +123,30 @@ impl ArtifactWriter {
         reader: &mut R,
     ) -> Result<u64, PipelineError> {
         let mut total = 0;
-        loop {
-            let mut buf = BytesMut::with_capacity(self.chunk_size);
-            while buf.len() < self.chunk_size {
-                let n = reader
-                    .read_buf(&mut buf)
-                    .await
-                    .map_err(PipelineError::Source)?;
-                if n == 0 {
-                    break;
-                }
-            }
-            if buf.is_empty() {
-                return Ok(total);
-            }
-            total += buf.len() as u64;
-            self.write(buf.freeze()).await?;
+        while let Some(chunk) = self.read_chunk(reader).await? {
+            total += chunk.len() as u64;
+            self.write(chunk).await?;
         }
+        Ok(total)
+    }
+
+    /// Reads the next chunk (up to the pipeline's chunk size) from `reader`;
+    /// `None` at its end. For callers that look at the bytes on their way in.
+    pub async fn read_chunk<R: AsyncRead + Unpin>(
+        &self,
+        reader: &mut R,
+    ) -> Result<Option<Bytes>, PipelineError> {
+        let mut buf = BytesMut::with_capacity(self.chunk_size);
+        while buf.len() < self.chunk_size {
+            let n = reader
+                .read_buf(&mut buf)
+                .await
+                .map_err(PipelineError::Source)?;
+            if n == 0 {
+                break;
+            }
+        }
+        Ok((!buf.is_empty()).then(|| buf.freeze()))
     }
 
     /// A blocking `std::io::Write` into this artifact, for producers on a blocking thread

@@ -67,6 +67,9 @@ impl ToolProcess {
             message: format!("cannot start {}: {err}", program.display()),
             retryable: false,
         })?;
+        if let Some(stdout) = child.stdout.as_ref() {
+            widen_pipe(stdout);
+        }
         let mut stderr = child.stderr.take();
         let stderr = tokio::spawn(async move {
             let mut tail = Vec::new();
@@ -146,6 +149,13 @@ fn failure(name: &str, status: ExitStatus, stderr: &str) -> TargetError {
         message: format!("{name} {how}{detail}"),
         retryable,
     }
+}
+
+/// Pipes hold 64 KiB by default: a dump streaming at hundreds of MB/s would wake the reader
+/// thousands of times a second. 1 MiB cuts those wake-ups; failure to widen is harmless.
+fn widen_pipe(pipe: &impl std::os::fd::AsRawFd) {
+    // SAFETY: fcntl on a valid, owned file descriptor with an integer argument.
+    let _ = unsafe { libc::fcntl(pipe.as_raw_fd(), libc::F_SETPIPE_SZ, 1 << 20) };
 }
 
 /// Runs a tool to completion and returns its stdout (for short outputs such as `--version`).

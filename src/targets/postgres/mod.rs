@@ -13,6 +13,10 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio_postgres::config::{Host, SslMode};
 use tokio_postgres::{Client, Config, NoTls};
 
+pub mod archive;
+
+use bytes::Bytes;
+
 use super::process::{Pump, ToolProcess, output, pump};
 use super::{ArtifactSink, ArtifactSource, RestoreReport, Target, TargetError, parse_options};
 use crate::config::PostgresSettings;
@@ -74,6 +78,10 @@ pub struct PostgresFacts {
     pub excluded_schemas: Vec<String>,
     /// Exact row counts, taken in the snapshot the dump used.
     pub tables: Vec<TableRows>,
+    /// Where the counts come from: `archive` (counted in the dump's own data as it
+    /// streamed) or `count(*)` (queried in the dump's snapshot, when the archive
+    /// could not be read).
+    pub row_count_source: String,
     pub table_count: usize,
     pub row_count: i64,
     /// Large objects in the dump (None when a schema filter leaves them out).
@@ -198,7 +206,7 @@ impl Postgres {
         database: &str,
         snapshot: &str,
         scope: &Scope,
-    ) -> Result<Vec<TableRows>, TargetError> {
+    ) -> Result<(Vec<TableRows>, &'static str), TargetError> {
         let mut args = vec![
             "--format=custom".to_string(),
             "--compress=0".to_string(),
@@ -229,10 +237,22 @@ impl Postgres {
         let mut writer = sink
             .create(&format!("{}.dump", key_safe(database)), DUMP_FORMAT)
             .await?;
-        let (copied, counts) = tokio::join!(
-            writer.copy_from(&mut stdout),
-            count_rows(client, &scope.tables)
-        );
+        // The rows are counted from the archive as it streams past: the counts are those
+        // of exactly what was dumped, and the database is not scanned a second time.
+        let (tap, tapped) = tokio::sync::mpsc::channel::<Bytes>(16);
+        let counter =
+            tokio::task::spawn_blocking(move || archive::count_rows(TapReader::new(tapped)));
+        let copied = async {
+            let mut tapping = true;
+            while let Some(chunk) = writer.read_chunk(&mut stdout).await? {
+                // A counter that gave up only means the fallback below counts instead.
+                tapping = tapping && tap.send(chunk.clone()).await.is_ok();
+                writer.write(chunk).await?;
+            }
+            Ok::<(), crate::pipeline::PipelineError>(())
+        }
+        .await;
+        drop(tap);
         drop(stdout);
         let secrets = self.secrets();
         let secrets: Vec<&str> = secrets.iter().map(String::as_str).collect();
@@ -243,7 +263,34 @@ impl Postgres {
         }
         // Fail closed: only a pg_dump that exited 0 can produce an artifact.
         process.wait(&secrets).await?;
-        let tables = counts?;
+        let counted = counter
+            .await
+            .map_err(|err| err.to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()));
+        let tables = match counted {
+            Ok(counts) => {
+                let mut tables = Vec::with_capacity(scope.tables.len());
+                let mut missing = Vec::new();
+                for (schema, name) in &scope.tables {
+                    match counts.get(&(schema.clone(), name.clone())) {
+                        Some(rows) => tables.push(TableRows {
+                            schema: schema.clone(),
+                            name: name.clone(),
+                            rows: *rows,
+                        }),
+                        None => missing.push((schema.clone(), name.clone())),
+                    }
+                }
+                // Tables without a data entry (none expected): count them in the snapshot.
+                tables.extend(count_rows(client, &missing).await?);
+                tables.sort_by(|a, b| (&a.schema, &a.name).cmp(&(&b.schema, &b.name)));
+                (tables, "archive")
+            }
+            Err(reason) => {
+                tracing::warn!(%reason, "could not read the archive's row counts; counting in the dump's snapshot");
+                (count_rows(client, &scope.tables).await?, "count(*)")
+            }
+        };
         sink.finish(writer).await?;
         Ok(tables)
     }
@@ -386,7 +433,7 @@ impl Target for Postgres {
         } else {
             None
         };
-        let tables = self
+        let (tables, row_count_source) = self
             .dump(sink, &client, &database, &snapshot, &scope)
             .await?;
         client
@@ -406,6 +453,7 @@ impl Target for Postgres {
             table_count: tables.len(),
             row_count: tables.iter().map(|t| t.rows).sum(),
             tables,
+            row_count_source: row_count_source.to_string(),
             large_objects,
             snapshot,
             globals,
@@ -800,6 +848,43 @@ fn key_safe(name: &str) -> String {
             }
         })
         .collect()
+}
+
+/// Blocking `Read` over the chunks tapped from the dump stream. Reads by offset into the
+/// current chunk: the archive reader asks for a few bytes at a time.
+struct TapReader {
+    rx: tokio::sync::mpsc::Receiver<Bytes>,
+    current: Bytes,
+    offset: usize,
+}
+
+impl TapReader {
+    fn new(rx: tokio::sync::mpsc::Receiver<Bytes>) -> Self {
+        TapReader {
+            rx,
+            current: Bytes::new(),
+            offset: 0,
+        }
+    }
+}
+
+impl std::io::Read for TapReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.offset == self.current.len() {
+            match self.rx.blocking_recv() {
+                Some(chunk) => {
+                    self.current = chunk;
+                    self.offset = 0;
+                }
+                None => return Ok(0),
+            }
+        }
+        let available = &self.current[self.offset..];
+        let n = buf.len().min(available.len());
+        buf[..n].copy_from_slice(&available[..n]);
+        self.offset += n;
+        Ok(n)
+    }
 }
 
 #[cfg(test)]
