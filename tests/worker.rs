@@ -864,3 +864,33 @@ async fn a_command_that_keeps_killing_workers_is_stopped_by_the_delivery_limit()
     );
     assert_eq!(h.manifests_of(&command.id).await, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn thousands_of_refused_leases_leave_the_worker_able_to_lease() {
+    // Each refusal makes the broker close a channel; lapin never reuses such channel ids,
+    // so refusals on a long-lived connection would exhaust it after 2047 (seen in the
+    // messaging benchmark). Leases use a connection per attempt instead.
+    let vhost = TestVhost::create("w_lease_churn");
+    let settings = RabbitmqSettings {
+        url: SecretString::from(vhost.url()),
+        concurrency: 1,
+    };
+    let holder = crm_backup::messaging::lease::Leases::new(&settings, "backup.lease.");
+    let contender = crm_backup::messaging::lease::Leases::new(&settings, "backup.lease.");
+    let held = holder
+        .try_acquire(TargetKind::Redis)
+        .await
+        .unwrap()
+        .expect("free at first");
+    for attempt in 0..2100 {
+        let refused = contender.try_acquire(TargetKind::Redis).await;
+        assert!(
+            matches!(refused, Ok(None)),
+            "attempt {attempt}: {:?}",
+            refused.map(|l| l.is_some())
+        );
+    }
+    held.release().await;
+    let taken = contender.try_acquire(TargetKind::Redis).await.unwrap();
+    assert!(taken.is_some(), "released leases can be taken");
+}

@@ -1,42 +1,47 @@
 //! One step per target at a time, across all workers: a lease that dies with its holder.
 //!
-//! The lease is an exclusive queue `backup.lease.<target>` on the holder's connection:
-//! another connection declaring it gets `RESOURCE_LOCKED`, and the broker deletes it the
-//! moment the holder's connection closes, however the holder died. Exclusive queues are
-//! per connection, so steps inside one worker are serialised by a local lock first: a step
-//! waits for its sibling rather than bouncing through the retry queues.
+//! The lease is an exclusive queue `backup.lease.<target>`, declared on a connection of its
+//! own that lives as long as the step: another worker declaring it gets `RESOURCE_LOCKED`,
+//! and the broker deletes it the moment that connection closes, however the holder died.
+//! A connection per attempt, not a channel: the broker closes the channel of a refused
+//! declaration, and lapin never reuses such channel ids, so after 2047 refusals a shared
+//! connection could open no channel at all. Steps inside one worker are serialised by a
+//! local lock first: a step waits for its sibling rather than bouncing through the retries.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
+use futures::StreamExt;
+use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
-use lapin::{Channel, Connection};
+use lapin::{Connection, Event};
 use tokio::sync::OwnedMutexGuard;
+use tokio_util::sync::CancellationToken;
 
-use super::MessagingError;
+use super::{MessagingError, connect};
+use crate::config::RabbitmqSettings;
 use crate::storage::layout::TargetKind;
 
 type LocalLocks = Arc<Mutex<HashMap<TargetKind, Arc<tokio::sync::Mutex<()>>>>>;
 
 #[derive(Clone)]
 pub struct Leases {
-    connection: Arc<Connection>,
+    settings: RabbitmqSettings,
     prefix: String,
     local: LocalLocks,
 }
 
-/// A held lease; release it when the step is done (dropping it releases too, later).
+/// A held lease. Release it when the step is done; dropping it releases it too.
 pub struct Lease {
-    queue: String,
-    channel: Option<Channel>,
+    connection: Option<Connection>,
+    lost: CancellationToken,
     _local: OwnedMutexGuard<()>,
 }
 
 impl Leases {
-    pub fn new(connection: Arc<Connection>, prefix: &str) -> Self {
+    pub fn new(settings: &RabbitmqSettings, prefix: &str) -> Self {
         Leases {
-            connection,
+            settings: settings.clone(),
             prefix: prefix.to_string(),
             local: LocalLocks::default(),
         }
@@ -53,50 +58,84 @@ impl Leases {
             locks.entry(target).or_default().clone()
         };
         let local = local.lock_owned().await;
-        let queue = format!("{}{}", self.prefix, target);
-        // A throwaway channel: the broker closes it when the queue is locked.
-        let channel = self.connection.create_channel().await?;
-        let options = QueueDeclareOptions {
-            exclusive: true,
-            auto_delete: true,
-            ..QueueDeclareOptions::default()
-        };
-        match channel
-            .queue_declare(queue.as_str().into(), options, FieldTable::default())
-            .await
-        {
-            Ok(_) => Ok(Some(Lease {
-                queue,
-                channel: Some(channel),
-                _local: local,
-            })),
-            Err(err) if err.to_string().contains("RESOURCE_LOCKED") => Ok(None),
-            Err(err) => Err(err.into()),
+        let connection = connect(&self.settings, &format!("crm-backup lease {target}")).await?;
+        let declared = async {
+            let channel = connection.create_channel().await?;
+            let options = QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..QueueDeclareOptions::default()
+            };
+            channel
+                .queue_declare(
+                    format!("{}{target}", self.prefix).as_str().into(),
+                    options,
+                    FieldTable::default(),
+                )
+                .await
+        }
+        .await;
+        match declared {
+            Ok(_) => {
+                let lost = CancellationToken::new();
+                let mut events = connection.events_listener();
+                tokio::spawn({
+                    let lost = lost.clone();
+                    async move {
+                        loop {
+                            tokio::select! {
+                                event = events.next() => match event {
+                                    Some(Event::Error(_)) | None => break,
+                                    Some(_) => {}
+                                },
+                                // Released (or dropped): stop watching.
+                                _ = lost.cancelled() => return,
+                            }
+                        }
+                        lost.cancel();
+                    }
+                });
+                Ok(Some(Lease {
+                    connection: Some(connection),
+                    lost,
+                    _local: local,
+                }))
+            }
+            Err(err) => {
+                let _ = connection.close(200, "lease not taken".into()).await;
+                if err.to_string().contains("RESOURCE_LOCKED") {
+                    Ok(None)
+                } else {
+                    Err(err.into())
+                }
+            }
         }
     }
 }
 
 impl Lease {
-    /// Deletes the lease queue so the next step can take it at once.
+    /// Cancelled if the lease's connection is lost while the step runs: another worker
+    /// may then take the target, so the step must stop.
+    pub fn lost(&self) -> &CancellationToken {
+        &self.lost
+    }
+
+    /// Closes the lease's connection; the broker deletes the queue at once.
     pub async fn release(mut self) {
-        if let Some(channel) = self.channel.take() {
-            delete(channel, &self.queue).await;
+        self.lost.cancel();
+        if let Some(connection) = self.connection.take() {
+            let _ = connection.close(200, "lease released".into()).await;
         }
     }
 }
 
-async fn delete(channel: Channel, queue: &str) {
-    let _ = channel
-        .queue_delete(queue.into(), QueueDeleteOptions::default())
-        .await;
-    let _ = channel.close(200, "lease released".into()).await;
-}
-
 impl Drop for Lease {
     fn drop(&mut self) {
-        if let Some(channel) = self.channel.take() {
-            let queue = self.queue.clone();
-            tokio::spawn(async move { delete(channel, &queue).await });
+        self.lost.cancel();
+        if let Some(connection) = self.connection.take() {
+            tokio::spawn(async move {
+                let _ = connection.close(200, "lease released".into()).await;
+            });
         }
     }
 }

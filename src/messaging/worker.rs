@@ -93,7 +93,7 @@ async fn session(
     let env = Arc::new(StepEnv {
         ctx: ctx.clone(),
         publisher: Publisher::open(&connection, &settings.messaging, &user).await?,
-        leases: Leases::new(connection.clone(), &settings.messaging.lease_queue_prefix),
+        leases: Leases::new(&settings.rabbitmq, &settings.messaging.lease_queue_prefix),
         policy: RetryPolicy::from_settings(&settings.messaging),
     });
     let channel = connection.create_channel().await?;
@@ -354,10 +354,23 @@ async fn step(
         },
         None => None,
     };
-    let settle = run_leased(env, received, command, target, cancel).await;
+    // The step stops if the worker shuts down or the lease's connection is lost.
+    let step_cancel = cancel.child_token();
+    if let Some(lease) = &lease {
+        let lost = lease.lost().clone();
+        let step_cancel = step_cancel.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = lost.cancelled() => step_cancel.cancel(),
+                _ = step_cancel.cancelled() => {}
+            }
+        });
+    }
+    let settle = run_leased(env, received, command, target, &step_cancel).await;
     if let Some(lease) = lease {
         lease.release().await;
     }
+    step_cancel.cancel();
     settle
 }
 
