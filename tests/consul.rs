@@ -95,6 +95,7 @@ async fn kv_and_snapshot_round_trip_in_batches_of_64() {
     let original = double.state.lock().unwrap().kv.clone();
     let setup = setup(&double, TOKEN);
     let (manifest, facts) = backup(&setup).await.unwrap();
+    common::assert_manifest_valid(&setup, &manifest).await;
     assert_eq!(facts.key_count, 154);
     assert_eq!(facts.kv_index, Some(100));
     assert!(facts.snapshot && facts.snapshot_skipped.is_none());

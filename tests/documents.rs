@@ -152,6 +152,7 @@ async fn backup(setup: &TestSetup, options: serde_json::Value) -> (Manifest, Doc
     let manifest = run_backup(&setup.ctx, &request, &CancellationToken::new())
         .await
         .expect("documents backup");
+    common::assert_manifest_valid(setup, &manifest).await;
     let facts = serde_json::from_value(manifest.source.clone()).unwrap();
     (manifest, facts)
 }

@@ -648,21 +648,8 @@ async fn manifests_match_their_schema() {
     assert_eq!(manifest.artifacts.len(), 2);
     assert_eq!(manifest.artifacts[1].name, "globals.sql");
 
-    let schema: serde_json::Value =
-        serde_json::from_str(include_str!("../schemas/manifest.schema.json")).unwrap();
-    let validator = jsonschema::validator_for(&schema).expect("schema compiles");
-    let stored = setup
-        .ctx
-        .storage
-        .get_bytes(&format!("postgres/{}/manifest.json", manifest.id))
-        .await
-        .unwrap();
-    let instance: serde_json::Value = serde_json::from_slice(&stored).unwrap();
-    let errors: Vec<String> = validator
-        .iter_errors(&instance)
-        .map(|e| format!("{e} at {}", e.instance_path()))
-        .collect();
-    assert!(errors.is_empty(), "{errors:#?}");
+    let instance = common::assert_manifest_valid(&setup, &manifest).await;
+    let validator = common::manifest_validator();
 
     // The schema is not vacuous: a manifest without artifacts' hashes is rejected.
     let mut broken = instance.clone();

@@ -193,6 +193,7 @@ async fn backup(setup: &TestSetup) -> (Manifest, RedisFacts) {
     )
     .await
     .expect("redis backup");
+    common::assert_manifest_valid(setup, &manifest).await;
     let facts = serde_json::from_value(manifest.source.clone()).unwrap();
     (manifest, facts)
 }

@@ -270,3 +270,33 @@ pub fn pg_dump_wrapper(dir: &Path, script: &str) -> String {
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
     dir.display().to_string()
 }
+
+/// Validates the manifest as stored against schemas/manifest.schema.json; returns it as JSON.
+pub async fn assert_manifest_valid(
+    setup: &TestSetup,
+    manifest: &crm_backup::storage::manifest::Manifest,
+) -> serde_json::Value {
+    let key = crm_backup::storage::layout::manifest_key(&manifest.id);
+    let stored = setup
+        .ctx
+        .storage
+        .get_bytes(&key)
+        .await
+        .expect("manifest stored");
+    let instance: serde_json::Value = serde_json::from_slice(&stored).unwrap();
+    let errors: Vec<String> = manifest_validator()
+        .iter_errors(&instance)
+        .map(|e| format!("{e} at {}", e.instance_path()))
+        .collect();
+    assert!(
+        errors.is_empty(),
+        "manifest {key} violates the schema: {errors:#?}"
+    );
+    instance
+}
+
+pub fn manifest_validator() -> jsonschema::Validator {
+    let schema: serde_json::Value =
+        serde_json::from_str(include_str!("../../schemas/manifest.schema.json")).unwrap();
+    jsonschema::validator_for(&schema).expect("manifest schema compiles")
+}
