@@ -6,9 +6,7 @@ mod common;
 use common::consul_double::{ConsulDouble, ConsulState};
 use common::{Store, TestSetup};
 use crm_backup::jobs::backup::{BackupRequest, run_backup};
-use crm_backup::jobs::restore::{RestoreRequest, run_restore};
 use crm_backup::jobs::verify::verify_backup;
-use crm_backup::storage::catalog::BackupRef;
 use crm_backup::storage::layout::TargetKind;
 use crm_backup::storage::manifest::Manifest;
 use crm_backup::targets::consul::ConsulFacts;
@@ -67,7 +65,7 @@ async fn backup(setup: &TestSetup) -> Result<(Manifest, ConsulFacts), String> {
     )
     .await
     .map(|m| {
-        let facts = serde_json::from_value(m.source.clone()).unwrap();
+        let facts = m.source.parse().unwrap();
         (m, facts)
     })
     .map_err(|e| format!("{e} (retryable: {})", e.retryable()))
@@ -78,15 +76,7 @@ async fn restore(
     manifest: &Manifest,
     options: serde_json::Value,
 ) -> Result<serde_json::Value, String> {
-    let request = RestoreRequest {
-        target: TargetKind::Consul,
-        backup: BackupRef::Id(manifest.id.clone()),
-        options,
-    };
-    run_restore(&setup.ctx, &request)
-        .await
-        .map(|(_, r)| r.details)
-        .map_err(|e| e.to_string())
+    common::restore_details(setup, manifest, options).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -11,9 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use common::{Store, TestSetup};
 use crm_backup::jobs::backup::{BackupRequest, run_backup};
-use crm_backup::jobs::restore::{RestoreRequest, run_restore};
 use crm_backup::jobs::verify::verify_backup;
-use crm_backup::storage::catalog::BackupRef;
 use crm_backup::storage::layout::TargetKind;
 use crm_backup::storage::manifest::Manifest;
 use crm_backup::targets::documents::DocumentsFacts;
@@ -153,7 +151,7 @@ async fn backup(setup: &TestSetup, options: serde_json::Value) -> (Manifest, Doc
         .await
         .expect("documents backup");
     common::assert_manifest_valid(setup, &manifest).await;
-    let facts = serde_json::from_value(manifest.source.clone()).unwrap();
+    let facts = manifest.source.parse().unwrap();
     (manifest, facts)
 }
 
@@ -162,15 +160,7 @@ async fn restore(
     manifest: &Manifest,
     options: serde_json::Value,
 ) -> Result<serde_json::Value, String> {
-    let request = RestoreRequest {
-        target: TargetKind::Documents,
-        backup: BackupRef::Id(manifest.id.clone()),
-        options,
-    };
-    run_restore(&setup.ctx, &request)
-        .await
-        .map(|(_, r)| r.details)
-        .map_err(|e| e.to_string())
+    common::restore_details(setup, manifest, options).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -164,7 +164,7 @@ async fn restore_into(setup: &TestSetup, manifest: &Manifest, database: &str) {
 }
 
 fn facts(manifest: &Manifest) -> PostgresFacts {
-    serde_json::from_value(manifest.source.clone()).unwrap()
+    manifest.source.parse().unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -135,7 +135,7 @@ async fn definitions_round_trip_beside_and_in_place() {
     .await
     .unwrap();
     common::assert_manifest_valid(&setup, &manifest).await;
-    let facts: RabbitmqFacts = serde_json::from_value(manifest.source.clone()).unwrap();
+    let facts: RabbitmqFacts = manifest.source.parse().unwrap();
     assert!(
         facts.vhosts >= 2 && facts.queues >= 2 && facts.bindings >= 2 && facts.policies >= 1,
         "{facts:?}"

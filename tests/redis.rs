@@ -9,9 +9,7 @@ use std::time::Duration;
 
 use common::{Store, TestSetup};
 use crm_backup::jobs::backup::{BackupRequest, run_backup};
-use crm_backup::jobs::restore::{RestoreRequest, run_restore};
 use crm_backup::jobs::verify::verify_backup;
-use crm_backup::storage::catalog::BackupRef;
 use crm_backup::storage::layout::TargetKind;
 use crm_backup::storage::manifest::Manifest;
 use crm_backup::targets::redis::RedisFacts;
@@ -194,7 +192,7 @@ async fn backup(setup: &TestSetup) -> (Manifest, RedisFacts) {
     .await
     .expect("redis backup");
     common::assert_manifest_valid(setup, &manifest).await;
-    let facts = serde_json::from_value(manifest.source.clone()).unwrap();
+    let facts = manifest.source.parse().unwrap();
     (manifest, facts)
 }
 
@@ -203,15 +201,7 @@ async fn restore(
     manifest: &Manifest,
     options: serde_json::Value,
 ) -> Result<serde_json::Value, String> {
-    let request = RestoreRequest {
-        target: TargetKind::Redis,
-        backup: BackupRef::Id(manifest.id.clone()),
-        options,
-    };
-    run_restore(&setup.ctx, &request)
-        .await
-        .map(|(_, report)| report.details)
-        .map_err(|err| err.to_string())
+    common::restore_details(setup, manifest, options).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

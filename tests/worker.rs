@@ -170,6 +170,30 @@ impl Client {
             .unwrap();
     }
 
+    /// Every event of several commands running at once, until each has ended.
+    async fn follow_all(&mut self, commands: &[&BackupCommand]) -> Vec<Event> {
+        let mut pending: std::collections::BTreeSet<&str> =
+            commands.iter().map(|c| c.id.as_str()).collect();
+        let mut seen = Vec::new();
+        while !pending.is_empty() {
+            let event =
+                self.events.next(WAIT).await.unwrap().unwrap_or_else(|| {
+                    panic!("no event within {WAIT:?}; events so far: {seen:#?}")
+                });
+            if !pending.contains(event.command_id.as_str()) {
+                continue;
+            }
+            assert_valid_event(&event);
+            let terminal = event.event == event::COMPLETED
+                || (event.event == event::FAILED && event.will_retry != Some(true));
+            if terminal {
+                pending.remove(event.command_id.as_str());
+            }
+            seen.push(event);
+        }
+        seen
+    }
+
     /// Every event of `command` until it ends, each validated against the schema.
     async fn follow(&mut self, command: &BackupCommand) -> Vec<Event> {
         let mut seen = Vec::new();
@@ -469,8 +493,7 @@ async fn two_workers_never_run_one_target_at_once() {
     client.send(&first).await;
     client.send(&second).await;
 
-    let mut all = client.follow(&first).await;
-    all.extend(client.follow(&second).await);
+    let all = client.follow_all(&[&first, &second]).await;
     let span = |id: &str| {
         let of = |name: &str| {
             all.iter()

@@ -27,8 +27,39 @@ pub struct Manifest {
     pub parent: Option<BackupId>,
     pub tool: ToolInfo,
     /// Facts about the source, recorded by the target (versions, counts, …).
-    pub source: serde_json::Value,
+    pub source: Facts,
     pub artifacts: Vec<ArtifactRecord>,
+}
+
+/// A target's facts, kept as the JSON text they were written as: a documents backup's
+/// per-file index holds tens of thousands of entries, and a `serde_json::Value` tree of
+/// them would cost several times the memory of the text.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Facts(Box<serde_json::value::RawValue>);
+
+impl Facts {
+    /// Serializes a target's facts.
+    pub fn of<T: Serialize>(facts: &T) -> Self {
+        let text = serde_json::to_string(facts).expect("facts always serialize");
+        Facts(serde_json::value::RawValue::from_string(text).expect("serde_json wrote valid JSON"))
+    }
+
+    /// Reads the facts back as the target's type.
+    pub fn parse<T: serde::de::DeserializeOwned>(&self) -> Result<T, serde_json::Error> {
+        serde_json::from_str(self.0.get())
+    }
+
+    /// The facts as a JSON value (for display and tests; costs memory on large facts).
+    pub fn to_value(&self) -> serde_json::Value {
+        serde_json::from_str(self.0.get()).unwrap_or_default()
+    }
+}
+
+impl PartialEq for Facts {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.get() == other.0.get()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

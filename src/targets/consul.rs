@@ -20,10 +20,14 @@ use serde_json::{Value, json};
 use tokio::io::AsyncReadExt;
 
 use super::http::ApiClient;
-use super::{ArtifactSink, ArtifactSource, RestoreReport, Target, TargetError, parse_options};
+use super::{
+    ArtifactSink, ArtifactSource, RestoreReport, Target, TargetError, exclusive_options,
+    parse_options,
+};
 use crate::config::ConsulSettings;
 use crate::pipeline::ArtifactReader;
 use crate::storage::layout::TargetKind;
+use crate::storage::manifest::Facts;
 use crate::storage::manifest::{ArtifactRecord, Manifest};
 
 const KIND: TargetKind = TargetKind::Consul;
@@ -342,7 +346,7 @@ impl Target for Consul {
         Ok(())
     }
 
-    async fn backup(&self, options: &Value, sink: &mut ArtifactSink) -> Result<Value, TargetError> {
+    async fn backup(&self, options: &Value, sink: &mut ArtifactSink) -> Result<Facts, TargetError> {
         let options: BackupOptions = parse_options(KIND, options)?;
         let client = self.client()?;
         let (entries, kv_index) = self.read_kv(&client).await?;
@@ -371,7 +375,7 @@ impl Target for Consul {
         } else {
             facts.snapshot_skipped = Some("disabled (consul.snapshot = false)".into());
         }
-        Ok(serde_json::to_value(facts).expect("facts serialize"))
+        Ok(Facts::of(&facts))
     }
 
     async fn restore(
@@ -380,12 +384,11 @@ impl Target for Consul {
         options: &Value,
     ) -> Result<RestoreReport, TargetError> {
         let options: RestoreOptions = parse_options(KIND, options)?;
-        if options.in_place && options.prefix.is_some() {
-            return Err(TargetError::InvalidOptions {
-                target: KIND,
-                message: "prefix and in_place exclude each other".into(),
-            });
-        }
+        exclusive_options(
+            KIND,
+            ("prefix", options.prefix.is_some()),
+            ("in_place", options.in_place),
+        )?;
         if options.snapshot && !options.in_place {
             return Err(TargetError::InvalidOptions {
                 target: KIND,

@@ -24,7 +24,7 @@ use crate::pipeline::{
 };
 use crate::storage::Storage;
 use crate::storage::layout::{BackupId, TargetKind, artifact_key};
-use crate::storage::manifest::{ArtifactRecord, Manifest};
+use crate::storage::manifest::{ArtifactRecord, Facts, Manifest};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TargetError {
@@ -96,7 +96,7 @@ pub trait Target: Send + Sync {
         &self,
         options: &serde_json::Value,
         sink: &mut ArtifactSink,
-    ) -> Result<serde_json::Value, TargetError>;
+    ) -> Result<Facts, TargetError>;
 
     /// Restores a backup. Beside the original unless `options` explicitly say in place.
     async fn restore(
@@ -132,6 +132,21 @@ pub fn parse_options<T: DeserializeOwned + Default>(
         target,
         message: err.to_string(),
     })
+}
+
+/// Refuses two restore options that cannot go together (e.g. a destination and in_place).
+pub fn exclusive_options(
+    target: TargetKind,
+    (first, first_set): (&str, bool),
+    (second, second_set): (&str, bool),
+) -> Result<(), TargetError> {
+    if first_set && second_set {
+        return Err(TargetError::InvalidOptions {
+            target,
+            message: format!("{first} and {second} exclude each other"),
+        });
+    }
+    Ok(())
 }
 
 /// Where a target writes the artifacts of one backup.
@@ -245,6 +260,13 @@ impl ArtifactSource {
 
     pub fn storage(&self) -> &Storage {
         &self.storage
+    }
+
+    /// The manifest's facts as the target's type.
+    pub fn facts<T: DeserializeOwned>(&self) -> Result<T, TargetError> {
+        self.manifest.source.parse().map_err(|err| {
+            TargetError::Unusable(format!("manifest facts of {}: {err}", self.manifest.id))
+        })
     }
 
     pub fn record(&self, name: &str) -> Result<&ArtifactRecord, TargetError> {

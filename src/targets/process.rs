@@ -95,6 +95,22 @@ impl ToolProcess {
         })
     }
 
+    /// The child's stdout (spawned with `Stdio::piped()`).
+    pub fn take_stdout(&mut self) -> Result<tokio::process::ChildStdout, TargetError> {
+        self.child
+            .stdout
+            .take()
+            .ok_or_else(|| TargetError::Unusable(format!("{} has no stdout", self.name)))
+    }
+
+    /// The child's stdin (spawned with `Stdio::piped()`).
+    pub fn take_stdin(&mut self) -> Result<tokio::process::ChildStdin, TargetError> {
+        self.child
+            .stdin
+            .take()
+            .ok_or_else(|| TargetError::Unusable(format!("{} has no stdin", self.name)))
+    }
+
     /// Waits for the exit; anything but status 0 is an error carrying the stderr tail.
     /// `secrets` are scrubbed from that message.
     pub async fn wait(mut self, secrets: &[&str]) -> Result<String, TargetError> {

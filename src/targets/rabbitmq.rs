@@ -15,11 +15,15 @@ use serde_json::{Value, json};
 use tokio::io::AsyncReadExt;
 
 use super::http::ApiClient;
-use super::{ArtifactSink, ArtifactSource, RestoreReport, Target, TargetError, parse_options};
+use super::{
+    ArtifactSink, ArtifactSource, RestoreReport, Target, TargetError, exclusive_options,
+    parse_options,
+};
 use crate::config::RabbitmqDefinitionsSettings;
 use crate::pipeline::ArtifactReader;
 use crate::storage::layout::TargetKind;
 use crate::storage::manifest::ArtifactRecord;
+use crate::storage::manifest::Facts;
 
 const KIND: TargetKind = TargetKind::Rabbitmq;
 const ARTIFACT: &str = "definitions.json";
@@ -278,7 +282,7 @@ impl Target for Rabbitmq {
         Ok(())
     }
 
-    async fn backup(&self, options: &Value, sink: &mut ArtifactSink) -> Result<Value, TargetError> {
+    async fn backup(&self, options: &Value, sink: &mut ArtifactSink) -> Result<Facts, TargetError> {
         let _: BackupOptions = parse_options(KIND, options)?;
         let body = self.get_definitions(&self.base).await?;
         let definitions = parse_definitions(&body).map_err(|reason| TargetError::Tool {
@@ -289,7 +293,7 @@ impl Target for Rabbitmq {
         let mut writer = sink.create(ARTIFACT, FORMAT).await?;
         writer.write(body).await?;
         sink.finish(writer).await?;
-        Ok(serde_json::to_value(facts_of(&definitions)).expect("facts serialize"))
+        Ok(Facts::of(&facts_of(&definitions)))
     }
 
     async fn restore(
@@ -298,12 +302,11 @@ impl Target for Rabbitmq {
         options: &Value,
     ) -> Result<RestoreReport, TargetError> {
         let options: RestoreOptions = parse_options(KIND, options)?;
-        if options.in_place && options.vhost_prefix.is_some() {
-            return Err(TargetError::InvalidOptions {
-                target: KIND,
-                message: "in_place and vhost_prefix exclude each other".into(),
-            });
-        }
+        exclusive_options(
+            KIND,
+            ("in_place", options.in_place),
+            ("vhost_prefix", options.vhost_prefix.is_some()),
+        )?;
         let record = source.record(ARTIFACT)?;
         let decoded = source.open(record).await?;
         let mut reader = decoded.reader;

@@ -300,3 +300,20 @@ pub fn manifest_validator() -> jsonschema::Validator {
         serde_json::from_str(include_str!("../../schemas/manifest.schema.json")).unwrap();
     jsonschema::validator_for(&schema).expect("manifest schema compiles")
 }
+
+/// Restores `manifest` (its own target) with `options`; the report's details, or the error text.
+pub async fn restore_details(
+    setup: &TestSetup,
+    manifest: &crm_backup::storage::manifest::Manifest,
+    options: serde_json::Value,
+) -> Result<serde_json::Value, String> {
+    let request = crm_backup::jobs::restore::RestoreRequest {
+        target: manifest.target,
+        backup: crm_backup::storage::catalog::BackupRef::Id(manifest.id.clone()),
+        options,
+    };
+    crm_backup::jobs::restore::run_restore(&setup.ctx, &request)
+        .await
+        .map(|(_, report)| report.details)
+        .map_err(|err| err.to_string())
+}

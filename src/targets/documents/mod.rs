@@ -21,11 +21,15 @@ use tokio_util::io::SyncIoBridge;
 use self::archive::write_tree;
 pub use self::archive::{EntryKind, IndexEntry, Skipped};
 use self::extract::unpack;
-use super::{ArtifactSink, ArtifactSource, RestoreReport, Target, TargetError, parse_options};
+use super::{
+    ArtifactSink, ArtifactSource, RestoreReport, Target, TargetError, exclusive_options,
+    parse_options,
+};
 use crate::config::DocumentsSettings;
 use crate::pipeline::ArtifactReader;
 use crate::storage::catalog;
 use crate::storage::layout::TargetKind;
+use crate::storage::manifest::Facts;
 use crate::storage::manifest::{ArtifactRecord, Manifest};
 
 const KIND: TargetKind = TargetKind::Documents;
@@ -101,7 +105,9 @@ impl Documents {
 }
 
 fn facts_of(manifest: &Manifest) -> Result<DocumentsFacts, TargetError> {
-    serde_json::from_value(manifest.source.clone())
+    manifest
+        .source
+        .parse()
         .map_err(|err| TargetError::Unusable(format!("manifest facts of {}: {err}", manifest.id)))
 }
 
@@ -149,7 +155,7 @@ impl Target for Documents {
         self.check_root()
     }
 
-    async fn backup(&self, options: &Value, sink: &mut ArtifactSink) -> Result<Value, TargetError> {
+    async fn backup(&self, options: &Value, sink: &mut ArtifactSink) -> Result<Facts, TargetError> {
         let options: BackupOptions = parse_options(KIND, options)?;
         self.check_root()?;
         let (previous, parent_facts) = if options.incremental {
@@ -228,7 +234,7 @@ impl Target for Documents {
             deleted,
             index: report.index,
         };
-        Ok(serde_json::to_value(facts).expect("facts serialize"))
+        Ok(Facts::of(&facts))
     }
 
     async fn restore(
@@ -237,12 +243,11 @@ impl Target for Documents {
         options: &Value,
     ) -> Result<RestoreReport, TargetError> {
         let options: RestoreOptions = parse_options(KIND, options)?;
-        if options.in_place && options.to.is_some() {
-            return Err(TargetError::InvalidOptions {
-                target: KIND,
-                message: "to and in_place exclude each other".into(),
-            });
-        }
+        exclusive_options(
+            KIND,
+            ("to", options.to.is_some()),
+            ("in_place", options.in_place),
+        )?;
         let facts = facts_of(&source.manifest)?;
         let dest = match (&options.to, options.in_place) {
             (Some(to), _) => to.clone(),

@@ -23,6 +23,7 @@ use crate::config::PostgresSettings;
 use crate::pipeline::ArtifactReader;
 use crate::storage::layout::TargetKind;
 use crate::storage::manifest::ArtifactRecord;
+use crate::storage::manifest::Facts;
 
 const KIND: TargetKind = TargetKind::Postgres;
 const DUMP_FORMAT: &str = "pg_dump-custom";
@@ -229,11 +230,7 @@ impl Postgres {
             Stdio::null(),
             Stdio::piped(),
         )?;
-        let mut stdout = process
-            .child
-            .stdout
-            .take()
-            .ok_or_else(|| TargetError::Unusable("pg_dump has no stdout".into()))?;
+        let mut stdout = process.take_stdout()?;
         let mut writer = sink
             .create(&format!("{}.dump", key_safe(database)), DUMP_FORMAT)
             .await?;
@@ -307,11 +304,7 @@ impl Postgres {
             Stdio::null(),
             Stdio::piped(),
         )?;
-        let mut stdout = process
-            .child
-            .stdout
-            .take()
-            .ok_or_else(|| TargetError::Unusable("pg_dumpall has no stdout".into()))?;
+        let mut stdout = process.take_stdout()?;
         let mut writer = sink.create(GLOBALS_ARTIFACT, GLOBALS_FORMAT).await?;
         let copied = writer.copy_from(&mut stdout).await;
         drop(stdout);
@@ -350,11 +343,7 @@ impl Postgres {
             Stdio::piped(),
             Stdio::null(),
         )?;
-        let mut stdin = process
-            .child
-            .stdin
-            .take()
-            .ok_or_else(|| TargetError::Unusable("pg_restore has no stdin".into()))?;
+        let mut stdin = process.take_stdin()?;
         let decoded = source.open(record).await?;
         let mut reader = decoded.reader;
         let pumped = pump(&mut reader, &mut stdin).await;
@@ -396,7 +385,7 @@ impl Target for Postgres {
         &self,
         options: &serde_json::Value,
         sink: &mut ArtifactSink,
-    ) -> Result<serde_json::Value, TargetError> {
+    ) -> Result<Facts, TargetError> {
         let options: BackupOptions = parse_options(KIND, options)?;
         let requested = options
             .schemas
@@ -458,7 +447,7 @@ impl Target for Postgres {
             snapshot,
             globals,
         };
-        Ok(serde_json::to_value(facts).expect("facts serialize"))
+        Ok(Facts::of(&facts))
     }
 
     async fn restore(
@@ -467,8 +456,7 @@ impl Target for Postgres {
         options: &serde_json::Value,
     ) -> Result<RestoreReport, TargetError> {
         let options: RestoreOptions = parse_options(KIND, options)?;
-        let facts: PostgresFacts = serde_json::from_value(source.manifest.source.clone())
-            .map_err(|err| TargetError::Unusable(format!("manifest facts: {err}")))?;
+        let facts: PostgresFacts = source.facts()?;
         let record = source
             .manifest
             .artifacts
@@ -575,30 +563,22 @@ impl Target for Postgres {
             Stdio::piped(),
             Stdio::piped(),
         )?;
-        let mut stdin = process.child.stdin.take();
-        let stdout = process.child.stdout.take();
-        let feed = async {
-            if let Some(stdin) = stdin.as_mut() {
-                // pg_restore stops reading after the table of contents; that is fine.
-                pump(&mut reader, stdin).await
-            } else {
-                Pump::WriterClosed
-            }
-        };
+        let mut stdin = process.take_stdin()?;
+        let stdout = process.take_stdout()?;
+        // pg_restore stops reading after the table of contents; that is fine.
+        let feed = pump(&mut reader, &mut stdin);
         let list = async {
             let mut entries = 0usize;
             let mut table_data = 0usize;
             let mut custom_format = false;
-            if let Some(stdout) = stdout {
-                let mut lines = BufReader::new(stdout).lines();
-                while let Ok(Some(line)) = lines.next_line().await {
-                    if line.starts_with(";     Format: CUSTOM") {
-                        custom_format = true;
-                    } else if !line.starts_with(';') && !line.trim().is_empty() {
-                        entries += 1;
-                        if line.contains(" TABLE DATA ") {
-                            table_data += 1;
-                        }
+            let mut lines = BufReader::new(stdout).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                if line.starts_with(";     Format: CUSTOM") {
+                    custom_format = true;
+                } else if !line.starts_with(';') && !line.trim().is_empty() {
+                    entries += 1;
+                    if line.contains(" TABLE DATA ") {
+                        table_data += 1;
                     }
                 }
             }

@@ -32,6 +32,7 @@ use crate::config::{RedisMode, RedisSettings};
 use crate::pipeline::ArtifactReader;
 use crate::storage::layout::TargetKind;
 use crate::storage::manifest::ArtifactRecord;
+use crate::storage::manifest::Facts;
 
 const KIND: TargetKind = TargetKind::Redis;
 const RDB_ARTIFACT: &str = "dump.rdb";
@@ -330,8 +331,7 @@ impl Redis {
         options: &RestoreOptions,
     ) -> Result<RestoreReport, TargetError> {
         let endpoint = self.endpoint(options)?;
-        let facts: RedisFacts = serde_json::from_value(source.manifest.source.clone())
-            .map_err(|err| TargetError::Unusable(format!("manifest facts: {err}")))?;
+        let facts: RedisFacts = source.facts()?;
         let dbs: Vec<u32> = facts
             .keyspace
             .keys()
@@ -806,7 +806,7 @@ impl Target for Redis {
         Ok(())
     }
 
-    async fn backup(&self, options: &Value, sink: &mut ArtifactSink) -> Result<Value, TargetError> {
+    async fn backup(&self, options: &Value, sink: &mut ArtifactSink) -> Result<Facts, TargetError> {
         let options: BackupOptions = parse_options(KIND, options)?;
         let mut conn = connect(&self.source()).await?;
         let mut facts = self.facts(&mut conn).await?;
@@ -830,7 +830,7 @@ impl Target for Redis {
                 .collect();
             facts.keys_written = Some(self.backup_keys(sink, &dbs).await?);
         }
-        Ok(serde_json::to_value(facts).expect("facts serialize"))
+        Ok(Facts::of(&facts))
     }
 
     async fn restore(
