@@ -15,12 +15,19 @@
 //!   from manifests ([`storage::catalog`]).
 //! - [`pipeline`] — hashing, zstd and age in both directions, off the async runtime,
 //!   with bounded memory; multipart uploads that are aborted unless finished.
-//! - [`targets`] — one file per target behind the [`targets::Target`] trait; child
-//!   processes (`pg_dump`, `pg_restore`) in [`targets`]' `process` module.
+//! - [`targets`] — one module per target behind the [`targets::Target`] trait:
+//!   [`targets::postgres`], [`targets::redis`], [`targets::rabbitmq`],
+//!   [`targets::consul`], [`targets::documents`]; child processes and HTTP APIs in
+//!   the private `process` and `http` modules.
 //! - [`jobs`] — what one command does (backup, restore, verify), knowing nothing about
 //!   where the command came from.
+//! - [`messaging`] — RabbitMQ: topology, command and event types, the confirm-mode
+//!   publisher, the worker (dispatch, leases, retry policy) and dead letters.
+//! - [`schedule`] — pure next-fire computation and fire ids for the scheduler.
 //!
-//! The binary `crm-backup` (`src/main.rs`) is the operator CLI over these modules.
+//! Binaries: `crm-backup` (`src/main.rs`: the worker and the operator CLI) and
+//! `crm-backup-scheduler` (`src/bin/`: publishes scheduled commands; no storage,
+//! database or Redis code linked in).
 
 pub mod config;
 pub mod jobs;
