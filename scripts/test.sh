@@ -27,6 +27,7 @@ ensure_tools() {
   need redis-server redis-server
   need redis-cli redis-tools
   need nm binutils
+  need openssl openssl
 }
 
 ensure_postgres() {

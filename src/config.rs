@@ -35,6 +35,7 @@ const SEED_NAMES: &[(&str, &str)] = &[
     ("REDIS_PORT", "redis.port"),
     ("REDIS_USERNAME", "redis.username"),
     ("REDIS_PASSWORD", "redis.password"),
+    ("REDIS_TLS", "redis.tls"),
     (
         "RABBITMQ_MANAGEMENT_URL",
         "rabbitmq_definitions.management_url",
@@ -93,6 +94,8 @@ pub struct RedisSettings {
     pub port: u16,
     pub username: String,
     pub password: SecretString,
+    pub tls: bool,
+    pub tls_ca_file: PathBuf,
     pub mode: RedisMode,
     pub server_binary: PathBuf,
 }
@@ -407,6 +410,13 @@ impl Settings {
         }
         if self.redis.host.is_empty() {
             return invalid("redis.host", "is empty".into());
+        }
+        let ca = &self.redis.tls_ca_file;
+        if self.redis.tls && !ca.as_os_str().is_empty() && !ca.is_file() {
+            return invalid(
+                "redis.tls_ca_file",
+                format!("{} is not a file", ca.display()),
+            );
         }
         if self.rabbitmq.concurrency == 0 {
             return invalid("rabbitmq.concurrency", "must be at least 1".into());

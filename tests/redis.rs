@@ -20,6 +20,8 @@ use tokio_util::sync::CancellationToken;
 struct RedisServer {
     child: Child,
     port: u16,
+    /// redis-cli arguments for a TLS server (`--tls --cacert …`), empty for plain TCP.
+    cli_tls: Vec<String>,
     _dir: tempfile::TempDir,
 }
 
@@ -30,22 +32,75 @@ impl RedisServer {
     }
 
     fn start_in(dir: tempfile::TempDir, extra: &[&str]) -> Self {
+        Self::launch(dir, extra, None)
+    }
+
+    /// A server that speaks only TLS, with a fresh self-signed certificate; returns it and
+    /// the CA file that verifies it.
+    fn start_tls() -> (Self, std::path::PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let cert = dir.path().join("redis.crt");
+        let key = dir.path().join("redis.key");
+        // A CA, and a server certificate for 127.0.0.1 signed by it.
+        let script = "set -e
+            openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=test-ca -keyout ca.key -out ca.crt
+            openssl req -newkey rsa:2048 -nodes -subj /CN=127.0.0.1 -keyout redis.key -out redis.csr
+            printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\\nbasicConstraints=CA:FALSE\\n' > ext.cnf
+            openssl x509 -req -in redis.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 1 -extfile ext.cnf -out redis.crt";
+        let status = Command::new("sh")
+            .args(["-c", script])
+            .current_dir(dir.path())
+            .stderr(Stdio::null())
+            .status()
+            .expect("openssl runs");
+        assert!(status.success());
+        let ca = dir.path().join("ca.crt");
+        let server = Self::launch(dir, &[], Some((&cert, &key, &ca)));
+        (server, ca)
+    }
+
+    fn launch(
+        dir: tempfile::TempDir,
+        extra: &[&str],
+        tls: Option<(&std::path::Path, &std::path::Path, &std::path::Path)>,
+    ) -> Self {
         let port = TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
             .unwrap()
             .port();
-        let child = Command::new("redis-server")
-            .args([
+        let mut ports = vec!["--port".to_string(), port.to_string()];
+        let mut cli_tls = Vec::new();
+        if let Some((cert, key, ca)) = tls {
+            let (cert, key, ca) = (
+                cert.display().to_string(),
+                key.display().to_string(),
+                ca.display().to_string(),
+            );
+            ports = [
                 "--port",
+                "0",
+                "--tls-port",
                 &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
+                "--tls-cert-file",
+                &cert,
+            ]
+            .into_iter()
+            .chain([
+                "--tls-key-file",
+                &key,
+                "--tls-ca-cert-file",
+                &ca,
+                "--tls-auth-clients",
                 "no",
             ])
+            .map(String::from)
+            .collect();
+            cli_tls = vec!["--tls".to_string(), "--cacert".to_string(), ca];
+        }
+        let child = Command::new("redis-server")
+            .args(&ports)
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .args(["--enable-debug-command", "yes", "--dir"])
             .arg(dir.path())
             .args(extra)
@@ -56,6 +111,7 @@ impl RedisServer {
         let server = RedisServer {
             child,
             port,
+            cli_tls,
             _dir: dir,
         };
         for _ in 0..200 {
@@ -69,6 +125,7 @@ impl RedisServer {
 
     fn cli_db(&self, db: u32, args: &[&str]) -> String {
         let out = Command::new("redis-cli")
+            .args(&self.cli_tls)
             .args([
                 "--no-raw",
                 "-p",
@@ -414,4 +471,65 @@ async fn an_unreachable_redis_is_a_retryable_error_without_debris() {
     assert!(err.retryable(), "{err}");
     assert!(!err.to_string().contains("sekrit-pass"));
     assert!(setup.stored_files().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_only_redis_is_backed_up_and_restored_over_tls() {
+    let (source, ca) = RedisServer::start_tls();
+    populate(&source);
+    let ca_file = ca.display().to_string();
+    let setup = setup_for(
+        &source,
+        &[
+            ("REDIS_TLS", "true"),
+            ("BACKUP__REDIS__TLS_CA_FILE", ca_file.as_str()),
+        ],
+    );
+    let (manifest, facts) = backup(&setup).await;
+    assert_eq!(facts.mode, crm_backup::config::RedisMode::Rdb);
+    assert_eq!(facts.key_count, 1012);
+
+    // Restore onto a plain-TCP Redis, and onto the TLS one itself (flushed first).
+    let target = RedisServer::start(&[]);
+    restore(
+        &setup,
+        &manifest,
+        json!({ "host": "127.0.0.1", "port": target.port, "tls": false }),
+    )
+    .await
+    .unwrap();
+    assert_eq!(target.contents(0), source.contents(0));
+    let expected = source.contents(3);
+    source.cli(&["FLUSHALL"]);
+    restore(
+        &setup,
+        &manifest,
+        json!({ "in_place": true, "existing": "flush-first" }),
+    )
+    .await
+    .unwrap();
+    assert_eq!(source.contents(3), expected);
+
+    // A certificate the configured CA does not vouch for is refused.
+    let (other, _) = RedisServer::start_tls();
+    let untrusted = setup_for(
+        &other,
+        &[
+            ("REDIS_TLS", "true"),
+            ("BACKUP__REDIS__TLS_CA_FILE", ca_file.as_str()),
+        ],
+    );
+    let err = run_backup(
+        &untrusted.ctx,
+        &BackupRequest::new(TargetKind::Redis, "test"),
+        &CancellationToken::new(),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        err.to_string().to_lowercase().contains("certificate"),
+        "{err}"
+    );
+    assert!(!err.retryable(), "{err}");
+    assert!(untrusted.stored_files().is_empty());
 }

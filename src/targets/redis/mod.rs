@@ -26,7 +26,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use self::format::{
     Decoded, KeyRecord, KeysDecoder, RdbCheck, encode_end, encode_record, keys_header,
 };
-use self::resp::{Connection, Reply, SyncPayload, parse_info};
+use self::resp::{Connection, Reply, SyncPayload, TlsSettings, parse_info};
 use super::{ArtifactSink, ArtifactSource, RestoreReport, Target, TargetError, parse_options};
 use crate::config::{RedisMode, RedisSettings};
 use crate::pipeline::ArtifactReader;
@@ -49,6 +49,8 @@ pub struct Redis {
     port: u16,
     username: String,
     password: SecretString,
+    tls: bool,
+    tls_ca_file: Option<PathBuf>,
     mode: RedisMode,
     server_binary: PathBuf,
 }
@@ -70,6 +72,8 @@ struct RestoreOptions {
     port: Option<u16>,
     username: Option<String>,
     password_env: Option<String>,
+    /// TLS to that Redis (default: as configured for the source).
+    tls: Option<bool>,
     /// Restore into the configured (original) Redis.
     #[serde(default)]
     in_place: bool,
@@ -112,6 +116,8 @@ struct Endpoint {
     port: u16,
     username: String,
     password: String,
+    tls: bool,
+    tls_ca_file: Option<PathBuf>,
 }
 
 impl Redis {
@@ -121,6 +127,9 @@ impl Redis {
             port: settings.port,
             username: settings.username.clone(),
             password: settings.password.clone(),
+            tls: settings.tls,
+            tls_ca_file: (!settings.tls_ca_file.as_os_str().is_empty())
+                .then(|| settings.tls_ca_file.clone()),
             mode: settings.mode,
             server_binary: settings.server_binary.clone(),
         }
@@ -132,6 +141,8 @@ impl Redis {
             port: self.port,
             username: self.username.clone(),
             password: self.password.expose_secret().to_string(),
+            tls: self.tls,
+            tls_ca_file: self.tls_ca_file.clone(),
         }
     }
 
@@ -291,6 +302,8 @@ impl Redis {
                         .clone()
                         .unwrap_or_else(|| self.username.clone()),
                     password,
+                    tls: options.tls.unwrap_or(self.tls),
+                    tls_ca_file: self.tls_ca_file.clone(),
                 })
             }
             (None, true) => Ok(self.source()),
@@ -465,12 +478,33 @@ fn timed_out() -> std::io::Error {
 }
 
 async fn connect(endpoint: &Endpoint) -> Result<Connection, TargetError> {
-    let mut conn = Connection::tcp(&endpoint.host, endpoint.port)
-        .await
-        .map_err(|err| TargetError::Unreachable {
-            target: KIND,
-            message: format!("{}:{}: {err}", endpoint.host, endpoint.port),
+    let connected = if endpoint.tls {
+        let tls = TlsSettings::new(endpoint.tls_ca_file.as_deref()).map_err(|message| {
+            TargetError::InvalidOptions {
+                target: KIND,
+                message: format!("Redis TLS: {message}"),
+            }
         })?;
+        Connection::tls(&endpoint.host, endpoint.port, &tls).await
+    } else {
+        Connection::tcp(&endpoint.host, endpoint.port).await
+    };
+    let mut conn = connected.map_err(|err| {
+        let message = format!("{}:{}: {err}", endpoint.host, endpoint.port);
+        // A certificate that does not verify will not verify on the next try either.
+        if err.kind() == std::io::ErrorKind::InvalidData {
+            TargetError::Tool {
+                tool: "redis TLS".into(),
+                message,
+                retryable: false,
+            }
+        } else {
+            TargetError::Unreachable {
+                target: KIND,
+                message,
+            }
+        }
+    })?;
     conn.authenticate(&endpoint.username, &endpoint.password)
         .await
         .map_err(lost)?

@@ -63,6 +63,29 @@ impl Connection {
         })
     }
 
+    /// A TLS connection (Redis `tls-port`), verified against `tls`'s roots.
+    pub async fn tls(host: &str, port: u16, tls: &TlsSettings) -> io::Result<Self> {
+        let tcp = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            TcpStream::connect((host, port)),
+        )
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
+        tcp.set_nodelay(true)?;
+        let name = rustls_pki_types::ServerName::try_from(host.to_string()).map_err(|err| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("TLS server name {host}: {err}"),
+            )
+        })?;
+        let stream = tokio_rustls::TlsConnector::from(tls.config.clone())
+            .connect(name, tcp)
+            .await?;
+        Ok(Connection {
+            stream: BufReader::with_capacity(256 * 1024, Box::new(stream)),
+        })
+    }
+
     pub async fn unix(path: &Path) -> io::Result<Self> {
         let stream = UnixStream::connect(path).await?;
         Ok(Connection {
@@ -220,6 +243,49 @@ impl Connection {
     /// Reads up to `buf.len()` raw bytes (the RDB payload after the header).
     pub async fn read_raw(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         self.stream.read(buf).await
+    }
+}
+
+/// Client TLS configuration for Redis.
+#[derive(Clone)]
+pub struct TlsSettings {
+    config: std::sync::Arc<rustls::ClientConfig>,
+}
+
+impl TlsSettings {
+    /// Trusts the certificates of `ca_file` (PEM), or the system's roots when `None`.
+    pub fn new(ca_file: Option<&Path>) -> Result<Self, String> {
+        use rustls_pki_types::pem::PemObject;
+        let mut roots = rustls::RootCertStore::empty();
+        match ca_file {
+            Some(path) => {
+                for cert in rustls_pki_types::CertificateDer::pem_file_iter(path)
+                    .map_err(|err| format!("{}: {err}", path.display()))?
+                {
+                    let cert = cert.map_err(|err| format!("{}: {err}", path.display()))?;
+                    roots
+                        .add(cert)
+                        .map_err(|err| format!("{}: {err}", path.display()))?;
+                }
+            }
+            None => {
+                for cert in rustls_native_certs::load_native_certs().certs {
+                    let _ = roots.add(cert);
+                }
+            }
+        }
+        if roots.is_empty() {
+            return Err("no trusted certificates to verify Redis's TLS certificate".into());
+        }
+        let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|err| err.to_string())?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Ok(TlsSettings {
+            config: std::sync::Arc::new(config),
+        })
     }
 }
 
