@@ -474,24 +474,36 @@ async fn fail(
             next_attempt,
             expiration,
         } => {
-            let queue = env
-                .policy
-                .queue_name(&env.publisher.names().retry_queue_prefix, tier);
             let headers = failure_headers(received, next_attempt, err.kind(), &err.to_string());
-            env.publisher
-                .to_retry_queue(
-                    &queue,
-                    &received.delivery.data,
-                    &received.delivery.properties,
-                    headers,
-                    expiration.as_millis(),
-                )
-                .await?;
+            let queue = to_tier(env, received, tier, expiration, headers).await?;
             announce_failure(env, failed, err.kind(), &err.to_string(), true, true).await;
             tracing::info!(command_id = %command.id, attempt = received.attempt, %queue, "will retry");
             Ok(Settle::Ack)
         }
     }
+}
+
+/// Copies the delivery into retry tier `tier`; returns the queue's name.
+async fn to_tier(
+    env: &StepEnv,
+    received: &Received<'_>,
+    tier: usize,
+    expiration: Duration,
+    headers: FieldTable,
+) -> Result<String, MessagingError> {
+    let queue = env
+        .policy
+        .queue_name(&env.publisher.names().retry_queue_prefix, tier);
+    env.publisher
+        .to_retry_queue(
+            &queue,
+            &received.delivery.data,
+            &received.delivery.properties,
+            headers,
+            expiration.as_millis(),
+        )
+        .await?;
+    Ok(queue)
 }
 
 /// The target is busy with another step: wait in the first tier, attempt unchanged.
@@ -510,20 +522,9 @@ async fn busy(
     else {
         unreachable!("when_busy always retries");
     };
-    let queue = env
-        .policy
-        .queue_name(&env.publisher.names().retry_queue_prefix, tier);
     let mut headers = headers::copy(&received.delivery.properties);
     headers::set_int(&mut headers, headers::ATTEMPT, i64::from(next_attempt));
-    env.publisher
-        .to_retry_queue(
-            &queue,
-            &received.delivery.data,
-            &received.delivery.properties,
-            headers,
-            expiration.as_millis(),
-        )
-        .await?;
+    let queue = to_tier(env, received, tier, expiration, headers).await?;
     tracing::info!(command_id = %command.id, %queue, "target busy: delayed");
     Ok(Settle::Ack)
 }

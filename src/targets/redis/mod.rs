@@ -451,6 +451,21 @@ impl Redis {
     }
 }
 
+/// Reads `reader` to its end, handing each chunk to `each`; errors of either as text.
+async fn for_each_chunk<R: tokio::io::AsyncRead + Unpin>(
+    reader: &mut R,
+    mut each: impl FnMut(&[u8]) -> Result<(), String>,
+) -> Result<(), String> {
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = reader.read(&mut buf).await.map_err(|err| err.to_string())?;
+        if n == 0 {
+            return Ok(());
+        }
+        each(&buf[..n])?;
+    }
+}
+
 fn parse_keyspace(value: &str) -> DbKeys {
     let mut keys = DbKeys::default();
     for part in value.split(',') {
@@ -885,42 +900,33 @@ impl Target for Redis {
         record: &ArtifactRecord,
         mut reader: ArtifactReader,
     ) -> Result<String, TargetError> {
-        let mut buf = vec![0u8; 256 * 1024];
         let unusable = |reason: String| TargetError::Unusable(format!("{}: {reason}", record.name));
         if record.format == RDB_FORMAT {
             let mut check = RdbCheck::default();
-            loop {
-                let n = reader
-                    .read(&mut buf)
-                    .await
-                    .map_err(|e| unusable(e.to_string()))?;
-                if n == 0 {
-                    break;
-                }
-                check.update(&buf[..n]);
-            }
+            for_each_chunk(&mut reader, |chunk| {
+                check.update(chunk);
+                Ok(())
+            })
+            .await
+            .map_err(unusable)?;
             let version = check.finish().map_err(unusable)?;
             return Ok(format!("RDB version {version}, magic and CRC-64 valid"));
         }
         let mut decoder = KeysDecoder::default();
         let mut records = 0u64;
         let mut declared = None;
-        loop {
-            let n = reader
-                .read(&mut buf)
-                .await
-                .map_err(|e| unusable(e.to_string()))?;
-            if n == 0 {
-                break;
-            }
-            decoder.feed(&buf[..n]);
-            while let Some(item) = decoder.next().map_err(unusable)? {
+        for_each_chunk(&mut reader, |chunk| {
+            decoder.feed(chunk);
+            while let Some(item) = decoder.next()? {
                 match item {
                     Decoded::Record(_) => records += 1,
                     Decoded::End(count) => declared = Some(count),
                 }
             }
-        }
+            Ok(())
+        })
+        .await
+        .map_err(unusable)?;
         match declared {
             Some(count) if count == records => Ok(format!("key stream: {records} keys")),
             Some(count) => Err(unusable(format!(
