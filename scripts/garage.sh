@@ -32,6 +32,9 @@ metadata_dir = "$GARAGE_HOME/meta"
 data_dir = "$GARAGE_HOME/data"
 db_engine = "sqlite"
 replication_factor = 1
+# Artifacts arrive zstd-compressed (and often age-encrypted): compressing them again
+# only costs CPU next to the databases being backed up.
+compression_level = "none"
 rpc_bind_addr = "127.0.0.1:$RPC_PORT"
 rpc_public_addr = "127.0.0.1:$RPC_PORT"
 rpc_secret = "$(od -An -N32 -tx1 /dev/urandom | tr -d ' \n')"
@@ -47,6 +50,11 @@ TOML
   chmod 600 "$CONFIG"
 fi
 g() { garage -c "$CONFIG" "$@"; }
+if ! grep -q '^compression_level' "$CONFIG"; then
+  # Written by an earlier version of this script: add the setting, restart to apply it.
+  sed -i 's/^replication_factor = 1$/&\ncompression_level = "none"/' "$CONFIG"
+  pkill -f "garage -c $CONFIG server" 2>/dev/null && sleep 1 || true
+fi
 
 if ! g status >/dev/null 2>&1; then
   log "starting garage server ($GARAGE_HOME)"

@@ -1,6 +1,6 @@
 //! Backup direction: raw bytes in, a committed (or aborted) multipart upload out.
 
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -9,7 +9,7 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use super::{CHANNEL_DEPTH, Codec, PipelineError, Tally};
+use super::{CHANNEL_DEPTH, Codec, PipelineError, Tally, TallyThread};
 use crate::storage::manifest::{ArtifactRecord, Compression, Encryption};
 use crate::storage::{Storage, Upload};
 
@@ -282,20 +282,22 @@ fn encode(
         zstd.set_parameter(zstd::zstd_safe::CParameter::JobSize(ZSTD_JOB_SIZE))
             .map_err(PipelineError::Encode)?;
     }
-    let mut raw = Tally::default();
-    while let Some(chunk) = rx.blocking_recv() {
-        raw.update(&chunk);
-        zstd.write_all(&chunk).map_err(PipelineError::Encode)?;
-    }
-    if aborted.load(Ordering::SeqCst) {
-        return Err(PipelineError::Aborted);
-    }
-    let layer = zstd.finish().map_err(PipelineError::Encode)?;
-    let mut sink = layer.finish().map_err(PipelineError::Encode)?;
-    sink.send_buffer().map_err(PipelineError::Encode)?;
-    Ok(EncodeSummary {
-        raw: raw.finish(),
-        stored: sink.tally.finish(),
+    std::thread::scope(|scope| {
+        let raw = TallyThread::spawn(scope);
+        while let Some(chunk) = rx.blocking_recv() {
+            raw.update(&chunk)?;
+            zstd.write_all(&chunk).map_err(PipelineError::Encode)?;
+        }
+        if aborted.load(Ordering::SeqCst) {
+            return Err(PipelineError::Aborted);
+        }
+        let layer = zstd.finish().map_err(PipelineError::Encode)?;
+        let mut sink = layer.finish().map_err(PipelineError::Encode)?;
+        sink.send_buffer().map_err(PipelineError::Encode)?;
+        Ok(EncodeSummary {
+            raw: raw.finish()?,
+            stored: sink.tally.finish(),
+        })
     })
 }
 
@@ -307,6 +309,18 @@ pub struct BlockingSink {
 }
 
 impl BlockingSink {
+    /// A sink whose chunks go to the returned receiver instead of an upload.
+    #[cfg(test)]
+    pub(crate) fn detached(chunk_size: usize) -> (Self, mpsc::Receiver<Bytes>) {
+        let (tx, rx) = mpsc::channel(1024);
+        let sink = BlockingSink {
+            tx: Some(tx),
+            buffer: Vec::with_capacity(chunk_size),
+            chunk_size,
+        };
+        (sink, rx)
+    }
+
     fn send(&mut self) -> io::Result<()> {
         if self.buffer.is_empty() {
             return Ok(());
@@ -321,6 +335,30 @@ impl BlockingSink {
                 "the artifact is closed",
             )),
         }
+    }
+}
+
+impl BlockingSink {
+    /// Reads up to `limit` bytes of `reader` straight into the chunk being filled, with no
+    /// buffer in between; returns what was read (for hashing), empty at the reader's end.
+    pub fn read_from(&mut self, reader: &mut impl Read, limit: usize) -> io::Result<&[u8]> {
+        if self.buffer.len() >= self.chunk_size {
+            self.send()?;
+        }
+        let start = self.buffer.len();
+        let want = limit.min(self.chunk_size - start);
+        self.buffer.resize(start + want, 0);
+        let read = loop {
+            match reader.read(&mut self.buffer[start..]) {
+                Ok(n) => break Ok(n),
+                Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
+                Err(err) => break Err(err),
+            }
+        };
+        let n = read.as_ref().map_or(0, |n| *n);
+        self.buffer.truncate(start + n);
+        read?;
+        Ok(&self.buffer[start..])
     }
 }
 

@@ -154,6 +154,41 @@ impl Keyring {
     }
 }
 
+/// A [`Tally`] computed on a thread of its own, so that hashing overlaps compression:
+/// chunks are shared (`Bytes` clones), not copied.
+struct TallyThread<'scope> {
+    tx: std::sync::mpsc::SyncSender<bytes::Bytes>,
+    thread: std::thread::ScopedJoinHandle<'scope, Tally>,
+}
+
+impl<'scope> TallyThread<'scope> {
+    fn spawn<'env>(scope: &'scope std::thread::Scope<'scope, 'env>) -> Self {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<bytes::Bytes>(CHANNEL_DEPTH);
+        let thread = scope.spawn(move || {
+            let mut tally = Tally::default();
+            for chunk in rx {
+                tally.update(&chunk);
+            }
+            tally
+        });
+        TallyThread { tx, thread }
+    }
+
+    fn update(&self, chunk: &bytes::Bytes) -> Result<(), PipelineError> {
+        self.tx
+            .send(chunk.clone())
+            .map_err(|_| PipelineError::Internal("the hashing thread stopped".into()))
+    }
+
+    fn finish(self) -> Result<(String, u64), PipelineError> {
+        drop(self.tx);
+        self.thread
+            .join()
+            .map(Tally::finish)
+            .map_err(|_| PipelineError::Internal("the hashing thread panicked".into()))
+    }
+}
+
 /// SHA-256 and byte count of everything that passes one point of the pipeline.
 #[derive(Default)]
 struct Tally {

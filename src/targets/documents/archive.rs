@@ -6,12 +6,14 @@
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, Metadata};
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+
+use crate::pipeline::BlockingSink;
 
 /// One entry of the index in the manifest.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -70,12 +72,12 @@ pub struct Skipped {
 
 /// Writes `root` as a tar stream into `out`. Files whose index entry is unchanged from
 /// `previous` are not stored again (incremental); their entry keeps `stored_in`.
-pub fn write_tree<W: Write>(
+pub fn write_tree(
     root: &Path,
-    out: W,
+    out: BlockingSink,
     previous: &BTreeMap<String, IndexEntry>,
     this_backup: &str,
-) -> io::Result<(ArchiveReport, W)> {
+) -> io::Result<(ArchiveReport, BlockingSink)> {
     let mut builder = tar::Builder::new(out);
     builder.mode(tar::HeaderMode::Complete);
     builder.follow_symlinks(false);
@@ -85,10 +87,10 @@ pub fn write_tree<W: Write>(
     Ok((report, out))
 }
 
-fn walk<W: Write>(
+fn walk(
     root: &Path,
     dir: &Path,
-    builder: &mut tar::Builder<W>,
+    builder: &mut tar::Builder<BlockingSink>,
     previous: &BTreeMap<String, IndexEntry>,
     this_backup: &str,
     report: &mut ArchiveReport,
@@ -185,15 +187,15 @@ fn header_for(meta: &Metadata, kind: tar::EntryType, size: u64) -> tar::Header {
 }
 
 /// Streams one file into the archive, hashing what is stored.
-fn store_file<W: Write>(
+fn store_file(
     path: &Path,
     meta: &Metadata,
     name: &str,
-    builder: &mut tar::Builder<W>,
+    builder: &mut tar::Builder<BlockingSink>,
     index: &mut IndexEntry,
     report: &mut ArchiveReport,
 ) -> io::Result<()> {
-    let file = match File::open(path) {
+    let mut file = match File::open(path) {
         Ok(file) => file,
         Err(err) if err.kind() == io::ErrorKind::NotFound => {
             report
@@ -210,51 +212,117 @@ fn store_file<W: Write>(
     };
     let size = meta.len();
     let mut header = header_for(meta, tar::EntryType::Regular, size);
-    let mut reader = ExactReader {
-        inner: file,
-        remaining: size,
-        short: false,
-        hasher: Sha256::new(),
-    };
-    builder.append_data(&mut header, name, &mut reader)?;
-    let after = reader.inner.metadata()?;
-    let changed = reader.short
+    // The builder writes the header (and a long-name entry when needed); the content
+    // follows straight from the file into the pipeline's chunks: tar's own copy goes
+    // through an 8 KiB buffer, a system call and a copy per 8 KiB.
+    builder.append_data(&mut header, name, io::empty())?;
+    let out = builder.get_mut();
+    let mut hasher = Sha256::new();
+    let mut remaining = size;
+    while remaining > 0 {
+        let read = out.read_from(&mut file, usize::try_from(remaining).unwrap_or(usize::MAX))?;
+        if read.is_empty() {
+            break;
+        }
+        hasher.update(read);
+        remaining -= read.len() as u64;
+    }
+    let short = remaining > 0;
+    // A file that shrank while it was read is padded to the size its header announced.
+    let zeros = [0u8; BLOCK];
+    while remaining > 0 {
+        let n = remaining.min(BLOCK as u64) as usize;
+        hasher.update(&zeros[..n]);
+        out.write_all(&zeros[..n])?;
+        remaining -= n as u64;
+    }
+    out.write_all(&zeros[..padding(size)])?;
+    let after = file.metadata()?;
+    let changed = short
         || after.len() != size
         || after.mtime() != meta.mtime()
         || after.mtime_nsec() != meta.mtime_nsec();
     if changed {
         report.changed_during_backup.push(name.to_string());
     }
-    index.sha256 = Some(hex::encode(reader.hasher.finalize()));
+    index.sha256 = Some(hex::encode(hasher.finalize()));
     report.stored_files += 1;
     report.stored_bytes += size;
     Ok(())
 }
 
-/// Yields exactly `remaining` bytes: the file's, then zeros if it shrank.
-struct ExactReader {
-    inner: File,
-    remaining: u64,
-    short: bool,
-    hasher: Sha256,
+/// tar's record size: every entry's content is padded to a multiple of it.
+const BLOCK: usize = 512;
+
+/// Zero bytes that follow `size` bytes of content in a tar stream.
+fn padding(size: u64) -> usize {
+    ((BLOCK as u64 - size % BLOCK as u64) % BLOCK as u64) as usize
 }
 
-impl Read for ExactReader {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if self.remaining == 0 {
-            return Ok(0);
+#[cfg(test)]
+mod tests {
+    use std::io::Read;
+
+    use super::*;
+
+    #[test]
+    fn a_file_that_shrinks_while_read_is_padded_to_its_header_and_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("shrinking.bin");
+        let original: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        fs::write(&path, &original).unwrap();
+        let before = fs::symlink_metadata(&path).unwrap();
+        // Cut while "being read": the header announces the size seen before.
+        fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(70_000)
+            .unwrap();
+        let (sink, mut chunks) = BlockingSink::detached(64 << 10);
+        let mut builder = tar::Builder::new(sink);
+        let mut index = IndexEntry {
+            path: "shrinking.bin".into(),
+            kind: EntryKind::File,
+            size: before.len(),
+            mode: 0o644,
+            mtime: 0,
+            mtime_nanos: 0,
+            sha256: None,
+            link: None,
+            stored_in: None,
+        };
+        let mut report = ArchiveReport::default();
+        store_file(&path, &before, "shrinking.bin", &mut builder, &mut index, &mut report)
+            .unwrap();
+        builder.into_inner().unwrap().flush().unwrap();
+        let mut stream = Vec::new();
+        while let Ok(chunk) = chunks.try_recv() {
+            stream.extend_from_slice(&chunk);
         }
-        let want = buf
-            .len()
-            .min(self.remaining.try_into().unwrap_or(usize::MAX));
-        let mut n = self.inner.read(&mut buf[..want])?;
-        if n == 0 {
-            self.short = true;
-            buf[..want].fill(0);
-            n = want;
-        }
-        self.hasher.update(&buf[..n]);
-        self.remaining -= n as u64;
-        Ok(n)
+
+        let mut expected = original[..70_000].to_vec();
+        expected.resize(original.len(), 0);
+        let mut archive = tar::Archive::new(stream.as_slice());
+        let mut entries = archive.entries().unwrap();
+        let mut entry = entries.next().unwrap().unwrap();
+        assert_eq!(entry.header().size().unwrap(), original.len() as u64);
+        let mut content = Vec::new();
+        entry.read_to_end(&mut content).unwrap();
+        drop(entry);
+        assert!(content == expected, "content is the shrunk file, zero-padded");
+        assert!(entries.next().is_none());
+        assert_eq!(index.sha256, Some(hex::encode(Sha256::digest(&expected))));
+        assert_eq!(report.changed_during_backup, vec!["shrinking.bin"]);
+        assert_eq!(stream.len() % BLOCK, 0);
+    }
+
+    #[test]
+    fn content_is_padded_to_whole_records() {
+        assert_eq!(padding(0), 0);
+        assert_eq!(padding(1), 511);
+        assert_eq!(padding(512), 0);
+        assert_eq!(padding(513), 511);
+        assert_eq!(padding(1 << 30), 0);
     }
 }
