@@ -254,6 +254,8 @@ pub struct StorageSettings {
     pub s3_region: String,
     pub s3_access_key: String,
     pub s3_secret_key: SecretString,
+    /// Send parts as `UNSIGNED-PAYLOAD` instead of signing each part's SHA-256.
+    pub s3_unsigned_payload: bool,
     pub part_size_mib: u32,
     pub parts_in_flight: u32,
 }
@@ -288,6 +290,8 @@ pub struct RetentionSettings {
     pub weekly: u32,
     pub monthly: u32,
     pub yearly: u32,
+    /// Objects of a backup without a manifest are debris once they are this old.
+    pub debris_grace: HumanDuration,
 }
 
 impl Settings {

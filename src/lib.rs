@@ -19,8 +19,9 @@
 //!   [`targets::postgres`], [`targets::redis`], [`targets::rabbitmq`],
 //!   [`targets::consul`], [`targets::documents`]; child processes and HTTP APIs in
 //!   the private `process` and `http` modules.
-//! - [`jobs`] — what one command does (backup, restore, verify), knowing nothing about
-//!   where the command came from.
+//! - [`jobs`] — what one command does (backup, restore, verify, prune), knowing nothing
+//!   about where the command came from.
+//! - [`retention`] — the pure keep/delete plan (daily/weekly/monthly/yearly) that prune applies.
 //! - [`messaging`] — RabbitMQ: topology, command and event types, the confirm-mode
 //!   publisher, the worker (dispatch, leases, retry policy) and dead letters.
 //! - [`schedule`] — pure next-fire computation and fire ids for the scheduler.
@@ -33,6 +34,7 @@ pub mod config;
 pub mod jobs;
 pub mod messaging;
 pub mod pipeline;
+pub mod retention;
 pub mod schedule;
 pub mod storage;
 pub mod targets;

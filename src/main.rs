@@ -1,5 +1,5 @@
 //! `crm-backup`: the worker and the operator CLI (run, list, show, restore, verify,
-//! setup, enqueue, dlq).
+//! prune, setup, enqueue, dlq).
 //!
 //! Exit status 0 means success; anything else failed, with a one-line reason on stderr.
 
@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use crm_backup::config::Settings;
 use crm_backup::jobs::backup::{BackupRequest, run_backup};
+use crm_backup::jobs::prune::{PruneRequest, run_prune};
 use crm_backup::jobs::restore::{RestoreRequest, run_restore};
 use crm_backup::jobs::verify::verify_backup;
 use crm_backup::jobs::{JobContext, JobError};
@@ -133,6 +134,17 @@ enum Command {
         backup: String,
         #[arg(long)]
         target: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Apply the retention policy: delete what it does not keep, and the debris of
+    /// unfinished backups. `--dry-run` prints the plan with a reason for every backup.
+    Prune {
+        /// Only this target (default: every target).
+        #[arg(long)]
+        target: Option<String>,
+        #[arg(long)]
+        dry_run: bool,
         #[arg(long)]
         json: bool,
     },
@@ -309,7 +321,78 @@ async fn dispatch(command: Command) -> Result<ExitCode, Failure> {
             target,
             json,
         } => verify(&ctx, &backup, target.as_deref(), json).await,
+        Command::Prune {
+            target,
+            dry_run,
+            json,
+        } => prune(&ctx, target.as_deref(), dry_run, json).await,
     }
+}
+
+async fn prune(
+    ctx: &JobContext,
+    target: Option<&str>,
+    dry_run: bool,
+    json: bool,
+) -> Result<ExitCode, Failure> {
+    let targets = match target {
+        Some(target) => vec![parse_target(target)?],
+        None => TargetKind::ALL.to_vec(),
+    };
+    let request = PruneRequest { targets, dry_run };
+    let report = run_prune(ctx, &request, chrono::Utc::now()).await?;
+    if json {
+        println!("{}", serde_json::to_string(&report)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let deleted = if dry_run { "would delete" } else { "deleted" };
+    for decision in &report.decisions {
+        let why = if decision.keep {
+            decision
+                .reasons
+                .iter()
+                .map(|r| r.to_string())
+                .collect::<Vec<_>>()
+                .join("; ")
+        } else {
+            "no rule keeps it".to_string()
+        };
+        println!(
+            "{:<12} {:<9} {}  {}",
+            if decision.keep { "keep" } else { deleted },
+            decision.target,
+            decision.id,
+            why
+        );
+    }
+    for debris in &report.debris {
+        println!(
+            "{:<12} {:<9} {}  unfinished backup: {} objects, {}, last written {}",
+            deleted,
+            "debris",
+            debris.dir,
+            debris.objects,
+            human_bytes(debris.bytes),
+            debris.last_written.format("%Y-%m-%d %H:%M:%SZ")
+        );
+    }
+    for unreadable in &report.unreadable {
+        println!("{:<12} {:<9} {}", "keep", "unreadable", unreadable);
+    }
+    println!(
+        "{} kept, {} {}, {} debris director{} {}",
+        report.kept(),
+        report.deleted.len(),
+        deleted,
+        report.debris.len(),
+        if report.debris.len() == 1 { "y" } else { "ies" },
+        if dry_run {
+            "would be removed"
+        } else {
+            "removed"
+        }
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn worker(ctx: JobContext) -> Result<ExitCode, Failure> {

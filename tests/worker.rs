@@ -917,3 +917,74 @@ async fn thousands_of_refused_leases_leave_the_worker_able_to_lease() {
     let taken = contender.try_acquire(TargetKind::Redis).await.unwrap();
     assert!(taken.is_some(), "released leases can be taken");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn prune_commands_apply_retention_per_target_and_for_all() {
+    let retention = [
+        ("BACKUP__RETENTION__DAILY", "1"),
+        ("BACKUP__RETENTION__WEEKLY", "0"),
+        ("BACKUP__RETENTION__MONTHLY", "0"),
+        ("BACKUP__RETENTION__YEARLY", "1"),
+    ];
+    let mut h = Harness::new("w_prune", &retention);
+    h.start_worker().await;
+    let mut client = h.client().await;
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let command = backup_command(TargetKind::Postgres);
+        client.send(&command).await;
+        let events = client.follow(&command).await;
+        ids.push(events.last().unwrap().backup_id.clone().unwrap());
+    }
+
+    // A dry run reports, deletes nothing.
+    let mut dry = BackupCommand::new(
+        Action::Prune,
+        TargetSelector::One(TargetKind::Postgres),
+        "test-suite",
+    );
+    dry.options = serde_json::json!({ "dry_run": true });
+    client.send(&dry).await;
+    let events = client.follow(&dry).await;
+    let done = events.last().unwrap();
+    assert_eq!(done.event, event::COMPLETED, "{done:?}");
+    assert_valid_event(done);
+    let details = done.details.as_ref().unwrap();
+    assert_eq!(details["dry_run"], true);
+    assert_eq!(details["deleted"], serde_json::json!([ids[1], ids[0]]));
+    assert_eq!(
+        catalog::list(&h.setup.ctx.storage, TargetKind::Postgres)
+            .await
+            .unwrap()
+            .manifests
+            .len(),
+        3
+    );
+
+    // `all` runs as one step over every target: the two older backups go.
+    let all = BackupCommand::new(Action::Prune, TargetSelector::All, "test-suite");
+    client.send(&all).await;
+    let events = client.follow(&all).await;
+    let done = events.last().unwrap();
+    assert_eq!(done.event, event::COMPLETED, "{done:?}");
+    assert_eq!(done.details.as_ref().unwrap()["kept"], 1);
+    let left: Vec<String> = catalog::list(&h.setup.ctx.storage, TargetKind::Postgres)
+        .await
+        .unwrap()
+        .manifests
+        .iter()
+        .map(|m| m.id.to_string())
+        .collect();
+    assert_eq!(left, vec![ids[2].clone()]);
+
+    // Unknown prune options are a permanent failure, not a silent default.
+    let mut bad = BackupCommand::new(Action::Prune, TargetSelector::All, "test-suite");
+    bad.options = serde_json::json!({ "dryrun": true });
+    client.send(&bad).await;
+    let events = client.follow(&bad).await;
+    let failed = events.last().unwrap();
+    assert_eq!(failed.event, event::FAILED);
+    assert_eq!(failed.will_retry, Some(false));
+    assert!(failed.error.as_ref().unwrap().message.contains("dryrun"));
+    h.stop_workers().await;
+}

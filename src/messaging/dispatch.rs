@@ -5,6 +5,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::command::{Action, Command, TargetSelector};
 use crate::jobs::backup::{BackupRequest, run_backup};
+use crate::jobs::prune::{PruneRequest, run_prune};
 use crate::jobs::restore::{RestoreRequest, run_restore};
 use crate::jobs::verify::verify_backup;
 use crate::jobs::{JobContext, JobError};
@@ -90,8 +91,40 @@ pub async fn run_step(
                 ..StepOutcome::of_manifest(ctx, &manifest)
             })
         }
-        Action::Drill | Action::Prune => Err(JobError::NotImplemented(command.action.to_string())),
+        Action::Prune => prune_step(ctx, command, vec![target]).await,
+        Action::Drill => Err(JobError::NotImplemented(command.action.to_string())),
     }
+}
+
+/// Prune options in a command.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PruneOptions {
+    #[serde(default)]
+    dry_run: bool,
+}
+
+/// Applies retention to `targets` (one target, or every kind for `target: all`).
+pub async fn prune_step(
+    ctx: &JobContext,
+    command: &Command,
+    targets: Vec<TargetKind>,
+) -> Result<StepOutcome, JobError> {
+    let options: PruneOptions = if command.options.is_null() {
+        PruneOptions::default()
+    } else {
+        serde_json::from_value(command.options.clone())
+            .map_err(|err| JobError::Invalid(format!("prune options: {err}")))?
+    };
+    let request = PruneRequest {
+        targets,
+        dry_run: options.dry_run,
+    };
+    let report = run_prune(ctx, &request, chrono::Utc::now()).await?;
+    Ok(StepOutcome {
+        details: Some(report.summary()),
+        ..StepOutcome::default()
+    })
 }
 
 fn backup_ref(command: &Command) -> Result<BackupRef, JobError> {

@@ -23,7 +23,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::command::{Action, Command, TargetSelector};
-use super::dispatch::{StepOutcome, run_step};
+use super::dispatch::{StepOutcome, prune_step, run_step};
 use super::event::{self, Event, EventError};
 use super::lease::Leases;
 use super::publisher::Publisher;
@@ -404,6 +404,9 @@ async fn run_leased(
     let started = Instant::now();
     let result = match target {
         Some(target) => run_step(&env.ctx, command, target, cancel).await,
+        None if command.action == Action::Prune => {
+            prune_step(&env.ctx, command, TargetKind::ALL.to_vec()).await
+        }
         None => Err(JobError::NotImplemented(command.action.to_string())),
     };
     audit(command, received.attempt, &result, started.elapsed());

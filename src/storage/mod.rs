@@ -108,6 +108,7 @@ impl Storage {
                 .with_bucket_name(&settings.s3_bucket)
                 .with_region(&settings.s3_region)
                 .with_conditional_put(S3ConditionalPut::Disabled)
+                .with_unsigned_payload(settings.s3_unsigned_payload)
                 .with_virtual_hosted_style_request(false);
             if !settings.s3_endpoint.is_empty() {
                 builder = builder

@@ -293,8 +293,15 @@ mod tests {
             stored_in: None,
         };
         let mut report = ArchiveReport::default();
-        store_file(&path, &before, "shrinking.bin", &mut builder, &mut index, &mut report)
-            .unwrap();
+        store_file(
+            &path,
+            &before,
+            "shrinking.bin",
+            &mut builder,
+            &mut index,
+            &mut report,
+        )
+        .unwrap();
         builder.into_inner().unwrap().flush().unwrap();
         let mut stream = Vec::new();
         while let Ok(chunk) = chunks.try_recv() {
@@ -310,7 +317,10 @@ mod tests {
         let mut content = Vec::new();
         entry.read_to_end(&mut content).unwrap();
         drop(entry);
-        assert!(content == expected, "content is the shrunk file, zero-padded");
+        assert!(
+            content == expected,
+            "content is the shrunk file, zero-padded"
+        );
         assert!(entries.next().is_none());
         assert_eq!(index.sha256, Some(hex::encode(Sha256::digest(&expected))));
         assert_eq!(report.changed_during_backup, vec!["shrinking.bin"]);
