@@ -192,43 +192,52 @@ fn each_chunk<R: Read>(archive: &mut Archive<R>, mut each: impl FnMut(&[u8])) ->
 #[derive(Default)]
 struct RowCounter {
     rows: i64,
-    /// Bytes of the current line seen so far, up to 3 (enough to recognise `\.`).
-    line: Vec<u8>,
+    /// The first bytes of a line that continues into the next chunk (enough to tell `\.`).
+    head: [u8; 2],
+    /// Length of that unfinished line so far.
     line_len: usize,
     ended: bool,
 }
 
 impl RowCounter {
-    fn feed(&mut self, mut data: &[u8]) {
-        while !self.ended && !data.is_empty() {
-            match data.iter().position(|&b| b == b'\n') {
-                Some(end) => {
-                    self.extend_line(&data[..end]);
-                    self.end_line();
-                    data = &data[end + 1..];
-                }
-                None => {
-                    self.extend_line(data);
-                    return;
-                }
+    /// Newlines are found with SIMD (`memchr`); only lines of two bytes are looked at.
+    fn feed(&mut self, data: &[u8]) {
+        if self.ended {
+            return;
+        }
+        let mut start = 0;
+        for end in memchr::memchr_iter(b'\n', data) {
+            let part = &data[start..end];
+            if self.line_len + part.len() == 2 && self.line_head(part) == *b"\\." {
+                self.ended = true;
+                return;
             }
-        }
-    }
-
-    fn extend_line(&mut self, part: &[u8]) {
-        let keep = part.len().min(3 - self.line.len().min(3));
-        self.line.extend_from_slice(&part[..keep]);
-        self.line_len += part.len();
-    }
-
-    fn end_line(&mut self) {
-        if self.line_len == 2 && self.line == b"\\." {
-            self.ended = true;
-        } else {
             self.rows += 1;
+            self.line_len = 0;
+            start = end + 1;
         }
-        self.line.clear();
-        self.line_len = 0;
+        let rest = &data[start..];
+        for (i, &byte) in rest
+            .iter()
+            .enumerate()
+            .take(2usize.saturating_sub(self.line_len))
+        {
+            self.head[self.line_len + i] = byte;
+        }
+        self.line_len += rest.len();
+    }
+
+    /// The first two bytes of the line that `part` finishes.
+    fn line_head(&self, part: &[u8]) -> [u8; 2] {
+        let mut head = [0u8; 2];
+        for (i, slot) in head.iter_mut().enumerate() {
+            *slot = if i < self.line_len {
+                self.head[i]
+            } else {
+                part[i - self.line_len]
+            };
+        }
+        head
     }
 }
 
@@ -238,8 +247,11 @@ mod tests {
 
     #[test]
     fn rows_are_lines_before_the_end_marker() {
-        let cases: [(&[&[u8]], i64); 5] = [
+        let cases: [(&[&[u8]], i64); 8] = [
             (&[b"1\tx\n2\tline\\nbreak\n3\t\\N\n\\.\n\n\n"], 3),
+            (&[b"a\n\\", b".", b"\n", b"ignored\n"], 1),
+            (&[b"\\", b".x\n", b"\\.\n"], 1),
+            (&[b"", b"x", b"", b"\n"], 1),
             (&[b"\\.\n\n\n"], 0),
             (&[b"1\ta", b"bc\n2\t", b"\\.x\n\\", b".\n\n"], 2),
             (&[b"\\.x\n\\.\n"], 1),
