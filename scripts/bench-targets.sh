@@ -3,8 +3,10 @@
 #   Redis (~1 GiB, half-random values):  redis-cli --rdb <file>      vs  crm-backup run redis
 #   documents (~2 GiB, 20,000 files):    tar -cf - | zstd -3 -T0 > f  vs  crm-backup run documents
 #   (and `restic backup` when restic is installed)
-# crm-backup writes to Garage on loopback. Prints medians of wall time and peak RSS and
-# the ratios; targets: <= 1.10x the reference tool's time, peak RSS <= 64 MiB.
+# crm-backup writes once to the local storage directory (on the same disk as the reference
+# tools' files: the like-for-like comparison) and once to Garage on loopback (which shares
+# the CPU). Prints medians of wall time and peak RSS and the ratios; targets: <= 1.10x the
+# reference tool's time, peak RSS <= 64 MiB.
 #
 #   BENCH_ROUNDS=3 BENCH_REDIS_MB=1024 BENCH_DOCS_MB=2048 BENCH_DOCS_FILES=20000 scripts/bench-targets.sh
 set -euo pipefail
@@ -32,6 +34,10 @@ export BACKUP_S3_ENDPOINT="$BACKUP_TEST_S3_ENDPOINT" BACKUP_S3_BUCKET="$BACKUP_T
   BACKUP_S3_REGION="$BACKUP_TEST_S3_REGION" BACKUP_S3_ACCESS_KEY="$BACKUP_TEST_S3_ACCESS_KEY" \
   BACKUP_S3_SECRET_KEY="$BACKUP_TEST_S3_SECRET_KEY" BACKUP_STORAGE_PREFIX="bench/$(date +%s)" \
   BACKUP_CONFIG_DIR=/nonexistent
+
+# The same run into the local storage directory instead of S3.
+LOCAL=(-u BACKUP_S3_ENDPOINT -u BACKUP_S3_BUCKET -u BACKUP_S3_REGION -u BACKUP_S3_ACCESS_KEY
+  -u BACKUP_S3_SECRET_KEY BACKUP_STORAGE_DIR="$WORK/local")
 
 measure() { # <label> <command...>: appends "seconds kib"
   local label=$1; shift
@@ -73,6 +79,8 @@ for round in $(seq 1 "$ROUNDS"); do
   echo "redis round $round/$ROUNDS" >&2
   # redis-cli needs a real file (it truncates and fsyncs it): the same disk Garage writes to.
   measure redis_cli redis-cli -p "$REDIS_PORT" --rdb "$WORK/dump.rdb"
+  rm -rf "$WORK/local"
+  measure redis_local env "${LOCAL[@]}" REDIS_PORT="$REDIS_PORT" "$BIN" run redis
   measure redis_crm env REDIS_PORT="$REDIS_PORT" "$BIN" run redis
 done
 
@@ -95,6 +103,8 @@ DOCS_SIZE=$(du -sh "$DOCS" | cut -f1)
 for round in $(seq 1 "$ROUNDS"); do
   echo "documents round $round/$ROUNDS" >&2
   measure tar_zstd sh -c "tar -cf - -C '$DOCS' . | zstd -3 -T0 -q > '$WORK/docs.tar.zst'"
+  rm -rf "$WORK/local"
+  measure docs_local env "${LOCAL[@]}" DOCUMENTS_STORAGE_ROOT="$DOCS" BACKUP__DOCUMENTS__ENABLED=true "$BIN" run documents
   measure docs_crm env DOCUMENTS_STORAGE_ROOT="$DOCS" BACKUP__DOCUMENTS__ENABLED=true "$BIN" run documents
   if command -v restic >/dev/null; then
     export RESTIC_PASSWORD=bench RESTIC_REPOSITORY="$WORK/restic-repository"
@@ -105,8 +115,10 @@ done
 
 printf '\n| run | seconds | peak RSS (MiB) | time vs reference |\n|---|---|---|---|\n'
 row "\`redis-cli --rdb file\` (${REDIS_MEM} in Redis)" redis_cli redis_cli
+row '`crm-backup run redis` (local directory)' redis_local redis_cli
 row '`crm-backup run redis` (to Garage)' redis_crm redis_cli
 row "\`tar -cf - | zstd -3 -T0 > file\` ($DOCS_FILES files, $DOCS_SIZE)" tar_zstd tar_zstd
+row '`crm-backup run documents` (local directory)' docs_local tar_zstd
 row '`crm-backup run documents` (to Garage)' docs_crm tar_zstd
 [ -f "$WORK/restic" ] && row '`restic backup`' restic tar_zstd
 printf '\nmedians of %s rounds\n' "$ROUNDS"
