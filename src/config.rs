@@ -77,6 +77,7 @@ pub struct Settings {
     pub postgres: PostgresSettings,
     pub retention: RetentionSettings,
     pub rabbitmq: RabbitmqSettings,
+    pub http: HttpSettings,
     pub messaging: MessagingSettings,
     pub restore: RestoreSettings,
     pub scheduler: SchedulerSettings,
@@ -84,6 +85,14 @@ pub struct Settings {
     pub rabbitmq_definitions: RabbitmqDefinitionsSettings,
     pub consul: ConsulSettings,
     pub documents: DocumentsSettings,
+}
+
+/// The worker's HTTP endpoint (`/healthz`, `/readyz`, `/metrics`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSettings {
+    /// `host:port`; empty: no endpoint.
+    pub listen: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -19,20 +19,24 @@
 //!   [`targets::postgres`], [`targets::redis`], [`targets::rabbitmq`],
 //!   [`targets::consul`], [`targets::documents`]; child processes and HTTP APIs in
 //!   the private `process` and `http` modules.
-//! - [`jobs`] — what one command does (backup, restore, verify, prune), knowing nothing
+//! - [`jobs`] — what one command does (backup, restore, verify, drill, prune), knowing nothing
 //!   about where the command came from.
 //! - [`retention`] — the pure keep/delete plan (daily/weekly/monthly/yearly) that prune applies.
 //! - [`messaging`] — RabbitMQ: topology, command and event types, the confirm-mode
 //!   publisher, the worker (dispatch, leases, retry policy) and dead letters.
 //! - [`schedule`] — pure next-fire computation and fire ids for the scheduler.
+//! - [`metrics`] and [`endpoint`] — the worker's Prometheus counters and its HTTP
+//!   endpoint (`/healthz`, `/readyz`, `/metrics`).
 //!
 //! Binaries: `crm-backup` (`src/main.rs`: the worker and the operator CLI) and
 //! `crm-backup-scheduler` (`src/bin/`: publishes scheduled commands; no storage,
 //! database or Redis code linked in).
 
 pub mod config;
+pub mod endpoint;
 pub mod jobs;
 pub mod messaging;
+pub mod metrics;
 pub mod pipeline;
 pub mod retention;
 pub mod schedule;

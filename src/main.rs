@@ -1,5 +1,5 @@
 //! `crm-backup`: the worker and the operator CLI (run, list, show, restore, verify,
-//! prune, setup, enqueue, dlq).
+//! drill, prune, setup, enqueue, dlq).
 //!
 //! Exit status 0 means success; anything else failed, with a one-line reason on stderr.
 
@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use crm_backup::config::Settings;
 use crm_backup::jobs::backup::{BackupRequest, run_backup};
+use crm_backup::jobs::drill::{DrillRequest, run_drill};
 use crm_backup::jobs::prune::{PruneRequest, run_prune};
 use crm_backup::jobs::restore::{RestoreRequest, run_restore};
 use crm_backup::jobs::verify::verify_backup;
@@ -134,6 +135,16 @@ enum Command {
         backup: String,
         #[arg(long)]
         target: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Restore drill: verify a backup, restore it into a scratch place, compare with the
+    /// manifest's facts, remove the scratch copy.
+    Drill {
+        target: String,
+        /// A backup id (default: the target's latest).
+        #[arg(long, default_value = "latest")]
+        backup: String,
         #[arg(long)]
         json: bool,
     },
@@ -326,6 +337,28 @@ async fn dispatch(command: Command) -> Result<ExitCode, Failure> {
             dry_run,
             json,
         } => prune(&ctx, target.as_deref(), dry_run, json).await,
+        Command::Drill {
+            target,
+            backup,
+            json,
+        } => {
+            let request = DrillRequest {
+                target: parse_target(&target)?,
+                backup: backup.parse()?,
+            };
+            let (_, report) = run_drill(&ctx, &request).await?;
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                println!(
+                    "drill passed: {} verified ({} artifacts) and restored into {}",
+                    report.backup_id,
+                    report.verify.artifacts.len(),
+                    report.scratch
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 
@@ -406,6 +439,24 @@ async fn worker(ctx: JobContext) -> Result<ExitCode, Failure> {
         }
     });
     let state = Arc::new(WorkerState::default());
+    // Last-success gauges start from the catalog, not from "never", after a restart.
+    match catalog::list_all(&ctx.storage).await {
+        Ok(listing) => {
+            for manifest in &listing.manifests {
+                let target = manifest.target.to_string();
+                state
+                    .metrics
+                    .seed_last_success("backup", &target, manifest.finished_at);
+            }
+        }
+        Err(err) => tracing::warn!(error = %err, "could not read the catalog for the metrics"),
+    }
+    let listen = ctx.settings.http.listen.clone();
+    if !listen.is_empty() {
+        crm_backup::endpoint::serve(&listen, state.clone(), shutdown.clone())
+            .await
+            .map_err(|err| Failure(err.to_string()))?;
+    }
     messaging::worker::run(ctx, state, shutdown).await?;
     Ok(ExitCode::SUCCESS)
 }

@@ -92,6 +92,18 @@ async fn kv_and_snapshot_round_trip_in_batches_of_64() {
     assert_eq!(manifest.artifacts.len(), 2);
     let report = verify_backup(&setup.ctx, &manifest).await.unwrap();
     assert!(report.ok(), "{report:?}");
+    let drilled = common::drill_details(&setup, &manifest).await.unwrap();
+    assert_eq!(drilled["keys"], 154);
+    assert!(drilled["snapshot_bytes"].as_u64().unwrap() > 0);
+    common::rewrite_facts(&setup, &manifest, |f| f["key_count"] = json!(155)).await;
+    let err = common::drill_details(&setup, &manifest).await.unwrap_err();
+    assert!(
+        err.contains("holds 154 keys") && err.contains("recorded 155"),
+        "{err}"
+    );
+    crm_backup::storage::catalog::commit(&setup.ctx.storage, &manifest)
+        .await
+        .unwrap();
 
     // Lose everything, then restore in place.
     double.state.lock().unwrap().kv.clear();

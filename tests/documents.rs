@@ -11,7 +11,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use common::{Store, TestSetup};
 use crm_backup::jobs::backup::{BackupRequest, run_backup};
+use crm_backup::jobs::drill::{DrillRequest, run_drill};
 use crm_backup::jobs::verify::verify_backup;
+use crm_backup::storage::catalog::BackupRef;
 use crm_backup::storage::layout::TargetKind;
 use crm_backup::storage::manifest::Manifest;
 use crm_backup::targets::documents::DocumentsFacts;
@@ -438,4 +440,35 @@ fn malicious_archives_are_refused_with_nothing_written_outside() {
             "{name}: wrote through a link"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drill_restores_a_scratch_copy_beside_the_tree_and_removes_it() {
+    let work = tempfile::tempdir().unwrap();
+    let root = work.path().join("documents");
+    build_tree(&root);
+    let setup = setup(&root);
+    let (manifest, facts) = backup(&setup, json!(null)).await;
+    let original = snapshot(&root);
+    let request = DrillRequest {
+        target: TargetKind::Documents,
+        backup: BackupRef::Id(manifest.id.clone()),
+    };
+    let (_, report) = run_drill(&setup.ctx, &request).await.expect("drill passes");
+    assert!(
+        report.scratch.contains("documents.drill-"),
+        "{}",
+        report.scratch
+    );
+    assert_eq!(report.details["files"], json!(facts.files));
+    let left: Vec<_> = fs::read_dir(work.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(
+        left,
+        vec!["documents".to_string()],
+        "the scratch copy is removed"
+    );
+    assert_same_tree(&root, &original);
 }

@@ -13,6 +13,7 @@ use common::{
 use crm_backup::config::Settings;
 use crm_backup::jobs::JobContext;
 use crm_backup::jobs::backup::{BackupRequest, run_backup};
+use crm_backup::jobs::drill::{DrillRequest, run_drill};
 use crm_backup::jobs::restore::{RestoreRequest, run_restore};
 use crm_backup::jobs::verify::verify_backup;
 use crm_backup::storage::catalog::{self, BackupRef};
@@ -663,4 +664,46 @@ async fn manifests_match_their_schema() {
     let mut broken = instance;
     broken["source"]["tables"] = json!("many");
     assert!(!validator.is_valid(&broken));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drill_restores_into_a_scratch_database_and_catches_wrong_counts() {
+    let source = create_fixture("pg_drill");
+    let before = fingerprint(&source.name);
+    let setup = TestSetup::new(&source.name, Store::Local, &[]);
+    let manifest = backup(&setup, json!({})).await;
+    let scratch_databases = || {
+        psql(
+            "postgres",
+            &format!(
+                "SELECT count(*) FROM pg_database WHERE starts_with(datname, '{}_drill_')",
+                source.name
+            ),
+        )
+    };
+    let latest = DrillRequest {
+        target: TargetKind::Postgres,
+        backup: BackupRef::Latest,
+    };
+    let (drilled, report) = run_drill(&setup.ctx, &latest).await.expect("drill passes");
+    assert_eq!(drilled.id, manifest.id);
+    assert!(report.verify.ok());
+    assert!(report.scratch.contains("_drill_"), "{}", report.scratch);
+    assert_eq!(report.details["rows"], json!(facts(&manifest).row_count));
+    assert_eq!(scratch_databases(), "0", "the scratch database is dropped");
+
+    // A manifest whose row count the dump does not hold fails the drill.
+    common::rewrite_facts(&setup, &manifest, |facts| {
+        let rows = facts["tables"][0]["rows"].as_i64().unwrap();
+        facts["tables"][0]["rows"] = json!(rows + 1);
+    })
+    .await;
+    let err = run_drill(&setup.ctx, &latest).await.unwrap_err();
+    assert_eq!(err.kind(), "restore_mismatch", "{err}");
+    assert_eq!(
+        scratch_databases(),
+        "0",
+        "a failed drill drops its database too"
+    );
+    assert_same(&fingerprint(&source.name), &before);
 }

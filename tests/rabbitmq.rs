@@ -141,6 +141,15 @@ async fn definitions_round_trip_beside_and_in_place() {
         "{facts:?}"
     );
     assert!(verify_backup(&setup.ctx, &manifest).await.unwrap().ok());
+    // The drill imports nothing: it decodes the definitions and counts them.
+    let drilled = common::drill_details(&setup, &manifest).await.unwrap();
+    assert_eq!(drilled["queues"], json!(facts.queues));
+    common::rewrite_facts(&setup, &manifest, |f| f["queues"] = json!(facts.queues + 1)).await;
+    let err = common::drill_details(&setup, &manifest).await.unwrap_err();
+    assert!(err.contains("queues:"), "{err}");
+    crm_backup::storage::catalog::commit(&setup.ctx.storage, &manifest)
+        .await
+        .unwrap();
 
     // Beside: the vhost comes back under a new name, the original untouched.
     let request = RestoreRequest {

@@ -273,6 +273,23 @@ async fn an_rdb_backup_restores_live_and_to_a_file() {
     assert_eq!(facts.keyspace["db3"].expires, 1000);
     assert_eq!(facts.key_count, 1012);
     assert!(verify_backup(&setup.ctx, &manifest).await.unwrap().ok());
+    // The drill loads the RDB into a private server and counts every database.
+    let drilled = common::drill_details(&setup, &manifest).await.unwrap();
+    assert_eq!(drilled["keys_per_db"], json!({ "db0": 12, "db3": 1000 }));
+    // A manifest that claims more keys than the RDB holds (beyond the 2 that could have
+    // expired since) fails the drill.
+    common::rewrite_facts(&setup, &manifest, |facts| {
+        facts["keyspace"]["db0"]["keys"] = json!(15)
+    })
+    .await;
+    let err = common::drill_details(&setup, &manifest).await.unwrap_err();
+    assert!(
+        err.contains("db0: 12 keys loaded") && err.contains("recorded 15"),
+        "{err}"
+    );
+    crm_backup::storage::catalog::commit(&setup.ctx.storage, &manifest)
+        .await
+        .unwrap();
 
     // Live, onto another running Redis.
     let target = RedisServer::start(&[]);
@@ -355,6 +372,10 @@ async fn a_server_that_refuses_sync_is_backed_up_key_by_key() {
     );
     assert_eq!(facts.keys_written, Some(1012));
     assert_eq!(manifest.artifacts[0].format, "redis-keys");
+    assert_eq!(
+        common::drill_details(&setup, &manifest).await.unwrap()["keys"],
+        1012
+    );
     let report = verify_backup(&setup.ctx, &manifest).await.unwrap();
     assert!(
         report.ok() && report.artifacts[0].detail.contains("1012 keys"),

@@ -128,13 +128,17 @@ impl Harness {
             .count()
     }
 
-    /// Env for a worker child process (same settings as in-process).
+    /// Env for a worker child process (same settings as in-process; its HTTP endpoint on
+    /// a port of its own).
     fn child_env(&self) -> Vec<(String, String)> {
-        self.setup
+        let mut env: Vec<(String, String)> = self
+            .setup
             .env
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
-            .collect()
+            .collect();
+        env.push(("BACKUP__HTTP__LISTEN".into(), "127.0.0.1:0".into()));
+        env
     }
 }
 
@@ -919,7 +923,7 @@ async fn thousands_of_refused_leases_leave_the_worker_able_to_lease() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn prune_commands_apply_retention_per_target_and_for_all() {
+async fn drill_and_prune_commands_run_through_the_worker() {
     let retention = [
         ("BACKUP__RETENTION__DAILY", "1"),
         ("BACKUP__RETENTION__WEEKLY", "0"),
@@ -936,6 +940,24 @@ async fn prune_commands_apply_retention_per_target_and_for_all() {
         let events = client.follow(&command).await;
         ids.push(events.last().unwrap().backup_id.clone().unwrap());
     }
+
+    // A drill of the latest backup: verified, restored into a scratch database, dropped.
+    let drill = BackupCommand::new(
+        Action::Drill,
+        TargetSelector::One(TargetKind::Postgres),
+        "test-suite",
+    );
+    client.send(&drill).await;
+    let events = client.follow(&drill).await;
+    let done = events.last().unwrap();
+    assert_eq!(done.event, event::COMPLETED, "{done:?}");
+    assert_valid_event(done);
+    assert_eq!(done.backup_id.as_deref(), Some(ids[2].as_str()));
+    let scratch = done.details.as_ref().unwrap()["scratch"].as_str().unwrap();
+    assert!(
+        scratch.contains("_drill_") && scratch.ends_with("(dropped)"),
+        "{scratch}"
+    );
 
     // A dry run reports, deletes nothing.
     let mut dry = BackupCommand::new(
@@ -987,4 +1009,63 @@ async fn prune_commands_apply_retention_per_target_and_for_all() {
     assert_eq!(failed.will_retry, Some(false));
     assert!(failed.error.as_ref().unwrap().message.contains("dryrun"));
     h.stop_workers().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_http_endpoint_reports_health_readiness_and_metrics() {
+    let mut h = Harness::new("w_http", &[]);
+    h.start_worker().await;
+    let state = h.workers[0].2.clone();
+    let stop = CancellationToken::new();
+    let (address, server) = crm_backup::endpoint::serve("127.0.0.1:0", state.clone(), stop.clone())
+        .await
+        .expect("endpoint binds");
+    let get = |path: &str| {
+        let url = format!("http://{address}{path}");
+        async move {
+            let response = reqwest::get(url).await.expect("endpoint answers");
+            (response.status().as_u16(), response.text().await.unwrap())
+        }
+    };
+    assert_eq!(get("/healthz").await, (200, "ok\n".to_string()));
+    assert_eq!(get("/readyz").await.0, 200);
+
+    let mut client = h.client().await;
+    let command = backup_command(TargetKind::Postgres);
+    client.send(&command).await;
+    let events = client.follow(&command).await;
+    let size = events.last().unwrap().size_bytes.unwrap();
+    client.send_raw(b"not json", "http-bad-1").await;
+    let bad = BackupCommand {
+        id: "http-bad-1".into(),
+        ..backup_command(TargetKind::Postgres)
+    };
+    client.follow(&bad).await;
+
+    let (status, metrics) = get("/metrics").await;
+    assert_eq!(status, 200);
+    for expected in [
+        "crm_backup_steps_total{action=\"backup\",target=\"postgres\",outcome=\"completed\"} 1"
+            .to_string(),
+        "crm_backup_step_duration_seconds_count{action=\"backup\",target=\"postgres\"} 1".into(),
+        format!("crm_backup_last_stored_bytes{{target=\"postgres\"}} {size}"),
+        "crm_backup_dead_lettered_total{reason=\"invalid_json\"} 1".into(),
+        "crm_backup_steps_running 0".into(),
+        "crm_backup_consuming 1".into(),
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == expected),
+            "{expected} not in\n{metrics}"
+        );
+    }
+    assert!(metrics.contains(
+        "crm_backup_last_success_timestamp_seconds{action=\"backup\",target=\"postgres\"} "
+    ));
+
+    // A worker that is not consuming is not ready.
+    h.stop_workers().await;
+    let (status, body) = get("/readyz").await;
+    assert_eq!(status, 503, "{body}");
+    stop.cancel();
+    server.await.unwrap();
 }

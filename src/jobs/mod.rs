@@ -1,10 +1,11 @@
 //! What one command does, independent of where it came from (CLI, worker, scheduler):
-//! backup, restore, verify, prune.
+//! backup, restore, verify, drill, prune.
 //!
 //! Each job is a plain `async fn` over a [`JobContext`]; it returns a typed result or a
 //! [`JobError`] that says whether trying again can help.
 
 pub mod backup;
+pub mod drill;
 pub mod prune;
 pub mod restore;
 pub mod verify;

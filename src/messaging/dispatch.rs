@@ -5,6 +5,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::command::{Action, Command, TargetSelector};
 use crate::jobs::backup::{BackupRequest, run_backup};
+use crate::jobs::drill::{DrillRequest, run_drill};
 use crate::jobs::prune::{PruneRequest, run_prune};
 use crate::jobs::restore::{RestoreRequest, run_restore};
 use crate::jobs::verify::verify_backup;
@@ -92,7 +93,21 @@ pub async fn run_step(
             })
         }
         Action::Prune => prune_step(ctx, command, vec![target]).await,
-        Action::Drill => Err(JobError::NotImplemented(command.action.to_string())),
+        Action::Drill => {
+            let request = DrillRequest {
+                target,
+                backup: backup_ref(command)?,
+            };
+            let (manifest, report) = run_drill(ctx, &request).await?;
+            Ok(StepOutcome {
+                details: Some(serde_json::json!({
+                    "scratch": report.scratch,
+                    "drill": report.details,
+                    "verify": report.verify.artifacts,
+                })),
+                ..StepOutcome::of_manifest(ctx, &manifest)
+            })
+        }
     }
 }
 

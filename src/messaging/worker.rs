@@ -30,6 +30,7 @@ use super::publisher::Publisher;
 use super::retry::{Decision, RetryPolicy};
 use super::{MessagingError, amqp_user, connect, headers, topology};
 use crate::jobs::{JobContext, JobError};
+use crate::metrics::Metrics;
 use crate::storage::catalog;
 use crate::storage::layout::{TargetKind, command_marker_key};
 
@@ -41,6 +42,13 @@ const MAX_ERROR_HEADER: usize = 1000;
 pub struct WorkerState {
     /// True while consuming from the broker.
     pub consuming: AtomicBool,
+    pub metrics: Arc<Metrics>,
+}
+
+impl WorkerState {
+    pub fn is_consuming(&self) -> bool {
+        self.consuming.load(Ordering::SeqCst)
+    }
 }
 
 /// Runs the worker until `shutdown` fires, reconnecting whenever the broker goes away.
@@ -78,6 +86,7 @@ struct StepEnv {
     publisher: Publisher,
     leases: Leases,
     policy: RetryPolicy,
+    metrics: Arc<Metrics>,
 }
 
 /// One connection's lifetime: declare, consume, handle; returns Ok only on shutdown.
@@ -95,6 +104,7 @@ async fn session(
         publisher: Publisher::open(&connection, &settings.messaging, &user).await?,
         leases: Leases::new(&settings.rabbitmq, &settings.messaging.lease_queue_prefix),
         policy: RetryPolicy::from_settings(&settings.messaging),
+        metrics: state.metrics.clone(),
     });
     let channel = connection.create_channel().await?;
     channel
@@ -402,6 +412,7 @@ async fn run_leased(
         .event(&received.event(event::STARTED, &command.id, Some(command)))
         .await?;
     let started = Instant::now();
+    env.metrics.step_started();
     let result = match target {
         Some(target) => run_step(&env.ctx, command, target, cancel).await,
         None if command.action == Action::Prune => {
@@ -410,6 +421,18 @@ async fn run_leased(
         None => Err(JobError::NotImplemented(command.action.to_string())),
     };
     audit(command, received.attempt, &result, started.elapsed());
+    let outcome = match &result {
+        Ok(_) => "completed",
+        Err(JobError::Cancelled) => "cancelled",
+        Err(_) => "failed",
+    };
+    env.metrics.step_finished(
+        command.action.as_str(),
+        &command.target.to_string(),
+        outcome,
+        started.elapsed(),
+        result.as_ref().ok().and_then(|outcome| outcome.size_bytes),
+    );
     match result {
         Ok(outcome) => complete(env, received, command, outcome, started.elapsed()).await,
         Err(JobError::Cancelled) => Ok(Settle::Requeue),
@@ -549,6 +572,7 @@ async fn dead_letter(
         )
         .await?;
     announce_failure(env, failed, kind, message, retryable, false).await;
+    env.metrics.dead_lettered(kind);
     tracing::warn!(command_id = %failed_id(received), kind, message, "dead-lettered");
     Ok(Settle::Ack)
 }

@@ -105,6 +105,12 @@ pub trait Target: Send + Sync {
         options: &serde_json::Value,
     ) -> Result<RestoreReport, TargetError>;
 
+    /// Restore drill: restores the backup into a private scratch place (never the
+    /// original) — or, where the only place is the live service, decodes it as a restore
+    /// would — compares what arrived with the manifest's facts, and removes the scratch
+    /// copy again. A mismatch is [`TargetError::Mismatch`].
+    async fn drill(&self, source: &ArtifactSource) -> Result<RestoreReport, TargetError>;
+
     /// Checks the structure of one decoded artifact (does the dump parse, …); returns a
     /// one-line summary. The default only reads it through, so its hashes get checked.
     async fn check_artifact(
@@ -281,6 +287,30 @@ impl ArtifactSource {
     /// Opens an artifact: decoded bytes plus the pending hash verification.
     pub async fn open(&self, record: &ArtifactRecord) -> Result<DecodedArtifact, TargetError> {
         Ok(open_artifact(&self.storage, record, &self.keyring, self.chunk_size).await?)
+    }
+
+    /// Reads a small artifact (definitions, a KV export) whole, its hashes checked;
+    /// more than `limit` bytes is refused rather than held in memory.
+    pub async fn read_whole(
+        &self,
+        record: &ArtifactRecord,
+        limit: u64,
+    ) -> Result<Vec<u8>, TargetError> {
+        use tokio::io::AsyncReadExt;
+        let decoded = self.open(record).await?;
+        let mut reader = decoded.reader;
+        let mut body = Vec::new();
+        let read = (&mut reader).take(limit + 1).read_to_end(&mut body).await;
+        drop(reader);
+        decoded.verification.result().await?;
+        read.map_err(|err| TargetError::Unusable(format!("{}: {err}", record.name)))?;
+        if body.len() as u64 > limit {
+            return Err(TargetError::Unusable(format!(
+                "{} is larger than {limit} bytes",
+                record.name
+            )));
+        }
+        Ok(body)
     }
 
     /// Reads an artifact through and checks both hashes, writing nothing anywhere.

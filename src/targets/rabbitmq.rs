@@ -307,17 +307,9 @@ impl Target for Rabbitmq {
             ("in_place", options.in_place),
             ("vhost_prefix", options.vhost_prefix.is_some()),
         )?;
-        let record = source.record(ARTIFACT)?;
-        let decoded = source.open(record).await?;
-        let mut reader = decoded.reader;
-        let mut body = Vec::new();
-        let read = (&mut reader)
-            .take(MAX_DEFINITIONS as u64 + 1)
-            .read_to_end(&mut body)
-            .await;
-        drop(reader);
-        decoded.verification.result().await?;
-        read.map_err(|err| TargetError::Unusable(format!("{ARTIFACT}: {err}")))?;
+        let body = source
+            .read_whole(source.record(ARTIFACT)?, MAX_DEFINITIONS as u64)
+            .await?;
         let definitions = parse_definitions(&body).map_err(TargetError::Unusable)?;
         let url = options
             .management_url
@@ -370,6 +362,48 @@ impl Target for Rabbitmq {
                 "users_imported": count(&import, "users"),
                 "facts": facts_of(&import),
             }),
+        })
+    }
+
+    /// Nothing is imported into a broker (that would be the live one): the definitions
+    /// are decoded, parsed as a restore would POST them, and counted against the facts.
+    async fn drill(&self, source: &ArtifactSource) -> Result<RestoreReport, TargetError> {
+        let expected: RabbitmqFacts = source.facts()?;
+        let body = source
+            .read_whole(source.record(ARTIFACT)?, MAX_DEFINITIONS as u64)
+            .await?;
+        let definitions = parse_definitions(&body).map_err(TargetError::Unusable)?;
+        let found = facts_of(&definitions);
+        let counts = |f: &RabbitmqFacts| {
+            [
+                ("vhosts", f.vhosts),
+                ("users", f.users),
+                ("exchanges", f.exchanges),
+                ("queues", f.queues),
+                ("bindings", f.bindings),
+                ("policies", f.policies),
+                ("permissions", f.permissions),
+            ]
+        };
+        let differences: Vec<String> = counts(&expected)
+            .iter()
+            .zip(counts(&found))
+            .filter(|((_, want), (_, got))| want != got)
+            .map(|((name, want), (_, got))| {
+                format!("{name}: {got} in the artifact, {want} recorded")
+            })
+            .collect();
+        if !differences.is_empty() {
+            return Err(TargetError::Mismatch(differences.join("; ")));
+        }
+        Ok(RestoreReport {
+            destination: "definitions decoded and counted in memory (nothing imported)".into(),
+            details: json!(
+                counts(&found)
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), *v))
+                    .collect::<std::collections::BTreeMap<_, _>>()
+            ),
         })
     }
 

@@ -317,3 +317,33 @@ pub async fn restore_details(
         .map(|(_, report)| report.details)
         .map_err(|err| err.to_string())
 }
+
+/// Runs a restore drill of `manifest`; the drill's details, or the error as text.
+pub async fn drill_details(
+    setup: &TestSetup,
+    manifest: &crm_backup::storage::manifest::Manifest,
+) -> Result<serde_json::Value, String> {
+    let request = crm_backup::jobs::drill::DrillRequest {
+        target: manifest.target,
+        backup: crm_backup::storage::catalog::BackupRef::Id(manifest.id.clone()),
+    };
+    crm_backup::jobs::drill::run_drill(&setup.ctx, &request)
+        .await
+        .map(|(_, report)| report.details)
+        .map_err(|err| err.to_string())
+}
+
+/// Stores `manifest` again with `edit` applied to its facts (a manifest that lies).
+pub async fn rewrite_facts(
+    setup: &TestSetup,
+    manifest: &crm_backup::storage::manifest::Manifest,
+    edit: impl FnOnce(&mut serde_json::Value),
+) {
+    let mut changed = manifest.clone();
+    let mut facts = changed.source.to_value();
+    edit(&mut facts);
+    changed.source = crm_backup::storage::manifest::Facts::of(&facts);
+    crm_backup::storage::catalog::commit(&setup.ctx.storage, &changed)
+        .await
+        .expect("manifest rewritten");
+}

@@ -306,6 +306,27 @@ impl Target for Documents {
         })
     }
 
+    async fn drill(&self, source: &ArtifactSource) -> Result<RestoreReport, TargetError> {
+        let scratch = sibling(&self.root, "drill");
+        // The restore checks every file's size and SHA-256 against the index (the whole
+        // chain for an incremental backup); it needs room for one copy of the tree.
+        let restored = self.restore(source, &json!({ "to": scratch })).await;
+        let removed = tokio::task::spawn_blocking({
+            let scratch = scratch.clone();
+            move || match std::fs::remove_dir_all(&scratch) {
+                Err(err) if err.kind() != std::io::ErrorKind::NotFound => Err(err),
+                _ => Ok(()),
+            }
+        })
+        .await;
+        if let Ok(Err(err)) | Err(err) = removed.map_err(std::io::Error::other) {
+            tracing::warn!(dir = %scratch.display(), error = %err, "could not remove the drill copy");
+        }
+        let mut report = restored?;
+        report.destination = format!("scratch directory {} (removed)", scratch.display());
+        Ok(report)
+    }
+
     async fn check_artifact(
         &self,
         manifest: &Manifest,

@@ -544,6 +544,24 @@ impl Target for Postgres {
         })
     }
 
+    async fn drill(&self, source: &ArtifactSource) -> Result<RestoreReport, TargetError> {
+        let facts: PostgresFacts = source.facts()?;
+        let scratch = derived_name(&facts.database, "drill");
+        // The restore itself compares every table's row count with the manifest.
+        let restored = self
+            .restore(source, &serde_json::json!({ "into": scratch }))
+            .await;
+        match self.connect(Some(&self.maintenance_database)).await {
+            Ok(admin) => drop_database(&admin, &scratch).await,
+            Err(err) => {
+                tracing::warn!(database = %scratch, error = %err, "could not drop the drill database")
+            }
+        }
+        let mut report = restored?;
+        report.destination = format!("scratch database {scratch} (dropped)");
+        Ok(report)
+    }
+
     async fn check_artifact(
         &self,
         _manifest: &crate::storage::manifest::Manifest,

@@ -381,34 +381,11 @@ impl Redis {
         let replace = options.existing == Some(ExistingKeys::Replace);
         let mut applier = Applier::new(target, replace);
         if let Ok(record) = source.record(KEYS_ARTIFACT) {
-            let decoded = source.open(record).await?;
-            let mut reader = decoded.reader;
-            let mut decoder = KeysDecoder::default();
-            let mut buf = vec![0u8; 256 * 1024];
-            let mut declared = None;
-            loop {
-                let n = reader
-                    .read(&mut buf)
-                    .await
-                    .map_err(|err| TargetError::Unusable(format!("{KEYS_ARTIFACT}: {err}")))?;
-                if n == 0 {
-                    break;
-                }
-                decoder.feed(&buf[..n]);
-                while let Some(item) = decoder.next().map_err(TargetError::Unusable)? {
-                    match item {
-                        Decoded::Record(record) => applier.push(record).await?,
-                        Decoded::End(count) => declared = Some(count),
-                    }
-                }
+            let mut stream = KeyStream::open(source, record).await?;
+            while let Some(record) = stream.next().await? {
+                applier.push(record).await?;
             }
-            drop(reader);
-            decoded.verification.result().await?;
-            if declared.is_none() {
-                return Err(TargetError::Unusable(format!(
-                    "{KEYS_ARTIFACT} has no end record"
-                )));
-            }
+            stream.finish().await?;
         } else {
             let record = source.record(RDB_ARTIFACT)?;
             let scratch = tempfile::tempdir()
@@ -448,6 +425,56 @@ impl Redis {
                 "existing": options.existing,
             }),
         })
+    }
+}
+
+/// The records of a keys-mode artifact, decoded as the artifact streams in.
+struct KeyStream {
+    reader: ArtifactReader,
+    verification: crate::pipeline::Verification,
+    decoder: KeysDecoder,
+    buf: Vec<u8>,
+    declared: Option<u64>,
+}
+
+impl KeyStream {
+    async fn open(source: &ArtifactSource, record: &ArtifactRecord) -> Result<Self, TargetError> {
+        let decoded = source.open(record).await?;
+        Ok(KeyStream {
+            reader: decoded.reader,
+            verification: decoded.verification,
+            decoder: KeysDecoder::default(),
+            buf: vec![0u8; 256 * 1024],
+            declared: None,
+        })
+    }
+
+    async fn next(&mut self) -> Result<Option<KeyRecord>, TargetError> {
+        loop {
+            while let Some(item) = self.decoder.next().map_err(TargetError::Unusable)? {
+                match item {
+                    Decoded::Record(record) => return Ok(Some(record)),
+                    Decoded::End(count) => self.declared = Some(count),
+                }
+            }
+            let n = self
+                .reader
+                .read(&mut self.buf)
+                .await
+                .map_err(|err| TargetError::Unusable(format!("{KEYS_ARTIFACT}: {err}")))?;
+            if n == 0 {
+                return Ok(None);
+            }
+            self.decoder.feed(&self.buf[..n]);
+        }
+    }
+
+    /// Checks both hashes and the end record; returns the key count the end record declares.
+    async fn finish(self) -> Result<u64, TargetError> {
+        drop(self.reader);
+        self.verification.result().await?;
+        self.declared
+            .ok_or_else(|| TargetError::Unusable(format!("{KEYS_ARTIFACT} has no end record")))
     }
 }
 
@@ -892,6 +919,64 @@ impl Target for Redis {
             Some(path) => self.restore_to_file(source, path).await,
             None => self.restore_live(source, &options).await,
         }
+    }
+
+    async fn drill(&self, source: &ArtifactSource) -> Result<RestoreReport, TargetError> {
+        let facts: RedisFacts = source.facts()?;
+        if let Ok(record) = source.record(KEYS_ARTIFACT) {
+            // Keys mode: decode the whole stream; its records must add up to its end record.
+            let mut stream = KeyStream::open(source, record).await?;
+            let mut records = 0u64;
+            while stream.next().await?.is_some() {
+                records += 1;
+            }
+            let declared = stream.finish().await?;
+            let recorded = facts.keys_written.unwrap_or(declared);
+            if declared != records || recorded != records {
+                return Err(TargetError::Mismatch(format!(
+                    "{KEYS_ARTIFACT} holds {records} keys; its end record says {declared}, \
+                     the manifest {recorded}"
+                )));
+            }
+            return Ok(RestoreReport {
+                destination: "key stream decoded in memory".into(),
+                details: json!({ "keys": records }),
+            });
+        }
+        // RDB: loaded by a private redis-server; every database's key count must match
+        // INFO keyspace at backup time, less at most the keys that had an expiry.
+        let record = source.record(RDB_ARTIFACT)?;
+        let scratch = tempfile::tempdir()
+            .map_err(|err| TargetError::Unusable(format!("scratch directory: {err}")))?;
+        write_rdb(source, record, &scratch.path().join("dump.rdb")).await?;
+        let mut server = ScratchServer::start(&self.server_binary, scratch.path()).await?;
+        let counted = async {
+            let mut conn = server.connect().await?;
+            let mut found = BTreeMap::new();
+            for (db, expected) in &facts.keyspace {
+                let index = db.trim_start_matches("db");
+                expect_ok(
+                    call(&mut conn, &[b"SELECT", index.as_bytes()]).await?,
+                    "SELECT",
+                )?;
+                let keys = call(&mut conn, &[b"DBSIZE"]).await?.as_int().unwrap_or(0) as u64;
+                if keys > expected.keys || keys + expected.expires < expected.keys {
+                    return Err(TargetError::Mismatch(format!(
+                        "{db}: {keys} keys loaded, the manifest recorded {} ({} with an expiry)",
+                        expected.keys, expected.expires
+                    )));
+                }
+                found.insert(db.clone(), keys);
+            }
+            Ok(found)
+        }
+        .await;
+        server.stop().await;
+        let found = counted?;
+        Ok(RestoreReport {
+            destination: "a private redis-server (stopped)".into(),
+            details: json!({ "keys_per_db": found }),
+        })
     }
 
     async fn check_artifact(
