@@ -42,6 +42,8 @@ const KEYS_FORMAT: &str = "redis-keys";
 /// Keys fetched or restored per round trip.
 const BATCH: usize = 200;
 /// Longest silence tolerated from a server streaming its RDB (it sends keep-alives).
+/// Bytes of the replication stream gathered before they enter the pipeline.
+const RDB_CHUNK: usize = 256 * 1024;
 const READ_TIMEOUT: Duration = Duration::from_secs(300);
 
 pub struct Redis {
@@ -203,49 +205,47 @@ impl Redis {
         };
         let mut writer = sink.create(RDB_ARTIFACT, RDB_FORMAT).await?;
         let mut check = RdbCheck::default();
-        let mut buf = vec![0u8; 256 * 1024];
-        let mut pending: Vec<u8> = Vec::new();
-        let mut remaining = match &payload {
-            SyncPayload::Length(len) => *len,
-            SyncPayload::UntilMark(_) => u64::MAX,
+        // Reads fill whole chunks: the socket hands over a few KiB at a time, and every
+        // chunk costs a trip through the pipeline's channels and threads.
+        let mut buf = vec![0u8; RDB_CHUNK];
+        let mut filled = 0usize;
+        let (mut remaining, mark): (u64, &[u8]) = match &payload {
+            SyncPayload::Length(len) => (*len, &[]),
+            SyncPayload::UntilMark(mark) => (u64::MAX, mark),
         };
-        loop {
-            if remaining == 0 {
-                break;
-            }
-            let want = buf.len().min(remaining.try_into().unwrap_or(usize::MAX));
-            let n = tokio::time::timeout(READ_TIMEOUT, conn.read_raw(&mut buf[..want]))
-                .await
-                .map_err(|_| lost(timed_out()))?
-                .map_err(lost)?;
+        let mut done = remaining == 0;
+        while !done {
+            let want = (buf.len() - filled).min(remaining.try_into().unwrap_or(usize::MAX));
+            let n =
+                tokio::time::timeout(READ_TIMEOUT, conn.read_raw(&mut buf[filled..filled + want]))
+                    .await
+                    .map_err(|_| lost(timed_out()))?
+                    .map_err(lost)?;
             if n == 0 {
                 return Err(TargetError::Unreachable {
                     target: KIND,
                     message: "the server closed the replication stream before the RDB ended".into(),
                 });
             }
-            let chunk = match &payload {
-                SyncPayload::Length(_) => {
-                    remaining -= n as u64;
-                    buf[..n].to_vec()
-                }
-                SyncPayload::UntilMark(mark) => {
-                    // Hold back 40 bytes: they may be the end mark.
-                    pending.extend_from_slice(&buf[..n]);
-                    if pending.ends_with(mark) {
-                        pending.truncate(pending.len() - mark.len());
-                        remaining = 0;
-                        std::mem::take(&mut pending)
-                    } else if pending.len() > mark.len() {
-                        let keep = pending.split_off(pending.len() - mark.len());
-                        std::mem::replace(&mut pending, keep)
-                    } else {
-                        continue;
-                    }
-                }
+            filled += n;
+            remaining -= n as u64;
+            // A diskless payload ends with its 40-byte mark, which is never part of the
+            // RDB: the last 40 bytes stay behind until more data shows they are not it.
+            let emit = if !mark.is_empty() && buf[..filled].ends_with(mark) {
+                done = true;
+                filled - mark.len()
+            } else if mark.is_empty() && remaining == 0 {
+                done = true;
+                filled
+            } else if filled == buf.len() {
+                filled - mark.len()
+            } else {
+                continue;
             };
-            check.update(&chunk);
-            writer.write(Bytes::from(chunk)).await?;
+            check.update(&buf[..emit]);
+            writer.write(Bytes::copy_from_slice(&buf[..emit])).await?;
+            buf.copy_within(emit..filled, 0);
+            filled -= emit;
         }
         let version = check.finish().map_err(|reason| TargetError::Tool {
             tool: "redis".into(),
