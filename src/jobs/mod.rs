@@ -34,8 +34,6 @@ pub enum JobError {
     Cancelled,
     #[error("verify failed: {0}")]
     VerifyFailed(String),
-    #[error("action `{0}` is not implemented yet")]
-    NotImplemented(String),
 }
 
 impl JobError {
@@ -46,7 +44,7 @@ impl JobError {
             JobError::Catalog(err) => err.retryable(),
             JobError::Storage(err) => err.retryable(),
             JobError::Pipeline(err) => err.retryable(),
-            JobError::Invalid(_) | JobError::VerifyFailed(_) | JobError::NotImplemented(_) => false,
+            JobError::Invalid(_) | JobError::VerifyFailed(_) => false,
             JobError::Cancelled => true,
         }
     }
@@ -65,7 +63,6 @@ impl JobError {
             }
             JobError::Pipeline(_) => "pipeline",
             JobError::Invalid(_) => "invalid_request",
-            JobError::NotImplemented(_) => "not_implemented",
             JobError::Cancelled => "cancelled",
         }
     }

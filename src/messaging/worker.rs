@@ -415,10 +415,8 @@ async fn run_leased(
     env.metrics.step_started();
     let result = match target {
         Some(target) => run_step(&env.ctx, command, target, cancel).await,
-        None if command.action == Action::Prune => {
-            prune_step(&env.ctx, command, TargetKind::ALL.to_vec()).await
-        }
-        None => Err(JobError::NotImplemented(command.action.to_string())),
+        // Only prune runs `all` as one step; every other action fans out per target.
+        None => prune_step(&env.ctx, command, TargetKind::ALL.to_vec()).await,
     };
     audit(command, received.attempt, &result, started.elapsed());
     let outcome = match &result {

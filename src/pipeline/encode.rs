@@ -336,9 +336,7 @@ impl BlockingSink {
             )),
         }
     }
-}
 
-impl BlockingSink {
     /// Reads up to `limit` bytes of `reader` straight into the chunk being filled, with no
     /// buffer in between; returns what was read (for hashing), empty at the reader's end.
     pub fn read_from(&mut self, reader: &mut impl Read, limit: usize) -> io::Result<&[u8]> {

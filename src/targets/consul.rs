@@ -17,12 +17,11 @@ use reqwest::{Method, StatusCode};
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
-use tokio::io::AsyncReadExt;
 
 use super::http::ApiClient;
 use super::{
     ArtifactSink, ArtifactSource, RestoreReport, Target, TargetError, exclusive_options,
-    parse_options,
+    parse_options, read_limited,
 };
 use crate::config::ConsulSettings;
 use crate::pipeline::ArtifactReader;
@@ -310,16 +309,6 @@ pub fn batch_operations(operations: &[Value]) -> (Vec<Vec<Value>>, Vec<Value>) {
     (batches, singles)
 }
 
-async fn read_all(reader: &mut ArtifactReader, name: &str) -> Result<Vec<u8>, TargetError> {
-    let mut body = Vec::new();
-    reader
-        .take(MAX_KV_BYTES)
-        .read_to_end(&mut body)
-        .await
-        .map_err(|err| TargetError::Unusable(format!("{name}: {err}")))?;
-    Ok(body)
-}
-
 fn parse_kv(body: &[u8]) -> Result<Vec<KvEntry>, String> {
     let entries: Vec<KvEntry> =
         serde_json::from_slice(body).map_err(|err| format!("not a KV export: {err}"))?;
@@ -398,13 +387,10 @@ impl Target for Consul {
             });
         }
         let client = self.client()?;
-        let record = source.record(KV_ARTIFACT)?;
-        let decoded = source.open(record).await?;
-        let mut reader = decoded.reader;
-        let body = read_all(&mut reader, KV_ARTIFACT).await;
-        drop(reader);
-        decoded.verification.result().await?;
-        let entries = parse_kv(&body?).map_err(TargetError::Unusable)?;
+        let body = source
+            .read_whole(source.record(KV_ARTIFACT)?, MAX_KV_BYTES)
+            .await?;
+        let entries = parse_kv(&body).map_err(TargetError::Unusable)?;
         let prefix = match (&options.prefix, options.in_place) {
             (Some(prefix), _) => prefix.clone(),
             (None, true) => String::new(),
@@ -425,12 +411,7 @@ impl Target for Consul {
                     "this backup has no snapshot (see source.snapshot_skipped)".into(),
                 )
             })?;
-            let decoded = source.open(record).await?;
-            let mut reader = decoded.reader;
-            let body = read_all(&mut reader, SNAPSHOT_ARTIFACT).await;
-            drop(reader);
-            decoded.verification.result().await?;
-            let body = body?;
+            let body = source.read_whole(record, MAX_KV_BYTES).await?;
             let response = client
                 .send(Method::PUT, "/v1/snapshot", |r| {
                     self.authorize(r).body(body.clone())
@@ -496,7 +477,7 @@ impl Target for Consul {
         record: &ArtifactRecord,
         mut reader: ArtifactReader,
     ) -> Result<String, TargetError> {
-        let body = read_all(&mut reader, &record.name).await?;
+        let body = read_limited(&mut reader, &record.name, MAX_KV_BYTES).await?;
         let unusable = |reason: String| TargetError::Unusable(format!("{}: {reason}", record.name));
         if record.format == SNAPSHOT_FORMAT {
             if !body.starts_with(&[0x1f, 0x8b]) {

@@ -140,6 +140,28 @@ pub fn parse_options<T: DeserializeOwned + Default>(
     })
 }
 
+/// Reads a decoded artifact whole; more than `limit` bytes is refused rather than held
+/// in memory (or cut short).
+pub async fn read_limited(
+    reader: &mut ArtifactReader,
+    name: &str,
+    limit: u64,
+) -> Result<Vec<u8>, TargetError> {
+    use tokio::io::AsyncReadExt;
+    let mut body = Vec::new();
+    reader
+        .take(limit + 1)
+        .read_to_end(&mut body)
+        .await
+        .map_err(|err| TargetError::Unusable(format!("{name}: {err}")))?;
+    if body.len() as u64 > limit {
+        return Err(TargetError::Unusable(format!(
+            "{name} is larger than {limit} bytes"
+        )));
+    }
+    Ok(body)
+}
+
 /// Refuses two restore options that cannot go together (e.g. a destination and in_place).
 pub fn exclusive_options(
     target: TargetKind,
@@ -296,21 +318,12 @@ impl ArtifactSource {
         record: &ArtifactRecord,
         limit: u64,
     ) -> Result<Vec<u8>, TargetError> {
-        use tokio::io::AsyncReadExt;
         let decoded = self.open(record).await?;
         let mut reader = decoded.reader;
-        let mut body = Vec::new();
-        let read = (&mut reader).take(limit + 1).read_to_end(&mut body).await;
+        let body = read_limited(&mut reader, &record.name, limit).await;
         drop(reader);
         decoded.verification.result().await?;
-        read.map_err(|err| TargetError::Unusable(format!("{}: {err}", record.name)))?;
-        if body.len() as u64 > limit {
-            return Err(TargetError::Unusable(format!(
-                "{} is larger than {limit} bytes",
-                record.name
-            )));
-        }
-        Ok(body)
+        body
     }
 
     /// Reads an artifact through and checks both hashes, writing nothing anywhere.

@@ -12,12 +12,11 @@ use reqwest::Method;
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
-use tokio::io::AsyncReadExt;
 
 use super::http::ApiClient;
 use super::{
     ArtifactSink, ArtifactSource, RestoreReport, Target, TargetError, exclusive_options,
-    parse_options,
+    parse_options, read_limited,
 };
 use crate::config::RabbitmqDefinitionsSettings;
 use crate::pipeline::ArtifactReader;
@@ -398,12 +397,7 @@ impl Target for Rabbitmq {
         }
         Ok(RestoreReport {
             destination: "definitions decoded and counted in memory (nothing imported)".into(),
-            details: json!(
-                counts(&found)
-                    .iter()
-                    .map(|(k, v)| (k.to_string(), *v))
-                    .collect::<std::collections::BTreeMap<_, _>>()
-            ),
+            details: json!(found),
         })
     }
 
@@ -413,12 +407,7 @@ impl Target for Rabbitmq {
         record: &ArtifactRecord,
         mut reader: ArtifactReader,
     ) -> Result<String, TargetError> {
-        let mut body = Vec::new();
-        (&mut reader)
-            .take(MAX_DEFINITIONS as u64 + 1)
-            .read_to_end(&mut body)
-            .await
-            .map_err(|err| TargetError::Unusable(format!("{}: {err}", record.name)))?;
+        let body = read_limited(&mut reader, &record.name, MAX_DEFINITIONS as u64).await?;
         let definitions = parse_definitions(&body)
             .map_err(|reason| TargetError::Unusable(format!("{}: {reason}", record.name)))?;
         let facts = facts_of(&definitions);

@@ -381,11 +381,15 @@ impl Redis {
         let replace = options.existing == Some(ExistingKeys::Replace);
         let mut applier = Applier::new(target, replace);
         if let Ok(record) = source.record(KEYS_ARTIFACT) {
-            let mut stream = KeyStream::open(source, record).await?;
+            let decoded = source.open(record).await?;
+            let mut stream = KeyStream::new(decoded.reader);
             while let Some(record) = stream.next().await? {
                 applier.push(record).await?;
             }
-            stream.finish().await?;
+            let ended = stream.declared();
+            drop(stream);
+            decoded.verification.result().await?;
+            ended?;
         } else {
             let record = source.record(RDB_ARTIFACT)?;
             let scratch = tempfile::tempdir()
@@ -429,29 +433,27 @@ impl Redis {
 }
 
 /// The records of a keys-mode artifact, decoded as the artifact streams in.
-struct KeyStream {
-    reader: ArtifactReader,
-    verification: crate::pipeline::Verification,
+struct KeyStream<R> {
+    reader: R,
     decoder: KeysDecoder,
     buf: Vec<u8>,
     declared: Option<u64>,
 }
 
-impl KeyStream {
-    async fn open(source: &ArtifactSource, record: &ArtifactRecord) -> Result<Self, TargetError> {
-        let decoded = source.open(record).await?;
-        Ok(KeyStream {
-            reader: decoded.reader,
-            verification: decoded.verification,
+impl<R: tokio::io::AsyncRead + Unpin> KeyStream<R> {
+    fn new(reader: R) -> Self {
+        KeyStream {
+            reader,
             decoder: KeysDecoder::default(),
             buf: vec![0u8; 256 * 1024],
             declared: None,
-        })
+        }
     }
 
     async fn next(&mut self) -> Result<Option<KeyRecord>, TargetError> {
         loop {
-            while let Some(item) = self.decoder.next().map_err(TargetError::Unusable)? {
+            let unusable = |reason| TargetError::Unusable(format!("{KEYS_ARTIFACT}: {reason}"));
+            while let Some(item) = self.decoder.next().map_err(unusable)? {
                 match item {
                     Decoded::Record(record) => return Ok(Some(record)),
                     Decoded::End(count) => self.declared = Some(count),
@@ -469,12 +471,24 @@ impl KeyStream {
         }
     }
 
-    /// Checks both hashes and the end record; returns the key count the end record declares.
-    async fn finish(self) -> Result<u64, TargetError> {
-        drop(self.reader);
-        self.verification.result().await?;
+    /// After the last record: the key count the stream's end record declares.
+    fn declared(&self) -> Result<u64, TargetError> {
         self.declared
             .ok_or_else(|| TargetError::Unusable(format!("{KEYS_ARTIFACT} has no end record")))
+    }
+
+    /// Reads the stream to its end, counting records; the end record must say as many.
+    async fn count(mut self) -> Result<u64, TargetError> {
+        let mut records = 0u64;
+        while self.next().await?.is_some() {
+            records += 1;
+        }
+        match self.declared()? {
+            declared if declared == records => Ok(records),
+            declared => Err(TargetError::Unusable(format!(
+                "{KEYS_ARTIFACT}: {records} records, but the stream says {declared}"
+            ))),
+        }
     }
 }
 
@@ -924,18 +938,16 @@ impl Target for Redis {
     async fn drill(&self, source: &ArtifactSource) -> Result<RestoreReport, TargetError> {
         let facts: RedisFacts = source.facts()?;
         if let Ok(record) = source.record(KEYS_ARTIFACT) {
-            // Keys mode: decode the whole stream; its records must add up to its end record.
-            let mut stream = KeyStream::open(source, record).await?;
-            let mut records = 0u64;
-            while stream.next().await?.is_some() {
-                records += 1;
-            }
-            let declared = stream.finish().await?;
-            let recorded = facts.keys_written.unwrap_or(declared);
-            if declared != records || recorded != records {
+            // Keys mode: decode the whole stream; its records must add up to its end
+            // record, and to what the manifest recorded.
+            let decoded = source.open(record).await?;
+            let counted = KeyStream::new(decoded.reader).count().await;
+            decoded.verification.result().await?;
+            let records = counted?;
+            let recorded = facts.keys_written.unwrap_or(records);
+            if recorded != records {
                 return Err(TargetError::Mismatch(format!(
-                    "{KEYS_ARTIFACT} holds {records} keys; its end record says {declared}, \
-                     the manifest {recorded}"
+                    "{KEYS_ARTIFACT} holds {records} keys, the manifest recorded {recorded}"
                 )));
             }
             return Ok(RestoreReport {
@@ -997,27 +1009,7 @@ impl Target for Redis {
             let version = check.finish().map_err(unusable)?;
             return Ok(format!("RDB version {version}, magic and CRC-64 valid"));
         }
-        let mut decoder = KeysDecoder::default();
-        let mut records = 0u64;
-        let mut declared = None;
-        for_each_chunk(&mut reader, |chunk| {
-            decoder.feed(chunk);
-            while let Some(item) = decoder.next()? {
-                match item {
-                    Decoded::Record(_) => records += 1,
-                    Decoded::End(count) => declared = Some(count),
-                }
-            }
-            Ok(())
-        })
-        .await
-        .map_err(unusable)?;
-        match declared {
-            Some(count) if count == records => Ok(format!("key stream: {records} keys")),
-            Some(count) => Err(unusable(format!(
-                "{records} records, but the stream says {count}"
-            ))),
-            None => Err(unusable("no end record".into())),
-        }
+        let records = KeyStream::new(reader).count().await?;
+        Ok(format!("key stream: {records} keys"))
     }
 }
