@@ -440,16 +440,18 @@ async fn worker(ctx: JobContext) -> Result<ExitCode, Failure> {
     });
     let state = Arc::new(WorkerState::default());
     // Last-success gauges start from the catalog, not from "never", after a restart.
-    match catalog::list_all(&ctx.storage).await {
-        Ok(listing) => {
-            for manifest in &listing.manifests {
-                let target = manifest.target.to_string();
+    for target in TargetKind::ALL {
+        match catalog::latest(&ctx.storage, target).await {
+            Ok(Some(manifest)) => {
                 state
                     .metrics
-                    .seed_last_success("backup", &target, manifest.finished_at);
+                    .seed_last_success("backup", target.as_str(), manifest.finished_at)
+            }
+            Ok(None) => {}
+            Err(err) => {
+                tracing::warn!(%target, error = %err, "could not read the catalog for the metrics")
             }
         }
-        Err(err) => tracing::warn!(error = %err, "could not read the catalog for the metrics"),
     }
     let listen = ctx.settings.http.listen.clone();
     if !listen.is_empty() {

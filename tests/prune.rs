@@ -59,6 +59,16 @@ async fn prune(
     run_prune(ctx, &request, now).await.unwrap()
 }
 
+/// Stores one object as it is (debris, a broken manifest).
+async fn put(setup: &TestSetup, key: &str, bytes: &'static [u8]) {
+    setup
+        .ctx
+        .storage
+        .put_bytes(key, Bytes::from_static(bytes))
+        .await
+        .unwrap();
+}
+
 async fn keys(setup: &TestSetup) -> Vec<String> {
     let mut keys: Vec<String> = setup
         .ctx
@@ -98,20 +108,18 @@ async fn prune_scenario(db_prefix: &str, store: Store) {
 
     let storage = &setup.ctx.storage;
     // A manifest nobody can read, with an artifact beside it: never deleted.
-    storage
-        .put_bytes(
-            "postgres/20250101T020000Z-postgres-bad01/manifest.json",
-            Bytes::from_static(b"{ not json"),
-        )
-        .await
-        .unwrap();
-    storage
-        .put_bytes(
-            "postgres/20250101T020000Z-postgres-bad01/crm.dump.zst",
-            Bytes::from_static(b"x"),
-        )
-        .await
-        .unwrap();
+    put(
+        &setup,
+        "postgres/20250101T020000Z-postgres-bad01/manifest.json",
+        b"{ not json",
+    )
+    .await;
+    put(
+        &setup,
+        "postgres/20250101T020000Z-postgres-bad01/crm.dump.zst",
+        b"x",
+    )
+    .await;
     // The debris of a crashed run: objects, no manifest.
     let debris = "postgres/20260225T030000Z-postgres-crash/crm.dump.zst";
     storage
@@ -222,4 +230,53 @@ async fn prune_applies_retention_on_local_storage() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prune_applies_retention_on_garage() {
     prune_scenario("prune_s3", Store::Garage).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn latest_reads_newest_first_and_agrees_with_the_full_listing() {
+    let db = TestDatabase::create("latest");
+    let setup = TestSetup::new(&db.name, Store::Local, &[]);
+    let request = BackupRequest::new(TargetKind::Postgres, "test-suite");
+    let real = run_backup(&setup.ctx, &request, &CancellationToken::new())
+        .await
+        .unwrap();
+    // Started a millisecond later in (usually) the same second, with an id that sorts
+    // before the real one's: only the start time can tell which is newer.
+    let later = plant(
+        &setup,
+        &real,
+        real.started_at + chrono::Duration::milliseconds(1),
+        "0000a",
+    )
+    .await;
+    let older = plant(&setup, &real, at(2026, 1, 1, 2), "old01").await;
+    let storage = &setup.ctx.storage;
+    // Newer than both: the debris of a crashed run and a manifest nobody can read.
+    put(
+        &setup,
+        "postgres/20991231T000000Z-postgres-crash/crm.dump.zst",
+        b"partial",
+    )
+    .await;
+    put(
+        &setup,
+        "postgres/20981231T000000Z-postgres-bad01/manifest.json",
+        b"{ not json",
+    )
+    .await;
+
+    let latest = catalog::latest(storage, TargetKind::Postgres)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(latest.id, later.id);
+    let listing = catalog::list(storage, TargetKind::Postgres).await.unwrap();
+    assert_eq!(listing.manifests.last().unwrap().id, latest.id);
+    assert_eq!(listing.manifests.first().unwrap().id, older.id);
+    assert!(
+        catalog::latest(storage, TargetKind::Redis)
+            .await
+            .unwrap()
+            .is_none()
+    );
 }

@@ -75,6 +75,45 @@ pub async fn list(storage: &Storage, target: TargetKind) -> Result<Listing, Cata
     Ok(listing)
 }
 
+/// The newest backup of a target, or `None`: the same one [`list`] would put last, but
+/// reading manifests newest first. Ids start with their start second, so once a manifest
+/// is found only backups of that same second can still be newer.
+pub async fn latest(
+    storage: &Storage,
+    target: TargetKind,
+) -> Result<Option<Manifest>, CatalogError> {
+    let base = format!("{target}/");
+    let mut ids: Vec<BackupId> = storage
+        .list_dirs(&base)
+        .await?
+        .iter()
+        .filter_map(|dir| dir.strip_prefix(&base)?.trim_end_matches('/').parse().ok())
+        .collect();
+    ids.sort_by(|a, b| b.as_str().cmp(a.as_str()));
+    let mut newest: Option<Manifest> = None;
+    for id in ids {
+        if let Some(found) = &newest
+            && id.started_at() < found.id.started_at()
+        {
+            break;
+        }
+        match get(storage, &id).await {
+            Ok(manifest) => {
+                let newer = newest.as_ref().is_none_or(|found| {
+                    (manifest.started_at, &manifest.id) > (found.started_at, &found.id)
+                });
+                if newer {
+                    newest = Some(manifest);
+                }
+            }
+            // Debris of an unfinished backup, or a manifest `list` reports as unreadable.
+            Err(CatalogError::NotFound(_) | CatalogError::Corrupt { .. }) => {}
+            Err(err) => return Err(err),
+        }
+    }
+    Ok(newest)
+}
+
 /// Lists every target's backups, oldest first within each target.
 pub async fn list_all(storage: &Storage) -> Result<Listing, CatalogError> {
     let mut all = Listing::default();
@@ -112,10 +151,8 @@ pub async fn resolve(
             }
             Ok(manifest)
         }
-        BackupRef::Latest => list(storage, target)
+        BackupRef::Latest => latest(storage, target)
             .await?
-            .manifests
-            .pop()
             .ok_or(CatalogError::NoBackups(target)),
     }
 }

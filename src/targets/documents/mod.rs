@@ -159,12 +159,12 @@ impl Target for Documents {
         let options: BackupOptions = parse_options(KIND, options)?;
         self.check_root()?;
         let (previous, parent_facts) = if options.incremental {
-            let listing = catalog::list(sink.storage(), KIND).await.map_err(|err| {
+            let latest = catalog::latest(sink.storage(), KIND).await.map_err(|err| {
                 TargetError::Unusable(format!("reading the previous backup: {err}"))
             })?;
-            match listing.manifests.last() {
+            match latest {
                 Some(parent) => {
-                    let facts = facts_of(parent)?;
+                    let facts = facts_of(&parent)?;
                     sink.set_parent(parent.id.clone());
                     (Some(parent.id.to_string()), Some(facts))
                 }
