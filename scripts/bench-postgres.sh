@@ -4,8 +4,9 @@
 #   scripts/bench-postgres.sh            # scale 50 (~750 MB), 3 rounds, plus RSS at scale 200
 #   BENCH_LARGE_SCALE=0 scripts/bench-postgres.sh   # skip the 4x database
 #
-# Prints medians of wall time and peak RSS (/usr/bin/time -v) and the ratios the targets use:
-# crm-backup <= 1.05x pg_dump alone, peak RSS <= 64 MiB, and flat when the database is 4x larger.
+# Prints medians of wall time, peak RSS (/usr/bin/time) and the whole machine's CPU time (see
+# scripts/bench-common.sh), and the ratios the targets use: crm-backup <= 1.05x pg_dump alone,
+# peak RSS <= 64 MiB, and flat when the database is 4x larger.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
@@ -17,7 +18,7 @@ PG=${BENCH_PG_URL:-postgres://postgres@127.0.0.1:5432}
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 
-command -v /usr/bin/time >/dev/null || apt-get install -y -q time >/dev/null
+. scripts/bench-common.sh
 command -v pgbench >/dev/null || apt-get install -y -q postgresql-contrib >/dev/null
 command -v zstd >/dev/null || apt-get install -y -q zstd >/dev/null
 eval "$(./scripts/garage.sh)"
@@ -33,17 +34,6 @@ ensure_db() { # <scale>
   fi
   echo "$db"
 }
-
-# measure <label> <command...>: appends "seconds kib" to $WORK/<label>
-measure() {
-  local label=$1; shift
-  /usr/bin/time -f "%e %M" -o "$WORK/one" "$@" >/dev/null
-  cat "$WORK/one" >> "$WORK/$label"
-}
-
-median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
-col() { awk -v c="$2" '{print $c}' "$WORK/$1" | median; }
-div() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
 
 # crm-backup writes to the Garage bucket under bench/.
 export BACKUP_S3_ENDPOINT="$BACKUP_TEST_S3_ENDPOINT" BACKUP_S3_BUCKET="$BACKUP_TEST_S3_BUCKET" \
@@ -62,16 +52,10 @@ for round in $(seq 1 "$ROUNDS"); do
 done
 
 printf '\nPostgreSQL backup, database %s (%s), median of %s rounds, storage: Garage on loopback\n\n' "$DB" "$SIZE" "$ROUNDS"
-printf '| run | seconds | peak RSS (MiB) | time vs pg_dump |\n|---|---|---|---|\n'
-base=$(col pg_dump 1)
-for label in pg_dump shell crm; do
-  s=$(col $label 1); kib=$(col $label 2)
-  name=$label
-  [ $label = pg_dump ] && name='`pg_dump -Fc -Z0 > /dev/null`'
-  [ $label = shell ] && name='`pg_dump -Fc -Z0 | zstd -3 -T0 > file`'
-  [ $label = crm ] && name='`crm-backup run postgres` (to Garage)'
-  printf '| %s | %s | %s | %sx |\n' "$name" "$s" "$(div "$kib" 1024)" "$(div "$s" "$base")"
-done
+table_head pg_dump
+row '`pg_dump -Fc -Z0 > /dev/null`' pg_dump pg_dump
+row '`pg_dump -Fc -Z0 | zstd -3 -T0 > file`' shell pg_dump
+row '`crm-backup run postgres` (to Garage)' crm pg_dump
 
 if [ "$LARGE_SCALE" != 0 ]; then
   LARGE=$(ensure_db "$LARGE_SCALE")

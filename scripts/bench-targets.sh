@@ -5,8 +5,9 @@
 #   (and `restic backup` when restic is installed)
 # crm-backup writes once to the local storage directory (on the same disk as the reference
 # tools' files: the like-for-like comparison) and once to Garage on loopback (which shares
-# the CPU). Prints medians of wall time and peak RSS and the ratios; targets: <= 1.10x the
-# reference tool's time, peak RSS <= 64 MiB.
+# the CPU). Prints medians of wall time, peak RSS and the whole machine's CPU time (see
+# scripts/bench-common.sh) and the ratios; targets: <= 1.10x the reference tool's time,
+# peak RSS <= 64 MiB.
 #
 #   BENCH_ROUNDS=3 BENCH_REDIS_MB=1024 BENCH_DOCS_MB=2048 BENCH_DOCS_FILES=20000 scripts/bench-targets.sh
 set -euo pipefail
@@ -26,7 +27,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-command -v /usr/bin/time >/dev/null || apt-get install -y -q time >/dev/null
+. scripts/bench-common.sh
 eval "$(./scripts/garage.sh)"
 cargo build --release --locked -q --bin crm-backup
 BIN=$PWD/target/release/crm-backup
@@ -38,18 +39,6 @@ export BACKUP_S3_ENDPOINT="$BACKUP_TEST_S3_ENDPOINT" BACKUP_S3_BUCKET="$BACKUP_T
 # The same run into the local storage directory instead of S3.
 LOCAL=(-u BACKUP_S3_ENDPOINT -u BACKUP_S3_BUCKET -u BACKUP_S3_REGION -u BACKUP_S3_ACCESS_KEY
   -u BACKUP_S3_SECRET_KEY BACKUP_STORAGE_DIR="$WORK/local")
-
-measure() { # <label> <command...>: appends "seconds kib"
-  local label=$1; shift
-  /usr/bin/time -f "%e %M" -o "$WORK/one" "$@" >/dev/null
-  cat "$WORK/one" >> "$WORK/$label"
-}
-median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
-col() { awk -v c="$2" '{print $c}' "$WORK/$1" | median; }
-div() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
-row() { # <name> <label> <baseline label>
-  printf '| %s | %s | %s | %sx |\n' "$1" "$(col "$2" 1)" "$(div "$(col "$2" 2)" 1024)" "$(div "$(col "$2" 1)" "$(col "$3" 1)")"
-}
 
 # --- Redis: a private server with ~REDIS_MB of data (values are hex of random bytes) ---
 mkdir -p "$DATA/redis"
@@ -113,7 +102,8 @@ for round in $(seq 1 "$ROUNDS"); do
   fi
 done
 
-printf '\n| run | seconds | peak RSS (MiB) | time vs reference |\n|---|---|---|---|\n'
+echo
+table_head reference
 row "\`redis-cli --rdb file\` (${REDIS_MEM} in Redis)" redis_cli redis_cli
 row '`crm-backup run redis` (local directory)' redis_local redis_cli
 row '`crm-backup run redis` (to Garage)' redis_crm redis_cli

@@ -1,0 +1,39 @@
+# Helpers shared by the benchmark scripts (sourced, not run). Each measured command appends
+# one line "seconds peak_kib machine_cpu_seconds" to $WORK/<label>:
+#   - seconds and peak RSS of the command (and its children) from /usr/bin/time -v's fields;
+#   - CPU time of the whole machine while it ran (/proc/stat: user+nice+system+irq+softirq),
+#     which includes what the command makes other processes do (the PostgreSQL backend that
+#     serves pg_dump, the Redis fork that writes the RDB, Garage). Divided by the number of
+#     cores it is the shortest time that work can take here: the floor under any ratio.
+# Needs $WORK (a scratch directory) set by the caller.
+
+command -v /usr/bin/time >/dev/null || apt-get install -y -q time >/dev/null
+
+CORES=$(nproc)
+CLK_TCK=$(getconf CLK_TCK)
+
+busy_ticks() { awk '/^cpu /{print $2 + $3 + $4 + $7 + $8}' /proc/stat; }
+
+measure() { # <label> <command...>
+  local label=$1; shift
+  local before after
+  before=$(busy_ticks)
+  /usr/bin/time -f "%e %M" -o "$WORK/one" "$@" >/dev/null
+  after=$(busy_ticks)
+  printf '%s %s\n' "$(cat "$WORK/one")" "$(awk -v t=$((after - before)) -v hz="$CLK_TCK" 'BEGIN { printf "%.2f", t / hz }')" >> "$WORK/$label"
+}
+
+median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+col() { awk -v c="$2" '{print $c}' "$WORK/$1" | median; }
+div() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
+
+table_head() {
+  printf '| run | seconds | peak RSS (MiB) | time vs %s | machine CPU s | CPU floor s (÷%s cores) |\n' "$1" "$CORES"
+  printf '|---|---|---|---|---|---|\n'
+}
+
+row() { # <name> <label> <baseline label>
+  local cpu; cpu=$(col "$2" 3)
+  printf '| %s | %s | %s | %sx | %s | %s |\n' "$1" "$(col "$2" 1)" "$(div "$(col "$2" 2)" 1024)" \
+    "$(div "$(col "$2" 1)" "$(col "$3" 1)")" "$cpu" "$(div "$cpu" "$CORES")"
+}
