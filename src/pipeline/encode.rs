@@ -9,13 +9,33 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
+use super::sha256::{self, Sha256};
 use super::{CHANNEL_DEPTH, Codec, PipelineError, Tally, TallyThread};
 use crate::storage::manifest::{ArtifactRecord, Compression, Encryption};
 use crate::storage::{Storage, Upload};
 
 struct EncodeSummary {
-    raw: (String, u64),
+    /// SHA-256 (None when the producer hashes) and size of the raw bytes.
+    raw: (Option<String>, u64),
     stored: (String, u64),
+}
+
+/// SHA-256 and size of the raw bytes, computed by a producer that writes through a
+/// [`BlockingSink`] (see [`ArtifactWriter::create_blocking`]).
+#[derive(Debug)]
+pub struct RawDigest {
+    sha256: String,
+    bytes: u64,
+}
+
+impl RawDigest {
+    pub fn sha256(&self) -> &str {
+        &self.sha256
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
 }
 
 /// Bytes per zstd worker job when compressing on several threads.
@@ -58,6 +78,8 @@ pub struct ArtifactWriter {
     compression: Compression,
     encryption: Option<Encryption>,
     chunk_size: usize,
+    /// Raw bytes are hashed by the [`BlockingSink`] that writes them, not by the pipeline.
+    hashed_by_producer: bool,
     tx: Option<mpsc::Sender<Bytes>>,
     task: Option<UploadTask>,
     aborted: Arc<AtomicBool>,
@@ -74,6 +96,35 @@ impl ArtifactWriter {
         name: String,
         format: &str,
     ) -> Result<Self, PipelineError> {
+        Self::start(storage, codec, pending, key, name, format, false).await
+    }
+
+    /// Like [`ArtifactWriter::create`], for a producer on a blocking thread (tar): every raw
+    /// byte goes through the returned sink, which hashes it, and can hash a stretch of it
+    /// into a second digest of the producer's at the same time (see [`BlockingSink::read_into`]).
+    /// Finish with [`ArtifactWriter::finish_blocking`] and the sink's [`BlockingSink::finish`].
+    pub async fn create_blocking(
+        storage: &Storage,
+        codec: &Codec,
+        pending: &PendingAborts,
+        key: String,
+        name: String,
+        format: &str,
+    ) -> Result<(Self, BlockingSink), PipelineError> {
+        let writer = Self::start(storage, codec, pending, key, name, format, true).await?;
+        let sink = BlockingSink::new(writer.tx.clone(), writer.chunk_size);
+        Ok((writer, sink))
+    }
+
+    async fn start(
+        storage: &Storage,
+        codec: &Codec,
+        pending: &PendingAborts,
+        key: String,
+        name: String,
+        format: &str,
+        hashed_by_producer: bool,
+    ) -> Result<Self, PipelineError> {
         let upload = storage.start_upload(&key).await?;
         let (in_tx, in_rx) = mpsc::channel::<Bytes>(CHANNEL_DEPTH);
         let (out_tx, out_rx) = mpsc::channel::<Bytes>(CHANNEL_DEPTH);
@@ -81,7 +132,7 @@ impl ArtifactWriter {
         let encoder = tokio::task::spawn_blocking({
             let codec = codec.clone();
             let aborted = aborted.clone();
-            move || encode(in_rx, out_tx, &codec, &aborted)
+            move || encode(in_rx, out_tx, &codec, &aborted, !hashed_by_producer)
         });
         let task = tokio::spawn(upload_task(upload, out_rx, encoder));
         Ok(ArtifactWriter {
@@ -97,6 +148,7 @@ impl ArtifactWriter {
                 recipients: codec.recipient_fingerprints(),
             }),
             chunk_size: codec.chunk_size,
+            hashed_by_producer,
             tx: Some(in_tx),
             task: Some(task),
             aborted,
@@ -149,26 +201,49 @@ impl ArtifactWriter {
         Ok((!buf.is_empty()).then(|| buf.freeze()))
     }
 
-    /// A blocking `std::io::Write` into this artifact, for producers on a blocking thread
-    /// (tar). Drop it before calling [`ArtifactWriter::finish`].
-    pub fn blocking_sink(&self) -> BlockingSink {
-        BlockingSink {
-            tx: self.tx.clone(),
-            buffer: Vec::with_capacity(self.chunk_size),
-            chunk_size: self.chunk_size,
-        }
+    /// Completes compression, encryption and upload; returns the artifact's record.
+    pub async fn finish(self) -> Result<ArtifactRecord, PipelineError> {
+        self.complete(None).await
     }
 
-    /// Completes compression, encryption and upload; returns the artifact's record.
-    pub async fn finish(mut self) -> Result<ArtifactRecord, PipelineError> {
+    /// [`ArtifactWriter::finish`] for a writer made by [`ArtifactWriter::create_blocking`],
+    /// with the digest of its sink.
+    pub async fn finish_blocking(self, raw: RawDigest) -> Result<ArtifactRecord, PipelineError> {
+        self.complete(Some(raw)).await
+    }
+
+    async fn complete(mut self, raw: Option<RawDigest>) -> Result<ArtifactRecord, PipelineError> {
+        if self.hashed_by_producer != raw.is_some() {
+            // Fail closed before the upload completes: dropping the writer aborts it.
+            return Err(PipelineError::Internal(format!(
+                "artifact `{}`: the raw digest must come from {}",
+                self.name,
+                if self.hashed_by_producer {
+                    "its blocking sink"
+                } else {
+                    "the pipeline"
+                }
+            )));
+        }
         self.tx = None;
         let summary = join(self.task.take()).await?;
+        let (raw_sha256, raw_size) = match (summary.raw, raw) {
+            ((Some(sha256), size), None) => (sha256, size),
+            ((None, size), Some(raw)) if raw.bytes == size => (raw.sha256, size),
+            ((_, size), raw) => {
+                return Err(PipelineError::Internal(format!(
+                    "artifact `{}`: the pipeline carried {size} raw bytes, its producer hashed {}",
+                    self.name,
+                    raw.map_or(0, |raw| raw.bytes)
+                )));
+            }
+        };
         Ok(ArtifactRecord {
             name: std::mem::take(&mut self.name),
             key: std::mem::take(&mut self.key),
             format: std::mem::take(&mut self.format),
-            raw_sha256: summary.raw.0,
-            raw_size: summary.raw.1,
+            raw_sha256,
+            raw_size,
             stored_sha256: summary.stored.0,
             stored_size: summary.stored.1,
             compression: self.compression.clone(),
@@ -256,6 +331,7 @@ fn encode(
     out: mpsc::Sender<Bytes>,
     codec: &Codec,
     aborted: &AtomicBool,
+    hash_raw: bool,
 ) -> Result<EncodeSummary, PipelineError> {
     let sink = StoredSink {
         out,
@@ -283,9 +359,13 @@ fn encode(
             .map_err(PipelineError::Encode)?;
     }
     std::thread::scope(|scope| {
-        let raw = TallyThread::spawn(scope);
+        let raw = hash_raw.then(|| TallyThread::spawn(scope));
+        let mut raw_bytes = 0u64;
         while let Some(chunk) = rx.blocking_recv() {
-            raw.update(&chunk)?;
+            if let Some(raw) = &raw {
+                raw.update(&chunk)?;
+            }
+            raw_bytes += chunk.len() as u64;
             zstd.write_all(&chunk).map_err(PipelineError::Encode)?;
         }
         if aborted.load(Ordering::SeqCst) {
@@ -294,31 +374,56 @@ fn encode(
         let layer = zstd.finish().map_err(PipelineError::Encode)?;
         let mut sink = layer.finish().map_err(PipelineError::Encode)?;
         sink.send_buffer().map_err(PipelineError::Encode)?;
+        let raw = match raw {
+            Some(raw) => {
+                let (sha256, bytes) = raw.finish()?;
+                (Some(sha256), bytes)
+            }
+            None => (None, raw_bytes),
+        };
         Ok(EncodeSummary {
-            raw: raw.finish()?,
+            raw,
             stored: sink.tally.finish(),
         })
     })
 }
 
-/// Raw bytes from a blocking producer into an [`ArtifactWriter`], in chunks.
+/// Raw bytes from a blocking producer into an [`ArtifactWriter`], in chunks, hashed on
+/// their way in.
 pub struct BlockingSink {
     tx: Option<mpsc::Sender<Bytes>>,
     buffer: Vec<u8>,
     chunk_size: usize,
+    raw: Sha256,
+    raw_bytes: u64,
 }
 
 impl BlockingSink {
+    fn new(tx: Option<mpsc::Sender<Bytes>>, chunk_size: usize) -> Self {
+        BlockingSink {
+            tx,
+            buffer: Vec::with_capacity(chunk_size),
+            chunk_size,
+            raw: Sha256::new(),
+            raw_bytes: 0,
+        }
+    }
+
     /// A sink whose chunks go to the returned receiver instead of an upload.
     #[cfg(test)]
     pub(crate) fn detached(chunk_size: usize) -> (Self, mpsc::Receiver<Bytes>) {
         let (tx, rx) = mpsc::channel(1024);
-        let sink = BlockingSink {
-            tx: Some(tx),
-            buffer: Vec::with_capacity(chunk_size),
-            chunk_size,
-        };
-        (sink, rx)
+        (BlockingSink::new(Some(tx), chunk_size), rx)
+    }
+
+    /// Sends what is buffered; returns the digest of every byte written, for
+    /// [`ArtifactWriter::finish_blocking`].
+    pub fn finish(mut self) -> io::Result<RawDigest> {
+        self.send()?;
+        Ok(RawDigest {
+            sha256: self.raw.finish_hex(),
+            bytes: self.raw_bytes,
+        })
     }
 
     fn send(&mut self) -> io::Result<()> {
@@ -338,8 +443,15 @@ impl BlockingSink {
     }
 
     /// Reads up to `limit` bytes of `reader` straight into the chunk being filled, with no
-    /// buffer in between; returns what was read (for hashing), empty at the reader's end.
-    pub fn read_from(&mut self, reader: &mut impl Read, limit: usize) -> io::Result<&[u8]> {
+    /// buffer in between, and hashes them into `digest` as well as the raw digest (at the
+    /// cost of about one hash when both are at a block boundary: file content in a tar
+    /// stream). Returns the number of bytes read, 0 at the reader's end.
+    pub fn read_into(
+        &mut self,
+        reader: &mut impl Read,
+        limit: usize,
+        digest: &mut Sha256,
+    ) -> io::Result<usize> {
         if self.buffer.len() >= self.chunk_size {
             self.send()?;
         }
@@ -356,12 +468,16 @@ impl BlockingSink {
         let n = read.as_ref().map_or(0, |n| *n);
         self.buffer.truncate(start + n);
         read?;
-        Ok(&self.buffer[start..])
+        sha256::update_both(&mut self.raw, digest, &self.buffer[start..]);
+        self.raw_bytes += n as u64;
+        Ok(n)
     }
 }
 
 impl Write for BlockingSink {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        self.raw.update(data);
+        self.raw_bytes += data.len() as u64;
         self.buffer.extend_from_slice(data);
         if self.buffer.len() >= self.chunk_size {
             self.send()?;

@@ -10,6 +10,7 @@
 
 mod decode;
 mod encode;
+pub mod sha256;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -17,7 +18,7 @@ use std::sync::Arc;
 use sha2::{Digest, Sha256};
 
 pub use decode::{ArtifactReader, DecodedArtifact, Verification, open_artifact};
-pub use encode::{ArtifactWriter, BlockingSink, PendingAborts};
+pub use encode::{ArtifactWriter, BlockingSink, PendingAborts, RawDigest};
 
 use crate::config::PipelineSettings;
 use crate::storage::StorageError;

@@ -19,8 +19,8 @@ use serde::de::DeserializeOwned;
 
 use crate::config::Settings;
 use crate::pipeline::{
-    ArtifactReader, ArtifactWriter, Codec, DecodedArtifact, Keyring, PendingAborts, PipelineError,
-    open_artifact,
+    ArtifactReader, ArtifactWriter, BlockingSink, Codec, DecodedArtifact, Keyring, PendingAborts,
+    PipelineError, RawDigest, open_artifact,
 };
 use crate::storage::Storage;
 use crate::storage::layout::{BackupId, TargetKind, artifact_key};
@@ -231,9 +231,39 @@ impl ArtifactSink {
         .await?)
     }
 
+    /// [`BackupSink::create`] for a producer on a blocking thread, which writes (and hashes)
+    /// the raw bytes through the returned sink: see [`ArtifactWriter::create_blocking`].
+    pub async fn create_blocking(
+        &self,
+        name: &str,
+        format: &str,
+    ) -> Result<(ArtifactWriter, BlockingSink), TargetError> {
+        let key = artifact_key(&self.backup_id, &format!("{name}{}", self.codec.suffix()));
+        Ok(ArtifactWriter::create_blocking(
+            &self.storage,
+            &self.codec,
+            &self.pending,
+            key,
+            name.to_string(),
+            format,
+        )
+        .await?)
+    }
+
     /// Completes an artifact and records it for the manifest.
     pub async fn finish(&mut self, writer: ArtifactWriter) -> Result<(), TargetError> {
         let record = writer.finish().await?;
+        self.records.push(record);
+        Ok(())
+    }
+
+    /// Completes an artifact made by [`BackupSink::create_blocking`], given its sink's digest.
+    pub async fn finish_blocking(
+        &mut self,
+        writer: ArtifactWriter,
+        raw: RawDigest,
+    ) -> Result<(), TargetError> {
+        let record = writer.finish_blocking(raw).await?;
         self.records.push(record);
         Ok(())
     }

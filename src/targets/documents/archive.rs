@@ -10,10 +10,9 @@ use std::io::{self, Write};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::Path;
 
-use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
-
 use crate::pipeline::BlockingSink;
+use crate::pipeline::sha256::Sha256;
+use serde::{Deserialize, Serialize};
 
 /// One entry of the index in the manifest.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -220,12 +219,12 @@ fn store_file(
     let mut hasher = Sha256::new();
     let mut remaining = size;
     while remaining > 0 {
-        let read = out.read_from(&mut file, usize::try_from(remaining).unwrap_or(usize::MAX))?;
-        if read.is_empty() {
+        let limit = usize::try_from(remaining).unwrap_or(usize::MAX);
+        let read = out.read_into(&mut file, limit, &mut hasher)?;
+        if read == 0 {
             break;
         }
-        hasher.update(read);
-        remaining -= read.len() as u64;
+        remaining -= read as u64;
     }
     let short = remaining > 0;
     // A file that shrank while it was read is padded to the size its header announced.
@@ -245,7 +244,7 @@ fn store_file(
     if changed {
         report.changed_during_backup.push(name.to_string());
     }
-    index.sha256 = Some(hex::encode(hasher.finalize()));
+    index.sha256 = Some(hasher.finish_hex());
     report.stored_files += 1;
     report.stored_bytes += size;
     Ok(())
@@ -262,6 +261,8 @@ fn padding(size: u64) -> usize {
 #[cfg(test)]
 mod tests {
     use std::io::Read;
+
+    use sha2::Digest;
 
     use super::*;
 
@@ -302,7 +303,7 @@ mod tests {
             &mut report,
         )
         .unwrap();
-        builder.into_inner().unwrap().flush().unwrap();
+        let raw = builder.into_inner().unwrap().finish().unwrap();
         let mut stream = Vec::new();
         while let Ok(chunk) = chunks.try_recv() {
             stream.extend_from_slice(&chunk);
@@ -322,9 +323,15 @@ mod tests {
             "content is the shrunk file, zero-padded"
         );
         assert!(entries.next().is_none());
-        assert_eq!(index.sha256, Some(hex::encode(Sha256::digest(&expected))));
+        assert_eq!(
+            index.sha256,
+            Some(hex::encode(sha2::Sha256::digest(&expected)))
+        );
         assert_eq!(report.changed_during_backup, vec!["shrinking.bin"]);
         assert_eq!(stream.len() % BLOCK, 0);
+        // The sink hashed the whole stream (header, content, padding) on the way in.
+        assert_eq!(raw.bytes(), stream.len() as u64);
+        assert_eq!(raw.sha256(), hex::encode(sha2::Sha256::digest(&stream)));
     }
 
     #[test]

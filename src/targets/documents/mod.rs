@@ -9,7 +9,6 @@ mod archive;
 pub mod extract;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
@@ -183,20 +182,18 @@ impl Target for Documents {
                     .collect()
             })
             .unwrap_or_default();
-        let writer = sink.create(ARTIFACT, FORMAT).await?;
-        let out = writer.blocking_sink();
+        let (writer, out) = sink.create_blocking(ARTIFACT, FORMAT).await?;
         let root = self.root.clone();
         let this_backup = sink.backup_id().to_string();
         let previous_for_walk = previous_index.clone();
         let written = tokio::task::spawn_blocking(move || {
-            let (report, mut out) = write_tree(&root, out, &previous_for_walk, &this_backup)?;
-            out.flush()?;
-            Ok::<_, std::io::Error>(report)
+            let (report, out) = write_tree(&root, out, &previous_for_walk, &this_backup)?;
+            Ok::<_, std::io::Error>((report, out.finish()?))
         })
         .await
         .map_err(|err| TargetError::Unusable(format!("archiving task failed: {err}")))?;
-        let report = match written {
-            Ok(report) => report,
+        let (report, raw) = match written {
+            Ok(written) => written,
             Err(err) => {
                 drop(writer); // aborts the upload
                 return Err(TargetError::Tool {
@@ -206,7 +203,7 @@ impl Target for Documents {
                 });
             }
         };
-        sink.finish(writer).await?;
+        sink.finish_blocking(writer, raw).await?;
         if !report.changed_during_backup.is_empty() {
             tracing::warn!(files = ?report.changed_during_backup, "documents changed while they were read");
         }
