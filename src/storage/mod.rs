@@ -5,6 +5,7 @@
 
 pub mod catalog;
 pub mod layout;
+mod local_upload;
 pub mod manifest;
 
 use std::sync::Arc;
@@ -38,6 +39,15 @@ impl StorageError {
         matches!(self, StorageError::Unavailable { .. })
     }
 
+    fn from_io(key: &str, err: std::io::Error) -> Self {
+        let key = key.to_string();
+        let message = err.to_string();
+        match err.kind() {
+            std::io::ErrorKind::PermissionDenied => StorageError::Denied { key, message },
+            _ => StorageError::Unavailable { key, message },
+        }
+    }
+
     fn from_object_store(key: &str, err: object_store::Error) -> Self {
         let key = key.to_string();
         match err {
@@ -68,6 +78,9 @@ pub struct ObjectInfo {
 #[derive(Clone)]
 pub struct Storage {
     store: Arc<dyn ObjectStore>,
+    /// The same store when it is the local directory: uploads there go through
+    /// [`local_upload::LocalUpload`].
+    local: Option<Arc<LocalFileSystem>>,
     prefix: String,
     /// Where the store is, for humans and events: `s3://bucket/prefix/` or `file:///dir/`.
     base_location: String,
@@ -87,6 +100,7 @@ impl Storage {
     /// Opens S3 when `s3_bucket` is set, else the local directory (created if missing).
     pub fn open(settings: &StorageSettings) -> Result<Self, StorageError> {
         let prefix = settings.prefix.trim_matches('/').to_string();
+        let mut local = None;
         let (store, root): (Arc<dyn ObjectStore>, String) = if settings.s3_bucket.is_empty() {
             std::fs::create_dir_all(&settings.local_dir).map_err(|err| {
                 StorageError::Config(format!(
@@ -102,7 +116,9 @@ impl Storage {
                 .with_automatic_cleanup(true)
                 // A backup that reports success must survive a power cut.
                 .with_fsync(true);
-            (Arc::new(store), format!("file://{}/", dir.display()))
+            let store = Arc::new(store);
+            local = Some(store.clone());
+            (store, format!("file://{}/", dir.display()))
         } else {
             let mut builder = AmazonS3Builder::new()
                 .with_bucket_name(&settings.s3_bucket)
@@ -132,6 +148,7 @@ impl Storage {
         };
         Ok(Storage {
             store,
+            local,
             prefix,
             base_location,
             part_size: settings.part_size_mib as usize * 1024 * 1024,
@@ -254,11 +271,24 @@ impl Storage {
 
     /// Starts a multipart upload; memory is bounded by part size × (parts in flight + 1).
     pub async fn start_upload(&self, key: &str) -> Result<Upload, StorageError> {
-        let upload = self
-            .store
-            .put_multipart(&self.path(key))
-            .await
-            .map_err(|err| StorageError::from_object_store(key, err))?;
+        let upload: Box<dyn object_store::MultipartUpload> = match &self.local {
+            Some(local) => {
+                let dest = local
+                    .path_to_filesystem(&self.path(key))
+                    .map_err(|err| StorageError::from_object_store(key, err))?;
+                let created =
+                    tokio::task::spawn_blocking(move || local_upload::LocalUpload::create(dest))
+                        .await
+                        .unwrap_or_else(|err| Err(std::io::Error::other(err.to_string())));
+                let upload = created.map_err(|err| StorageError::from_io(key, err))?;
+                Box::new(upload)
+            }
+            None => self
+                .store
+                .put_multipart(&self.path(key))
+                .await
+                .map_err(|err| StorageError::from_object_store(key, err))?,
+        };
         Ok(Upload {
             key: key.to_string(),
             writer: WriteMultipart::new_with_chunk_size(upload, self.part_size),
