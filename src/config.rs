@@ -5,13 +5,14 @@
 //! value is checked at start; an error names the key it is about. Secrets are
 //! [`SecretString`]s and only leave their wrapper where a connection is made.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use config::{Config, Environment, File, FileFormat};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
+use crate::storage::layout::TargetKind;
 use crate::telemetry::redact_url;
 
 /// The defaults, compiled in so the binary works from any directory.
@@ -273,6 +274,9 @@ pub struct StorageSettings {
 #[serde(deny_unknown_fields)]
 pub struct PipelineSettings {
     pub zstd_level: i32,
+    /// Levels that replace `zstd_level` for some targets (`redis = 1`).
+    #[serde(default)]
+    pub zstd_level_by_target: BTreeMap<String, i32>,
     pub zstd_workers: u32,
     pub chunk_kib: u32,
     pub age_recipients: Vec<String>,
@@ -342,6 +346,17 @@ impl Settings {
                 "pipeline.zstd_level",
                 format!("{} is outside 1..=19", p.zstd_level),
             );
+        }
+        for (target, level) in &p.zstd_level_by_target {
+            if let Err(unknown) = target.parse::<TargetKind>() {
+                return invalid("pipeline.zstd_level_by_target", unknown.to_string());
+            }
+            if !(1..=19).contains(level) {
+                return invalid(
+                    "pipeline.zstd_level_by_target",
+                    format!("{target} = {level} is outside 1..=19"),
+                );
+            }
         }
         if p.zstd_workers > 64 {
             return invalid(
@@ -575,6 +590,36 @@ mod tests {
         assert!(settings.storage.s3_bucket.is_empty());
         assert_eq!(settings.pipeline.zstd_level, 3);
         assert_eq!(settings.retention.daily, 7);
+    }
+
+    #[test]
+    fn zstd_levels_per_target_override_the_default_level() {
+        let codec = |settings: &Settings, target| {
+            crate::pipeline::Codec::from_settings(&settings.pipeline)
+                .for_target(target)
+                .zstd_level
+        };
+        let defaults = Settings::load(&env(&[])).unwrap();
+        assert_eq!(codec(&defaults, TargetKind::Redis), 1);
+        assert_eq!(codec(&defaults, TargetKind::Postgres), 3);
+        let settings = Settings::load(&env(&[
+            ("BACKUP__PIPELINE__ZSTD_LEVEL", "5"),
+            ("BACKUP__PIPELINE__ZSTD_LEVEL_BY_TARGET__REDIS", "2"),
+            ("BACKUP__PIPELINE__ZSTD_LEVEL_BY_TARGET__DOCUMENTS", "9"),
+        ]))
+        .unwrap();
+        assert_eq!(codec(&settings, TargetKind::Redis), 2);
+        assert_eq!(codec(&settings, TargetKind::Documents), 9);
+        assert_eq!(codec(&settings, TargetKind::Consul), 5);
+        for (name, value, says) in [
+            ("MONGO", "1", "unknown target `mongo`"),
+            ("REDIS", "25", "redis = 25 is outside 1..=19"),
+        ] {
+            let key = format!("BACKUP__PIPELINE__ZSTD_LEVEL_BY_TARGET__{name}");
+            let err = error_of(&[(key.as_str(), value)]);
+            assert!(err.contains("pipeline.zstd_level_by_target"), "{err}");
+            assert!(err.contains(says), "{err}");
+        }
     }
 
     #[test]

@@ -45,7 +45,8 @@ pub async fn run_backup(
     let target = ctx.targets.get(request.target)?;
     let started_at = Utc::now();
     let id = BackupId::generate(request.target, started_at);
-    let mut sink = ArtifactSink::new(ctx.storage.clone(), ctx.codec.clone(), id.clone());
+    let codec = ctx.codec.for_target(request.target);
+    let mut sink = ArtifactSink::new(ctx.storage.clone(), codec, id.clone());
     tracing::info!(backup_id = %id, target = %request.target, "backup started");
     let facts = tokio::select! {
         facts = target.backup(&request.options, &mut sink) => facts.map_err(JobError::from),

@@ -12,6 +12,7 @@ mod decode;
 mod encode;
 pub mod sha256;
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -22,6 +23,7 @@ pub use encode::{ArtifactWriter, BlockingSink, PendingAborts, RawDigest};
 
 use crate::config::PipelineSettings;
 use crate::storage::StorageError;
+use crate::storage::layout::TargetKind;
 
 /// Chunks that may wait in each channel between stages.
 const CHANNEL_DEPTH: usize = 4;
@@ -75,6 +77,7 @@ impl PipelineError {
 #[derive(Clone)]
 pub struct Codec {
     pub zstd_level: i32,
+    levels_by_target: Arc<BTreeMap<TargetKind, i32>>,
     pub zstd_workers: u32,
     pub chunk_size: usize,
     recipients: Arc<Vec<age::x25519::Recipient>>,
@@ -88,12 +91,28 @@ impl Codec {
             .iter()
             .filter_map(|r| r.parse::<age::x25519::Recipient>().ok())
             .collect();
+        // Validated at load: every key is a target.
+        let levels_by_target = settings
+            .zstd_level_by_target
+            .iter()
+            .filter_map(|(target, level)| Some((target.parse().ok()?, *level)))
+            .collect();
         Codec {
             zstd_level: settings.zstd_level,
+            levels_by_target: Arc::new(levels_by_target),
             zstd_workers: settings.zstd_workers,
             chunk_size: settings.chunk_kib as usize * 1024,
             recipients: Arc::new(recipients),
         }
+    }
+
+    /// This codec with the level configured for `target`, if it has one of its own.
+    pub fn for_target(&self, target: TargetKind) -> Codec {
+        let mut codec = self.clone();
+        if let Some(level) = self.levels_by_target.get(&target) {
+            codec.zstd_level = *level;
+        }
+        codec
     }
 
     pub fn encrypts(&self) -> bool {
