@@ -280,3 +280,63 @@ async fn latest_reads_newest_first_and_agrees_with_the_full_listing() {
             .is_none()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prune_removes_staging_files_that_killed_local_uploads_left() {
+    let db = TestDatabase::create("prune_staging");
+    psql(
+        &db.name,
+        "CREATE TABLE t (id int); INSERT INTO t VALUES (1);",
+    );
+    let mut no_grace: Vec<(&str, &str)> = RETENTION.to_vec();
+    no_grace.push(("BACKUP__RETENTION__DEBRIS_GRACE", "1h"));
+    let setup = TestSetup::new(&db.name, Store::Local, &no_grace);
+    let request = BackupRequest::new(TargetKind::Postgres, "test-suite");
+    let real = run_backup(&setup.ctx, &request, &CancellationToken::new())
+        .await
+        .unwrap();
+
+    // A process killed mid-upload leaves `<artifact>#<digits>`, invisible to listings.
+    let stale_dir = setup
+        .storage_path()
+        .join("postgres/20260301T030000Z-postgres-kill1");
+    std::fs::create_dir_all(&stale_dir).unwrap();
+    let stale = stale_dir.join("crm.dump.zst#4711");
+    let young_dir = setup
+        .storage_path()
+        .join("postgres/20260302T030000Z-postgres-live1");
+    std::fs::create_dir_all(&young_dir).unwrap();
+    let young = young_dir.join("crm.dump.zst#12");
+    for path in [&stale, &young] {
+        std::fs::write(path, b"half an artifact").unwrap();
+    }
+    let two_hours_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(7200);
+    std::fs::File::options()
+        .write(true)
+        .open(&stale)
+        .unwrap()
+        .set_modified(two_hours_ago)
+        .unwrap();
+    let ids_before = keys(&setup).await;
+
+    let dry = prune(&setup.ctx, true, Utc::now()).await;
+    assert_eq!(dry.debris.len(), 1, "{:?}", dry.debris);
+    assert!(stale.exists(), "a dry run deletes nothing");
+
+    let swept = prune(&setup.ctx, false, Utc::now()).await;
+    assert_eq!(swept.debris.len(), 1, "{:?}", swept.debris);
+    assert_eq!(
+        swept.debris[0].dir,
+        "postgres/20260301T030000Z-postgres-kill1/"
+    );
+    assert_eq!(swept.debris[0].bytes, 16);
+    assert!(!stale.exists(), "the stale staging file is gone");
+    assert!(young.exists(), "a young one may be an upload in progress");
+    assert_eq!(
+        keys(&setup).await,
+        ids_before,
+        "committed backups untouched"
+    );
+    let report = verify_backup(&setup.ctx, &real).await.unwrap();
+    assert!(report.ok(), "{report:?}");
+}

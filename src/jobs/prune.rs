@@ -129,7 +129,10 @@ async fn prune_target(
 
     // Every object of the target, by backup directory.
     let mut dirs: BTreeMap<String, Vec<crate::storage::ObjectInfo>> = BTreeMap::new();
-    for object in storage.list(&format!("{target}/")).await? {
+    let prefix = format!("{target}/");
+    let mut objects = storage.list(&prefix).await?;
+    objects.extend(storage.list_staging(&prefix).await?);
+    for object in objects {
         if let Some(dir) = backup_dir_of(&object.key) {
             dirs.entry(dir).or_default().push(object);
         }
@@ -151,7 +154,7 @@ async fn prune_target(
             // The manifest first: from here on the backup no longer exists.
             storage.delete(&format!("{dir}{MANIFEST_NAME}")).await?;
             for object in dirs.get(&dir).into_iter().flatten() {
-                storage.delete(&object.key).await?;
+                storage.delete_object(object).await?;
             }
             tracing::info!(backup_id = %decision.id, "pruned");
         }
@@ -169,7 +172,7 @@ async fn prune_target(
         }
         if !dry_run {
             for object in objects {
-                storage.delete(&object.key).await?;
+                storage.delete_object(object).await?;
             }
             tracing::info!(dir = %dir, "removed the debris of an unfinished backup");
         }

@@ -139,6 +139,57 @@ impl MultipartUpload for LocalUpload {
     }
 }
 
+/// A staging file found under a directory.
+pub struct StagingFile {
+    /// Path below the directory searched, `/`-separated.
+    pub relative: String,
+    pub size: u64,
+    pub modified: chrono::DateTime<chrono::Utc>,
+}
+
+/// Every staging file (`<name>#<digits>`) below `root`; none if `root` does not exist.
+pub fn staging_files(root: &Path) -> io::Result<Vec<StagingFile>> {
+    let mut found = Vec::new();
+    let mut dirs = vec![(root.to_path_buf(), String::new())];
+    while let Some((dir, relative)) = dirs.pop() {
+        let entries = match fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(err) if err.kind() == io::ErrorKind::NotFound => continue,
+            Err(err) => return Err(with_path(err, &dir)),
+        };
+        for entry in entries {
+            let entry = entry.map_err(|err| with_path(err, &dir))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let path = if relative.is_empty() {
+                name.clone()
+            } else {
+                format!("{relative}/{name}")
+            };
+            let meta = entry
+                .metadata()
+                .map_err(|err| with_path(err, &entry.path()))?;
+            if meta.is_dir() {
+                dirs.push((entry.path(), path));
+            } else if is_staging_name(&name) {
+                found.push(StagingFile {
+                    relative: path,
+                    size: meta.len(),
+                    modified: meta
+                        .modified()
+                        .map_err(|err| with_path(err, &entry.path()))?
+                        .into(),
+                });
+            }
+        }
+    }
+    Ok(found)
+}
+
+/// `<name>#<digits>`: how both this module and `object_store` name staging files.
+fn is_staging_name(name: &str) -> bool {
+    matches!(name.rsplit_once('#'), Some((_, digits)) if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()))
+}
+
 /// Asks the kernel to start writing a just-written range to disk, without waiting for it.
 #[cfg(target_os = "linux")]
 fn start_writeback(file: &File, offset: u64, len: u64) {

@@ -72,6 +72,9 @@ pub struct ObjectInfo {
     pub key: String,
     pub size: u64,
     pub last_modified: chrono::DateTime<chrono::Utc>,
+    /// A staging file of an unfinished upload into the local directory (`<key>#<digits>`),
+    /// which object listings do not show: see [`Storage::list_staging`].
+    pub staging: bool,
 }
 
 /// Handle on the configured object store.
@@ -242,6 +245,7 @@ impl Storage {
                 key: self.relative_key(&meta.location),
                 size: meta.size,
                 last_modified: meta.last_modified,
+                staging: false,
             })
             .collect())
     }
@@ -260,6 +264,54 @@ impl Storage {
             .iter()
             .map(|path| format!("{}/", self.relative_key(path)))
             .collect())
+    }
+
+    /// Staging files of uploads into the local directory under `dir` that never completed
+    /// (a process killed mid-backup leaves them): debris that only prune sees. Empty for S3,
+    /// where unfinished multipart uploads are the bucket's lifecycle rule's business.
+    pub async fn list_staging(&self, dir: &str) -> Result<Vec<ObjectInfo>, StorageError> {
+        let Some(local) = &self.local else {
+            return Ok(Vec::new());
+        };
+        let root = local
+            .path_to_filesystem(&self.path(dir.trim_end_matches('/')))
+            .map_err(|err| StorageError::from_object_store(dir, err))?;
+        let dir = dir.to_string();
+        tokio::task::spawn_blocking(move || local_upload::staging_files(&root))
+            .await
+            .unwrap_or_else(|err| Err(std::io::Error::other(err.to_string())))
+            .map_err(|err| StorageError::from_io(&dir, err))
+            .map(|files| {
+                files
+                    .into_iter()
+                    .map(|file| ObjectInfo {
+                        key: format!("{}/{}", dir.trim_end_matches('/'), file.relative),
+                        size: file.size,
+                        last_modified: file.modified,
+                        staging: true,
+                    })
+                    .collect()
+            })
+    }
+
+    /// Deletes an object, or a staging file found by [`Storage::list_staging`].
+    pub async fn delete_object(&self, object: &ObjectInfo) -> Result<(), StorageError> {
+        match (&self.local, object.staging) {
+            (Some(local), true) => {
+                let (name, digits) = object.key.rsplit_once('#').unwrap_or((&object.key, ""));
+                let mut path = local
+                    .path_to_filesystem(&self.path(name))
+                    .map_err(|err| StorageError::from_object_store(&object.key, err))?
+                    .into_os_string();
+                path.push(format!("#{digits}"));
+                match tokio::fs::remove_file(&path).await {
+                    Ok(()) => Ok(()),
+                    Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                    Err(err) => Err(StorageError::from_io(&object.key, err)),
+                }
+            }
+            _ => self.delete(&object.key).await,
+        }
     }
 
     pub async fn delete(&self, key: &str) -> Result<(), StorageError> {
