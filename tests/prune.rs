@@ -288,28 +288,23 @@ async fn prune_removes_staging_files_that_killed_local_uploads_left() {
         &db.name,
         "CREATE TABLE t (id int); INSERT INTO t VALUES (1);",
     );
-    let mut no_grace: Vec<(&str, &str)> = RETENTION.to_vec();
-    no_grace.push(("BACKUP__RETENTION__DEBRIS_GRACE", "1h"));
-    let setup = TestSetup::new(&db.name, Store::Local, &no_grace);
+    let mut hour_grace: Vec<(&str, &str)> = RETENTION.to_vec();
+    hour_grace.push(("BACKUP__RETENTION__DEBRIS_GRACE", "1h"));
+    let setup = TestSetup::new(&db.name, Store::Local, &hour_grace);
     let request = BackupRequest::new(TargetKind::Postgres, "test-suite");
     let real = run_backup(&setup.ctx, &request, &CancellationToken::new())
         .await
         .unwrap();
 
     // A process killed mid-upload leaves `<artifact>#<digits>`, invisible to listings.
-    let stale_dir = setup
-        .storage_path()
-        .join("postgres/20260301T030000Z-postgres-kill1");
-    std::fs::create_dir_all(&stale_dir).unwrap();
-    let stale = stale_dir.join("crm.dump.zst#4711");
-    let young_dir = setup
-        .storage_path()
-        .join("postgres/20260302T030000Z-postgres-live1");
-    std::fs::create_dir_all(&young_dir).unwrap();
-    let young = young_dir.join("crm.dump.zst#12");
-    for path in [&stale, &young] {
-        std::fs::write(path, b"half an artifact").unwrap();
-    }
+    let plant = |file: &str| {
+        let path = setup.storage_path().join(file);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, b"half an artifact").unwrap();
+        path
+    };
+    let stale = plant("postgres/20260301T030000Z-postgres-kill1/crm.dump.zst#4711");
+    let young = plant("postgres/20260302T030000Z-postgres-live1/crm.dump.zst#12");
     let two_hours_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(7200);
     std::fs::File::options()
         .write(true)
