@@ -4,11 +4,12 @@ use std::io::{self, Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
+use super::chunk::{ChunkPool, ChunkSender};
 use super::sha256::{self, Sha256};
 use super::{CHANNEL_DEPTH, Codec, PipelineError, Tally, TallyThread};
 use crate::storage::manifest::{ArtifactRecord, Compression, Encryption};
@@ -40,6 +41,10 @@ impl RawDigest {
 
 /// Bytes per zstd worker job when compressing on several threads.
 const ZSTD_JOB_SIZE: u32 = 2 << 20;
+
+/// Idle chunk buffers a pool keeps: enough for a channel's worth of chunks, the one being
+/// filled and the one being consumed (chunks beyond that are freed when dropped).
+const POOLED_CHUNKS: usize = CHANNEL_DEPTH + 4;
 
 type UploadTask = JoinHandle<Result<EncodeSummary, PipelineError>>;
 
@@ -77,7 +82,8 @@ pub struct ArtifactWriter {
     format: String,
     compression: Compression,
     encryption: Option<Encryption>,
-    chunk_size: usize,
+    /// Buffers of the raw chunks ([`ArtifactWriter::read_chunk`], [`BlockingSink`]).
+    chunks: ChunkPool,
     /// Raw bytes are hashed by the [`BlockingSink`] that writes them, not by the pipeline.
     hashed_by_producer: bool,
     tx: Option<mpsc::Sender<Bytes>>,
@@ -112,7 +118,7 @@ impl ArtifactWriter {
         format: &str,
     ) -> Result<(Self, BlockingSink), PipelineError> {
         let writer = Self::start(storage, codec, pending, key, name, format, true).await?;
-        let sink = BlockingSink::new(writer.tx.clone(), writer.chunk_size);
+        let sink = BlockingSink::new(writer.tx.clone(), writer.chunks.clone());
         Ok((writer, sink))
     }
 
@@ -147,7 +153,7 @@ impl ArtifactWriter {
                 algorithm: "age-x25519".into(),
                 recipients: codec.recipient_fingerprints(),
             }),
-            chunk_size: codec.chunk_size,
+            chunks: ChunkPool::new(codec.chunk_size, POOLED_CHUNKS),
             hashed_by_producer,
             tx: Some(in_tx),
             task: Some(task),
@@ -188,17 +194,18 @@ impl ArtifactWriter {
         &self,
         reader: &mut R,
     ) -> Result<Option<Bytes>, PipelineError> {
-        let mut buf = BytesMut::with_capacity(self.chunk_size);
-        while buf.len() < self.chunk_size {
+        let mut chunk = self.chunks.take();
+        while !chunk.is_full() {
             let n = reader
-                .read_buf(&mut buf)
+                .read(chunk.spare())
                 .await
                 .map_err(PipelineError::Source)?;
             if n == 0 {
                 break;
             }
+            chunk.advance(n);
         }
-        Ok((!buf.is_empty()).then(|| buf.freeze()))
+        Ok((!chunk.is_empty()).then(|| chunk.freeze()))
     }
 
     /// Completes compression, encryption and upload; returns the artifact's record.
@@ -333,11 +340,10 @@ fn encode(
     aborted: &AtomicBool,
     hash_raw: bool,
 ) -> Result<EncodeSummary, PipelineError> {
+    let chunks = ChunkPool::new(codec.chunk_size, POOLED_CHUNKS);
     let sink = StoredSink {
-        out,
+        out: ChunkSender::new(Some(out), chunks, "the upload stopped"),
         tally: Tally::default(),
-        buffer: Vec::with_capacity(codec.chunk_size),
-        chunk_size: codec.chunk_size,
     };
     let layer = if codec.encrypts() {
         let recipients = codec.recipients.iter().map(|r| r as &dyn age::Recipient);
@@ -373,7 +379,7 @@ fn encode(
         }
         let layer = zstd.finish().map_err(PipelineError::Encode)?;
         let mut sink = layer.finish().map_err(PipelineError::Encode)?;
-        sink.send_buffer().map_err(PipelineError::Encode)?;
+        sink.out.send().map_err(PipelineError::Encode)?;
         let raw = match raw {
             Some(raw) => {
                 let (sha256, bytes) = raw.finish()?;
@@ -391,19 +397,15 @@ fn encode(
 /// Raw bytes from a blocking producer into an [`ArtifactWriter`], in chunks, hashed on
 /// their way in.
 pub struct BlockingSink {
-    tx: Option<mpsc::Sender<Bytes>>,
-    buffer: Vec<u8>,
-    chunk_size: usize,
+    out: ChunkSender,
     raw: Sha256,
     raw_bytes: u64,
 }
 
 impl BlockingSink {
-    fn new(tx: Option<mpsc::Sender<Bytes>>, chunk_size: usize) -> Self {
+    fn new(tx: Option<mpsc::Sender<Bytes>>, chunks: ChunkPool) -> Self {
         BlockingSink {
-            tx,
-            buffer: Vec::with_capacity(chunk_size),
-            chunk_size,
+            out: ChunkSender::new(tx, chunks, "the artifact upload stopped"),
             raw: Sha256::new(),
             raw_bytes: 0,
         }
@@ -413,33 +415,18 @@ impl BlockingSink {
     #[cfg(test)]
     pub(crate) fn detached(chunk_size: usize) -> (Self, mpsc::Receiver<Bytes>) {
         let (tx, rx) = mpsc::channel(1024);
-        (BlockingSink::new(Some(tx), chunk_size), rx)
+        let chunks = ChunkPool::new(chunk_size, POOLED_CHUNKS);
+        (BlockingSink::new(Some(tx), chunks), rx)
     }
 
     /// Sends what is buffered; returns the digest of every byte written, for
     /// [`ArtifactWriter::finish_blocking`].
     pub fn finish(mut self) -> io::Result<RawDigest> {
-        self.send()?;
+        self.out.send()?;
         Ok(RawDigest {
             sha256: self.raw.finish_hex(),
             bytes: self.raw_bytes,
         })
-    }
-
-    fn send(&mut self) -> io::Result<()> {
-        if self.buffer.is_empty() {
-            return Ok(());
-        }
-        let chunk = std::mem::replace(&mut self.buffer, Vec::with_capacity(self.chunk_size));
-        match &self.tx {
-            Some(tx) => tx.blocking_send(Bytes::from(chunk)).map_err(|_| {
-                io::Error::new(io::ErrorKind::BrokenPipe, "the artifact upload stopped")
-            }),
-            None => Err(io::Error::new(
-                io::ErrorKind::BrokenPipe,
-                "the artifact is closed",
-            )),
-        }
     }
 
     /// Reads up to `limit` bytes of `reader` straight into the chunk being filled, with no
@@ -452,23 +439,18 @@ impl BlockingSink {
         limit: usize,
         digest: &mut Sha256,
     ) -> io::Result<usize> {
-        if self.buffer.len() >= self.chunk_size {
-            self.send()?;
-        }
-        let start = self.buffer.len();
-        let want = limit.min(self.chunk_size - start);
-        self.buffer.resize(start + want, 0);
-        let read = loop {
-            match reader.read(&mut self.buffer[start..]) {
-                Ok(n) => break Ok(n),
+        let chunk = self.out.room()?;
+        let spare = chunk.spare();
+        let want = limit.min(spare.len());
+        let n = loop {
+            match reader.read(&mut spare[..want]) {
+                Ok(n) => break n,
                 Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
-                Err(err) => break Err(err),
+                Err(err) => return Err(err),
             }
         };
-        let n = read.as_ref().map_or(0, |n| *n);
-        self.buffer.truncate(start + n);
-        read?;
-        sha256::update_both(&mut self.raw, digest, &self.buffer[start..]);
+        sha256::update_both(&mut self.raw, digest, &spare[..n]);
+        chunk.advance(n);
         self.raw_bytes += n as u64;
         Ok(n)
     }
@@ -478,45 +460,25 @@ impl Write for BlockingSink {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
         self.raw.update(data);
         self.raw_bytes += data.len() as u64;
-        self.buffer.extend_from_slice(data);
-        if self.buffer.len() >= self.chunk_size {
-            self.send()?;
-        }
+        self.out.push(data)?;
         Ok(data.len())
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        self.send()
+        self.out.send()
     }
 }
 
 /// The last stage of the blocking half: hashes stored bytes and hands them on in chunks.
 struct StoredSink {
-    out: mpsc::Sender<Bytes>,
+    out: ChunkSender,
     tally: Tally,
-    buffer: Vec<u8>,
-    chunk_size: usize,
-}
-
-impl StoredSink {
-    fn send_buffer(&mut self) -> io::Result<()> {
-        if self.buffer.is_empty() {
-            return Ok(());
-        }
-        let chunk = std::mem::replace(&mut self.buffer, Vec::with_capacity(self.chunk_size));
-        self.out
-            .blocking_send(Bytes::from(chunk))
-            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the upload stopped"))
-    }
 }
 
 impl Write for StoredSink {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
         self.tally.update(data);
-        self.buffer.extend_from_slice(data);
-        if self.buffer.len() >= self.chunk_size {
-            self.send_buffer()?;
-        }
+        self.out.push(data)?;
         Ok(data.len())
     }
 

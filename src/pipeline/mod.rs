@@ -8,6 +8,7 @@
 //! side by small bounded channels: memory is bounded by the chunk size, the channel depth
 //! and the multipart part size, never by the size of the artifact.
 
+mod chunk;
 mod decode;
 mod encode;
 pub mod sha256;
