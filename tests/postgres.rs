@@ -194,7 +194,15 @@ async fn round_trip_of_every_schema_through_local_storage() {
         "counted from the dump itself"
     );
     assert!(facts.server_version.starts_with("15") || !facts.server_version.is_empty());
-    assert!(facts.pg_dump_version.contains("pg_dump"));
+    // Read from the archive's header; the same words as the tool's own.
+    let version = std::process::Command::new("pg_dump")
+        .arg("--version")
+        .output()
+        .unwrap();
+    assert_eq!(
+        facts.pg_dump_version,
+        String::from_utf8(version.stdout).unwrap().trim()
+    );
     let dump = &manifest.artifacts[0];
     assert!(dump.key.ends_with(".dump.zst"), "{}", dump.key);
     assert!(
@@ -238,8 +246,9 @@ fn rows_are_counted_in_the_archive_exactly_as_count_star_sees_them() {
         .output()
         .unwrap();
     assert!(dump.status.success());
-    let counts =
-        crm_backup::targets::postgres::archive::count_rows(dump.stdout.as_slice()).unwrap();
+    let summary =
+        crm_backup::targets::postgres::archive::read_archive(dump.stdout.as_slice()).unwrap();
+    let counts = summary.rows;
     let tables = psql(
         &db.name,
         "SELECT schemaname || '|' || tablename FROM pg_tables WHERE schemaname NOT IN ('pg_catalog', 'information_schema')",

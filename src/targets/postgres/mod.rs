@@ -98,6 +98,14 @@ pub struct TableRows {
     pub rows: i64,
 }
 
+/// What one dump wrote and read from its own archive.
+struct Dumped {
+    tables: Vec<TableRows>,
+    /// `archive` (counted from the dump's stream) or `count(*)` (the fallback).
+    row_count_source: &'static str,
+    pg_dump_version: String,
+}
+
 impl Postgres {
     pub fn new(settings: &PostgresSettings) -> Self {
         Postgres {
@@ -207,7 +215,7 @@ impl Postgres {
         database: &str,
         snapshot: &str,
         scope: &Scope,
-    ) -> Result<(Vec<TableRows>, &'static str), TargetError> {
+    ) -> Result<Dumped, TargetError> {
         let mut args = vec![
             "--format=custom".to_string(),
             "--compress=0".to_string(),
@@ -238,7 +246,7 @@ impl Postgres {
         // of exactly what was dumped, and the database is not scanned a second time.
         let (tap, tapped) = tokio::sync::mpsc::channel::<Bytes>(16);
         let counter =
-            tokio::task::spawn_blocking(move || archive::count_rows(TapReader::new(tapped)));
+            tokio::task::spawn_blocking(move || archive::read_archive(TapReader::new(tapped)));
         let copied = async {
             let mut tapping = true;
             while let Some(chunk) = writer.read_chunk(&mut stdout).await? {
@@ -264,8 +272,9 @@ impl Postgres {
             .await
             .map_err(|err| err.to_string())
             .and_then(|r| r.map_err(|e| e.to_string()));
-        let tables = match counted {
-            Ok(counts) => {
+        let dumped = match counted {
+            Ok(summary) => {
+                let counts = summary.rows;
                 let mut tables = Vec::with_capacity(scope.tables.len());
                 let mut missing = Vec::new();
                 for (schema, name) in &scope.tables {
@@ -281,15 +290,23 @@ impl Postgres {
                 // Tables without a data entry (none expected): count them in the snapshot.
                 tables.extend(count_rows(client, &missing).await?);
                 tables.sort_by(|a, b| (&a.schema, &a.name).cmp(&(&b.schema, &b.name)));
-                (tables, "archive")
+                Dumped {
+                    tables,
+                    row_count_source: "archive",
+                    pg_dump_version: summary.pg_dump_version,
+                }
             }
             Err(reason) => {
                 tracing::warn!(%reason, "could not read the archive's row counts; counting in the dump's snapshot");
-                (count_rows(client, &scope.tables).await?, "count(*)")
+                Dumped {
+                    tables: count_rows(client, &scope.tables).await?,
+                    row_count_source: "count(*)",
+                    pg_dump_version: output(&self.tool("pg_dump"), &["--version"]).await?,
+                }
             }
         };
         sink.finish(writer).await?;
-        Ok(tables)
+        Ok(dumped)
     }
 
     async fn dump_globals(
@@ -400,7 +417,6 @@ impl Target for Postgres {
                 message: format!("empty schema name `{bad}`"),
             });
         }
-        let pg_dump_version = output(&self.tool("pg_dump"), &["--version"]).await?;
         let client = self.connect(None).await?;
         let server_version = query_string(&client, "SHOW server_version").await?;
         let database = query_string(&client, "SELECT current_database()").await?;
@@ -422,7 +438,7 @@ impl Target for Postgres {
         } else {
             None
         };
-        let (tables, row_count_source) = self
+        let dumped = self
             .dump(sink, &client, &database, &snapshot, &scope)
             .await?;
         client
@@ -432,6 +448,11 @@ impl Target for Postgres {
         if globals {
             self.dump_globals(sink, &database).await?;
         }
+        let Dumped {
+            tables,
+            row_count_source,
+            pg_dump_version,
+        } = dumped;
         let facts = PostgresFacts {
             server_version,
             pg_dump_version,
