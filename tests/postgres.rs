@@ -248,6 +248,13 @@ fn rows_are_counted_in_the_archive_exactly_as_count_star_sees_them() {
     assert!(dump.status.success());
     let summary =
         crm_backup::targets::postgres::archive::read_archive(dump.stdout.as_slice()).unwrap();
+    // The stream arrives in pieces cut anywhere: a 7-byte buffer gives the same answer.
+    let piecewise = crm_backup::targets::postgres::archive::read_archive(
+        std::io::BufReader::with_capacity(7, dump.stdout.as_slice()),
+    )
+    .unwrap();
+    assert_eq!(piecewise.rows, summary.rows);
+    assert_eq!(piecewise.pg_dump_version, summary.pg_dump_version);
     let counts = summary.rows;
     let tables = psql(
         &db.name,

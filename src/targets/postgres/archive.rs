@@ -11,7 +11,7 @@
 //! newline (embedded ones are escaped) and the data with a `\.` line.
 
 use std::collections::BTreeMap;
-use std::io::{self, Read};
+use std::io::{self, BufRead};
 
 const BLOCK_DATA: u8 = 1;
 const BLOCK_BLOBS: u8 = 3;
@@ -34,7 +34,7 @@ struct Archive<R> {
     off_size: usize,
 }
 
-impl<R: Read> Archive<R> {
+impl<R: BufRead> Archive<R> {
     fn byte(&mut self) -> io::Result<u8> {
         let mut b = [0u8; 1];
         self.input.read_exact(&mut b)?;
@@ -73,8 +73,8 @@ fn invalid(message: String) -> io::Error {
 }
 
 /// Reads a custom-format archive from `input` to its end: who wrote it, and the rows of
-/// each table.
-pub fn read_archive<R: Read>(input: R) -> io::Result<ArchiveSummary> {
+/// each table. Table data is looked at where `input` buffers it, never copied.
+pub fn read_archive<R: BufRead>(input: R) -> io::Result<ArchiveSummary> {
     let mut magic = [0u8; 5];
     let mut input = input;
     input.read_exact(&mut magic)?;
@@ -189,8 +189,9 @@ pub fn read_archive<R: Read>(input: R) -> io::Result<ArchiveSummary> {
     })
 }
 
-fn each_chunk<R: Read>(archive: &mut Archive<R>, mut each: impl FnMut(&[u8])) -> io::Result<()> {
-    let mut buf = Vec::new();
+/// Hands the length-prefixed chunks of one data block to `each`, in the pieces the input
+/// has them buffered in.
+fn each_chunk<R: BufRead>(archive: &mut Archive<R>, mut each: impl FnMut(&[u8])) -> io::Result<()> {
     loop {
         let len = archive.int()?;
         if len == 0 {
@@ -199,9 +200,19 @@ fn each_chunk<R: Read>(archive: &mut Archive<R>, mut each: impl FnMut(&[u8])) ->
         if len < 0 {
             return Err(invalid(format!("negative chunk length {len}")));
         }
-        buf.resize(len as usize, 0);
-        archive.input.read_exact(&mut buf)?;
-        each(&buf);
+        let mut left = len as u64;
+        while left > 0 {
+            let buffered = archive.input.fill_buf()?;
+            if buffered.is_empty() {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            let n = buffered
+                .len()
+                .min(usize::try_from(left).unwrap_or(usize::MAX));
+            each(&buffered[..n]);
+            archive.input.consume(n);
+            left -= n as u64;
+        }
     }
 }
 

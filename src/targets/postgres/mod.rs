@@ -889,20 +889,31 @@ impl TapReader {
 
 impl std::io::Read for TapReader {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let available = std::io::BufRead::fill_buf(self)?;
+        let n = buf.len().min(available.len());
+        buf[..n].copy_from_slice(&available[..n]);
+        std::io::BufRead::consume(self, n);
+        Ok(n)
+    }
+}
+
+/// The chunk received last is the buffer: the archive reader looks at it in place.
+impl std::io::BufRead for TapReader {
+    fn fill_buf(&mut self) -> std::io::Result<&[u8]> {
         while self.offset == self.current.len() {
             match self.rx.blocking_recv() {
                 Some(chunk) => {
                     self.current = chunk;
                     self.offset = 0;
                 }
-                None => return Ok(0),
+                None => break,
             }
         }
-        let available = &self.current[self.offset..];
-        let n = buf.len().min(available.len());
-        buf[..n].copy_from_slice(&available[..n]);
-        self.offset += n;
-        Ok(n)
+        Ok(&self.current[self.offset..])
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.offset = (self.offset + n).min(self.current.len());
     }
 }
 
