@@ -10,8 +10,9 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use super::chunk::{ChunkPool, ChunkSender};
+use super::compress::Compressor;
 use super::sha256::{self, Sha256};
-use super::{CHANNEL_DEPTH, Codec, PipelineError, Tally, TallyThread};
+use super::{CHANNEL_DEPTH, Codec, POOLED_CHUNKS, PipelineError, TallyThread};
 use crate::storage::manifest::{ArtifactRecord, Compression, Encryption};
 use crate::storage::{Storage, Upload};
 
@@ -38,13 +39,6 @@ impl RawDigest {
         self.bytes
     }
 }
-
-/// Bytes per zstd worker job when compressing on several threads.
-const ZSTD_JOB_SIZE: u32 = 2 << 20;
-
-/// Idle chunk buffers a pool keeps: enough for a channel's worth of chunks, the one being
-/// filled and the one being consumed (chunks beyond that are freed when dropped).
-const POOLED_CHUNKS: usize = CHANNEL_DEPTH + 4;
 
 type UploadTask = JoinHandle<Result<EncodeSummary, PipelineError>>;
 
@@ -340,30 +334,7 @@ fn encode(
     aborted: &AtomicBool,
     hash_raw: bool,
 ) -> Result<EncodeSummary, PipelineError> {
-    let chunks = ChunkPool::new(codec.chunk_size, POOLED_CHUNKS);
-    let sink = StoredSink {
-        out: ChunkSender::new(Some(out), chunks, "the upload stopped"),
-        tally: Tally::default(),
-    };
-    let layer = if codec.encrypts() {
-        let recipients = codec.recipients.iter().map(|r| r as &dyn age::Recipient);
-        let encryptor = age::Encryptor::with_recipients(recipients)
-            .map_err(|err| PipelineError::Encode(io::Error::other(err.to_string())))?;
-        Layer::Age(encryptor.wrap_output(sink).map_err(PipelineError::Encode)?)
-    } else {
-        Layer::Plain(sink)
-    };
-    let mut zstd = zstd::stream::write::Encoder::new(layer, codec.zstd_level)
-        .map_err(PipelineError::Encode)?;
-    zstd.include_checksum(true).map_err(PipelineError::Encode)?;
-    if codec.zstd_workers > 0 {
-        zstd.multithread(codec.zstd_workers)
-            .map_err(PipelineError::Encode)?;
-        // zstd's default job is 4× the window (8 MiB at level 3) per worker, buffered
-        // twice; 2 MiB jobs keep memory flat and small at a negligible cost in ratio.
-        zstd.set_parameter(zstd::zstd_safe::CParameter::JobSize(ZSTD_JOB_SIZE))
-            .map_err(PipelineError::Encode)?;
-    }
+    let mut compressor = Compressor::new(codec, out)?;
     std::thread::scope(|scope| {
         let raw = hash_raw.then(|| TallyThread::spawn(scope));
         let mut raw_bytes = 0u64;
@@ -372,14 +343,12 @@ fn encode(
                 raw.update(&chunk)?;
             }
             raw_bytes += chunk.len() as u64;
-            zstd.write_all(&chunk).map_err(PipelineError::Encode)?;
+            compressor.write_all(&chunk)?;
         }
         if aborted.load(Ordering::SeqCst) {
             return Err(PipelineError::Aborted);
         }
-        let layer = zstd.finish().map_err(PipelineError::Encode)?;
-        let mut sink = layer.finish().map_err(PipelineError::Encode)?;
-        sink.out.send().map_err(PipelineError::Encode)?;
+        let stored = compressor.finish()?;
         let raw = match raw {
             Some(raw) => {
                 let (sha256, bytes) = raw.finish()?;
@@ -387,10 +356,7 @@ fn encode(
             }
             None => (None, raw_bytes),
         };
-        Ok(EncodeSummary {
-            raw,
-            stored: sink.tally.finish(),
-        })
+        Ok(EncodeSummary { raw, stored })
     })
 }
 
@@ -466,54 +432,5 @@ impl Write for BlockingSink {
 
     fn flush(&mut self) -> io::Result<()> {
         self.out.send()
-    }
-}
-
-/// The last stage of the blocking half: hashes stored bytes and hands them on in chunks.
-struct StoredSink {
-    out: ChunkSender,
-    tally: Tally,
-}
-
-impl Write for StoredSink {
-    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-        self.tally.update(data);
-        self.out.push(data)?;
-        Ok(data.len())
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-/// Optional encryption between compression and the stored-bytes sink.
-enum Layer {
-    Plain(StoredSink),
-    Age(age::stream::StreamWriter<StoredSink>),
-}
-
-impl Layer {
-    fn finish(self) -> io::Result<StoredSink> {
-        match self {
-            Layer::Plain(sink) => Ok(sink),
-            Layer::Age(writer) => writer.finish(),
-        }
-    }
-}
-
-impl Write for Layer {
-    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-        match self {
-            Layer::Plain(sink) => sink.write(data),
-            Layer::Age(writer) => writer.write(data),
-        }
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        match self {
-            Layer::Plain(sink) => sink.flush(),
-            Layer::Age(writer) => writer.flush(),
-        }
     }
 }

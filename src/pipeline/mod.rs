@@ -9,6 +9,7 @@
 //! and the multipart part size, never by the size of the artifact.
 
 mod chunk;
+mod compress;
 mod decode;
 mod encode;
 pub mod sha256;
@@ -28,6 +29,10 @@ use crate::storage::layout::TargetKind;
 
 /// Chunks that may wait in each channel between stages.
 const CHANNEL_DEPTH: usize = 4;
+
+/// Idle chunk buffers a pool keeps: enough for a channel's worth of chunks, the one being
+/// filled and the one being consumed (chunks beyond that are freed when dropped).
+const POOLED_CHUNKS: usize = CHANNEL_DEPTH + 4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {

@@ -1,0 +1,245 @@
+//! The stored side of the backup direction: zstd, optional age encryption, and the SHA-256
+//! and size of the bytes that are stored, handed on in chunks (blocking code).
+//!
+//! Without encryption zstd writes its output straight into the chunk being filled (zstd's
+//! streaming API takes any output buffer), so compressed bytes are never copied on their
+//! way to storage. With encryption, age needs a writer: zstd's output goes through a small
+//! buffer into age's stream writer, which writes into the chunks.
+
+use std::io::{self, Write};
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+use zstd::zstd_safe::{self, CCtx, CParameter, InBuffer, OutBuffer};
+
+use super::chunk::{ChunkPool, ChunkSender};
+use super::{Codec, POOLED_CHUNKS, PipelineError, Tally};
+
+/// Bytes per zstd worker job when compressing on several threads. zstd's default job is
+/// 4× the window (8 MiB at level 3) per worker, buffered twice; 2 MiB jobs keep memory flat
+/// and small at a negligible cost in ratio.
+const ZSTD_JOB_SIZE: i32 = 2 << 20;
+
+/// Compresses (and encrypts) raw bytes into stored chunks sent to the upload.
+pub(super) struct Compressor {
+    zstd: CCtx<'static>,
+    out: Layer,
+}
+
+/// Where compressed bytes go.
+enum Layer {
+    Plain(StoredSink),
+    /// age's writer, and a buffer for zstd's output on its way there.
+    Age(age::stream::StreamWriter<StoredSink>, Vec<u8>),
+}
+
+impl Compressor {
+    /// A compressor for one artifact (a zstd frame with its checksum) into `out`.
+    pub(super) fn new(codec: &Codec, out: mpsc::Sender<Bytes>) -> Result<Self, PipelineError> {
+        let sink = StoredSink {
+            out: ChunkSender::new(
+                Some(out),
+                ChunkPool::new(codec.chunk_size, POOLED_CHUNKS),
+                "the upload stopped",
+            ),
+            tally: Tally::default(),
+        };
+        let out = if codec.encrypts() {
+            let recipients = codec.recipients.iter().map(|r| r as &dyn age::Recipient);
+            let encryptor = age::Encryptor::with_recipients(recipients)
+                .map_err(|err| PipelineError::Encode(io::Error::other(err.to_string())))?;
+            let writer = encryptor.wrap_output(sink).map_err(PipelineError::Encode)?;
+            Layer::Age(writer, vec![0; CCtx::out_size()])
+        } else {
+            Layer::Plain(sink)
+        };
+        let mut zstd = CCtx::create();
+        let mut set = |parameter| {
+            zstd.set_parameter(parameter)
+                .map(|_| ())
+                .map_err(zstd_error)
+        };
+        set(CParameter::CompressionLevel(codec.zstd_level))?;
+        set(CParameter::ChecksumFlag(true))?;
+        if codec.zstd_workers > 0 {
+            set(CParameter::NbWorkers(codec.zstd_workers))?;
+            set(CParameter::JobSize(ZSTD_JOB_SIZE as u32))?;
+        }
+        Ok(Compressor { zstd, out })
+    }
+
+    /// Compresses all of `data`.
+    pub(super) fn write_all(&mut self, data: &[u8]) -> Result<(), PipelineError> {
+        let mut input = InBuffer::around(data);
+        while input.pos() < data.len() {
+            self.step(
+                &mut input,
+                zstd_safe::zstd_sys::ZSTD_EndDirective::ZSTD_e_continue,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Ends the frame (and the encryption) and sends the last chunk; returns the SHA-256
+    /// and size of the stored bytes.
+    pub(super) fn finish(mut self) -> Result<(String, u64), PipelineError> {
+        let mut empty = InBuffer::around(&[]);
+        while self.step(
+            &mut empty,
+            zstd_safe::zstd_sys::ZSTD_EndDirective::ZSTD_e_end,
+        )? > 0
+        {}
+        let mut sink = match self.out {
+            Layer::Plain(sink) => sink,
+            Layer::Age(writer, _) => writer.finish().map_err(PipelineError::Encode)?,
+        };
+        sink.out.send().map_err(PipelineError::Encode)?;
+        Ok(sink.tally.finish())
+    }
+
+    /// One call into zstd: takes input, writes output; returns what zstd has left to flush.
+    fn step(
+        &mut self,
+        input: &mut InBuffer<'_>,
+        directive: zstd_safe::zstd_sys::ZSTD_EndDirective,
+    ) -> Result<usize, PipelineError> {
+        match &mut self.out {
+            Layer::Plain(sink) => {
+                let chunk = sink.out.room().map_err(PipelineError::Encode)?;
+                let spare = chunk.spare();
+                let mut output = OutBuffer::around(&mut *spare);
+                let left = self
+                    .zstd
+                    .compress_stream2(&mut output, input, directive)
+                    .map_err(zstd_error)?;
+                let written = output.pos();
+                sink.tally.update(&spare[..written]);
+                chunk.advance(written);
+                Ok(left)
+            }
+            Layer::Age(writer, buffer) => {
+                let mut output = OutBuffer::around(buffer.as_mut_slice());
+                let left = self
+                    .zstd
+                    .compress_stream2(&mut output, input, directive)
+                    .map_err(zstd_error)?;
+                let written = output.pos();
+                writer
+                    .write_all(&buffer[..written])
+                    .map_err(PipelineError::Encode)?;
+                Ok(left)
+            }
+        }
+    }
+}
+
+fn zstd_error(code: usize) -> PipelineError {
+    PipelineError::Encode(io::Error::other(format!(
+        "zstd: {}",
+        zstd_safe::get_error_name(code)
+    )))
+}
+
+/// The last stage: hashes stored bytes and hands them on in chunks.
+struct StoredSink {
+    out: ChunkSender,
+    tally: Tally,
+}
+
+/// age writes its ciphertext here.
+impl Write for StoredSink {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        self.tally.update(data);
+        self.out.push(data)?;
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Read;
+    use std::path::PathBuf;
+
+    use sha2::Digest;
+
+    use super::*;
+    use crate::config::PipelineSettings;
+
+    /// 1 KiB chunks: zstd's output keeps running into the end of a chunk.
+    fn codec(workers: u32, recipients: Vec<String>) -> Codec {
+        Codec::from_settings(&PipelineSettings {
+            zstd_level: 3,
+            zstd_level_by_target: Default::default(),
+            zstd_workers: workers,
+            chunk_kib: 1,
+            age_recipients: recipients,
+            age_identity_file: PathBuf::new(),
+        })
+    }
+
+    fn compress(codec: &Codec, input: &[u8]) -> (Vec<Bytes>, (String, u64)) {
+        let (tx, mut rx) = mpsc::channel(100_000);
+        let mut compressor = Compressor::new(codec, tx).unwrap();
+        for piece in input.chunks(10_000) {
+            compressor.write_all(piece).unwrap();
+        }
+        let tally = compressor.finish().unwrap();
+        let mut chunks = Vec::new();
+        while let Ok(chunk) = rx.try_recv() {
+            chunks.push(chunk);
+        }
+        (chunks, tally)
+    }
+
+    fn input() -> Vec<u8> {
+        // Compressible text, then bytes zstd cannot shrink.
+        let mut input: Vec<u8> = (0..20_000u32)
+            .flat_map(|i| format!("line {i}\n").into_bytes())
+            .collect();
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        input.extend((0..300_000).map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        }));
+        input
+    }
+
+    #[test]
+    fn stored_chunks_are_one_zstd_frame_of_the_input_and_the_tally_is_theirs() {
+        let input = input();
+        for workers in [0, 1] {
+            let (chunks, (sha256, size)) = compress(&codec(workers, vec![]), &input);
+            assert!(chunks.len() > 100, "{} chunks", chunks.len());
+            assert!(chunks[..chunks.len() - 1].iter().all(|c| c.len() == 1024));
+            let stored: Vec<u8> = chunks.concat();
+            assert_eq!(size, stored.len() as u64);
+            assert_eq!(sha256, hex::encode(sha2::Sha256::digest(&stored)));
+            assert!(zstd::decode_all(stored.as_slice()).unwrap() == input);
+        }
+    }
+
+    #[test]
+    fn encrypted_chunks_decrypt_to_the_zstd_frame() {
+        let identity = age::x25519::Identity::generate();
+        let codec = codec(1, vec![identity.to_public().to_string()]);
+        let input = input();
+        let (chunks, (sha256, size)) = compress(&codec, &input);
+        let stored: Vec<u8> = chunks.concat();
+        assert_eq!(size, stored.len() as u64);
+        assert_eq!(sha256, hex::encode(sha2::Sha256::digest(&stored)));
+        let decryptor = age::Decryptor::new(stored.as_slice()).unwrap();
+        let mut frame = Vec::new();
+        decryptor
+            .decrypt(std::iter::once(&identity as &dyn age::Identity))
+            .unwrap()
+            .read_to_end(&mut frame)
+            .unwrap();
+        assert!(zstd::decode_all(frame.as_slice()).unwrap() == input);
+    }
+}
