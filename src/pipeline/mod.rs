@@ -7,6 +7,11 @@
 //! Compression, encryption and hashing run on a blocking thread, connected to the async
 //! side by small bounded channels: memory is bounded by the chunk size, the channel depth
 //! and the multipart part size, never by the size of the artifact.
+//!
+//! Files: `encode` (the backup direction: [`ArtifactWriter`], [`BlockingSink`]), `compress`
+//! (zstd, age and the stored digest, writing into chunks), `decode` (the restore direction),
+//! `chunk` (reused chunk buffers), [`sha256`] (the two-digest SHA-NI kernel for producers
+//! that hash what they write).
 
 mod chunk;
 mod compress;
