@@ -231,7 +231,7 @@ impl ArtifactSink {
         .await?)
     }
 
-    /// [`BackupSink::create`] for a producer on a blocking thread, which writes (and hashes)
+    /// [`ArtifactSink::create`] for a producer on a blocking thread, which writes (and hashes)
     /// the raw bytes through the returned sink: see [`ArtifactWriter::create_blocking`].
     pub async fn create_blocking(
         &self,
