@@ -257,7 +257,7 @@ impl ArtifactSink {
         Ok(())
     }
 
-    /// Completes an artifact made by [`BackupSink::create_blocking`], given its sink's digest.
+    /// Completes an artifact made by [`ArtifactSink::create_blocking`], given its sink's digest.
     pub async fn finish_blocking(
         &mut self,
         writer: ArtifactWriter,
