@@ -23,6 +23,14 @@ measure() { # <label> <command...>
   printf '%s %s\n' "$(cat "$WORK/one")" "$(awk -v t=$((after - before)) -v hz="$CLK_TCK" 'BEGIN { printf "%.2f", t / hz }')" >> "$WORK/$label"
 }
 
+rounds() { # <label>...: each label's seconds, round by round (the spread behind a median)
+  local label
+  for label in "$@"; do
+    [ -f "$WORK/$label" ] && printf '%s: %s\n' "$label" "$(awk '{printf "%s ", $1}' "$WORK/$label")"
+  done
+  return 0
+}
+
 median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 col() { awk -v c="$2" '{print $c}' "$WORK/$1" | median; }
 div() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }

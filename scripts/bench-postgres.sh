@@ -56,6 +56,8 @@ table_head pg_dump
 row '`pg_dump -Fc -Z0 > /dev/null`' pg_dump pg_dump
 row '`pg_dump -Fc -Z0 | zstd -3 -T0 > file`' shell pg_dump
 row '`crm-backup run postgres` (to Garage)' crm pg_dump
+printf '\nseconds of each round:\n'
+rounds pg_dump shell crm
 
 if [ "$LARGE_SCALE" != 0 ]; then
   LARGE=$(ensure_db "$LARGE_SCALE")

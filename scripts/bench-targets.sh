@@ -10,11 +10,13 @@
 # peak RSS <= 64 MiB.
 #
 #   BENCH_ROUNDS=3 BENCH_REDIS_MB=1024 BENCH_DOCS_MB=2048 BENCH_DOCS_FILES=20000 scripts/bench-targets.sh
+#   BENCH_TARGETS=documents scripts/bench-targets.sh     # only one of: redis documents
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
 
 ROUNDS=${BENCH_ROUNDS:-3}
+TARGETS=" ${BENCH_TARGETS:-redis documents} "
 REDIS_MB=${BENCH_REDIS_MB:-1024}
 DOCS_MB=${BENCH_DOCS_MB:-2048}
 DOCS_FILES=${BENCH_DOCS_FILES:-20000}
@@ -41,6 +43,7 @@ LOCAL=(-u BACKUP_S3_ENDPOINT -u BACKUP_S3_BUCKET -u BACKUP_S3_REGION -u BACKUP_S
   -u BACKUP_S3_SECRET_KEY BACKUP_STORAGE_DIR="$WORK/local")
 
 # --- Redis: a private server with ~REDIS_MB of data (values are hex of random bytes) ---
+if [[ $TARGETS == *" redis "* ]]; then
 mkdir -p "$DATA/redis"
 redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no --dir "$DATA/redis" \
   --dbfilename bench.rdb --daemonize yes >/dev/null
@@ -72,8 +75,10 @@ for round in $(seq 1 "$ROUNDS"); do
   measure redis_local env "${LOCAL[@]}" REDIS_PORT="$REDIS_PORT" "$BIN" run redis
   measure redis_crm env REDIS_PORT="$REDIS_PORT" "$BIN" run redis
 done
+fi
 
 # --- documents: DOCS_FILES files, ~DOCS_MB in total (half random, half text) ---
+if [[ $TARGETS == *" documents "* ]]; then
 DOCS="$DATA/documents-$DOCS_FILES-$DOCS_MB"
 if [ ! -d "$DOCS" ]; then
   echo "creating $DOCS_FILES files, ~${DOCS_MB} MiB ..." >&2
@@ -101,14 +106,20 @@ for round in $(seq 1 "$ROUNDS"); do
     measure restic restic backup -q "$DOCS"
   fi
 done
+fi
 
 echo
 table_head reference
-row "\`redis-cli --rdb file\` (${REDIS_MEM} in Redis)" redis_cli redis_cli
-row '`crm-backup run redis` (local directory)' redis_local redis_cli
-row '`crm-backup run redis` (to Garage)' redis_crm redis_cli
-row "\`tar -cf - | zstd -3 -T0 > file\` ($DOCS_FILES files, $DOCS_SIZE)" tar_zstd tar_zstd
-row '`crm-backup run documents` (local directory)' docs_local tar_zstd
-row '`crm-backup run documents` (to Garage)' docs_crm tar_zstd
+if [[ $TARGETS == *" redis "* ]]; then
+  row "\`redis-cli --rdb file\` (${REDIS_MEM} in Redis)" redis_cli redis_cli
+  row '`crm-backup run redis` (local directory)' redis_local redis_cli
+  row '`crm-backup run redis` (to Garage)' redis_crm redis_cli
+fi
+if [[ $TARGETS == *" documents "* ]]; then
+  row "\`tar -cf - | zstd -3 -T0 > file\` ($DOCS_FILES files, $DOCS_SIZE)" tar_zstd tar_zstd
+  row '`crm-backup run documents` (local directory)' docs_local tar_zstd
+  row '`crm-backup run documents` (to Garage)' docs_crm tar_zstd
+fi
 [ -f "$WORK/restic" ] && row '`restic backup`' restic tar_zstd
-printf '\nmedians of %s rounds\n' "$ROUNDS"
+printf '\nmedians of %s rounds; seconds of each round:\n' "$ROUNDS"
+rounds redis_cli redis_local redis_crm tar_zstd docs_local docs_crm restic
