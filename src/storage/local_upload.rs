@@ -237,13 +237,22 @@ fn with_path(err: io::Error, path: &Path) -> io::Error {
     io::Error::new(err.kind(), format!("{}: {err}", path.display()))
 }
 
-async fn blocking(
-    work: impl FnOnce() -> io::Result<()> + Send + 'static,
-) -> object_store::Result<()> {
+/// Runs file-system work on the blocking pool; a task that panicked is an I/O error too.
+pub(super) async fn run_blocking<T: Send + 'static>(
+    work: impl FnOnce() -> io::Result<T> + Send + 'static,
+) -> io::Result<T> {
     tokio::task::spawn_blocking(work)
         .await
         .map_err(|err| io::Error::other(err.to_string()))
         .and_then(|done| done)
+}
+
+/// [`run_blocking`] for the `MultipartUpload` methods, with `object_store`'s error type.
+async fn blocking(
+    work: impl FnOnce() -> io::Result<()> + Send + 'static,
+) -> object_store::Result<()> {
+    run_blocking(work)
+        .await
         .map_err(|err| object_store::Error::Generic {
             store: "local",
             source: Box::new(err),

@@ -276,11 +276,9 @@ impl Storage {
         let root = local
             .path_to_filesystem(&self.path(dir.trim_end_matches('/')))
             .map_err(|err| StorageError::from_object_store(dir, err))?;
-        let dir = dir.to_string();
-        tokio::task::spawn_blocking(move || local_upload::staging_files(&root))
+        local_upload::run_blocking(move || local_upload::staging_files(&root))
             .await
-            .unwrap_or_else(|err| Err(std::io::Error::other(err.to_string())))
-            .map_err(|err| StorageError::from_io(&dir, err))
+            .map_err(|err| StorageError::from_io(dir, err))
             .map(|files| {
                 files
                     .into_iter()
@@ -328,11 +326,10 @@ impl Storage {
                 let dest = local
                     .path_to_filesystem(&self.path(key))
                     .map_err(|err| StorageError::from_object_store(key, err))?;
-                let created =
-                    tokio::task::spawn_blocking(move || local_upload::LocalUpload::create(dest))
+                let upload =
+                    local_upload::run_blocking(move || local_upload::LocalUpload::create(dest))
                         .await
-                        .unwrap_or_else(|err| Err(std::io::Error::other(err.to_string())));
-                let upload = created.map_err(|err| StorageError::from_io(key, err))?;
+                        .map_err(|err| StorageError::from_io(key, err))?;
                 Box::new(upload)
             }
             None => self
