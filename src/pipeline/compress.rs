@@ -10,6 +10,7 @@ use std::io::{self, Write};
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
+use zstd::zstd_safe::zstd_sys::ZSTD_EndDirective;
 use zstd::zstd_safe::{self, CCtx, CParameter, InBuffer, OutBuffer};
 
 use super::chunk::{ChunkPool, ChunkSender};
@@ -18,7 +19,7 @@ use super::{Codec, POOLED_CHUNKS, PipelineError, Tally};
 /// Bytes per zstd worker job when compressing on several threads. zstd's default job is
 /// 4× the window (8 MiB at level 3) per worker, buffered twice; 2 MiB jobs keep memory flat
 /// and small at a negligible cost in ratio.
-const ZSTD_JOB_SIZE: i32 = 2 << 20;
+const ZSTD_JOB_SIZE: u32 = 2 << 20;
 
 /// Compresses (and encrypts) raw bytes into stored chunks sent to the upload.
 pub(super) struct Compressor {
@@ -63,7 +64,7 @@ impl Compressor {
         set(CParameter::ChecksumFlag(true))?;
         if codec.zstd_workers > 0 {
             set(CParameter::NbWorkers(codec.zstd_workers))?;
-            set(CParameter::JobSize(ZSTD_JOB_SIZE as u32))?;
+            set(CParameter::JobSize(ZSTD_JOB_SIZE))?;
         }
         Ok(Compressor { zstd, out })
     }
@@ -72,10 +73,7 @@ impl Compressor {
     pub(super) fn write_all(&mut self, data: &[u8]) -> Result<(), PipelineError> {
         let mut input = InBuffer::around(data);
         while input.pos() < data.len() {
-            self.step(
-                &mut input,
-                zstd_safe::zstd_sys::ZSTD_EndDirective::ZSTD_e_continue,
-            )?;
+            self.step(&mut input, ZSTD_EndDirective::ZSTD_e_continue)?;
         }
         Ok(())
     }
@@ -84,11 +82,7 @@ impl Compressor {
     /// and size of the stored bytes.
     pub(super) fn finish(mut self) -> Result<(String, u64), PipelineError> {
         let mut empty = InBuffer::around(&[]);
-        while self.step(
-            &mut empty,
-            zstd_safe::zstd_sys::ZSTD_EndDirective::ZSTD_e_end,
-        )? > 0
-        {}
+        while self.step(&mut empty, ZSTD_EndDirective::ZSTD_e_end)? > 0 {}
         let mut sink = match self.out {
             Layer::Plain(sink) => sink,
             Layer::Age(writer, _) => writer.finish().map_err(PipelineError::Encode)?,
@@ -101,7 +95,7 @@ impl Compressor {
     fn step(
         &mut self,
         input: &mut InBuffer<'_>,
-        directive: zstd_safe::zstd_sys::ZSTD_EndDirective,
+        directive: ZSTD_EndDirective,
     ) -> Result<usize, PipelineError> {
         match &mut self.out {
             Layer::Plain(sink) => {

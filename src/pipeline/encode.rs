@@ -326,7 +326,8 @@ async fn abort_upload(upload: Upload) {
     }
 }
 
-/// The blocking half: hash raw bytes, compress, encrypt, hash stored bytes.
+/// The blocking half: hash raw bytes (unless the producer does), compress, encrypt, hash
+/// stored bytes.
 fn encode(
     mut rx: mpsc::Receiver<Bytes>,
     out: mpsc::Sender<Bytes>,
@@ -349,14 +350,11 @@ fn encode(
             return Err(PipelineError::Aborted);
         }
         let stored = compressor.finish()?;
-        let raw = match raw {
-            Some(raw) => {
-                let (sha256, bytes) = raw.finish()?;
-                (Some(sha256), bytes)
-            }
-            None => (None, raw_bytes),
-        };
-        Ok(EncodeSummary { raw, stored })
+        let raw_sha256 = raw.map(TallyThread::finish).transpose()?;
+        Ok(EncodeSummary {
+            raw: (raw_sha256.map(|(sha256, _)| sha256), raw_bytes),
+            stored,
+        })
     })
 }
 

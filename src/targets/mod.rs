@@ -219,12 +219,11 @@ impl ArtifactSink {
 
     /// Starts an artifact called `name` (stored as `name.zst[.age]`); `format` names the raw bytes.
     pub async fn create(&self, name: &str, format: &str) -> Result<ArtifactWriter, TargetError> {
-        let key = artifact_key(&self.backup_id, &format!("{name}{}", self.codec.suffix()));
         Ok(ArtifactWriter::create(
             &self.storage,
             &self.codec,
             &self.pending,
-            key,
+            self.key_of(name),
             name.to_string(),
             format,
         )
@@ -238,16 +237,20 @@ impl ArtifactSink {
         name: &str,
         format: &str,
     ) -> Result<(ArtifactWriter, BlockingSink), TargetError> {
-        let key = artifact_key(&self.backup_id, &format!("{name}{}", self.codec.suffix()));
         Ok(ArtifactWriter::create_blocking(
             &self.storage,
             &self.codec,
             &self.pending,
-            key,
+            self.key_of(name),
             name.to_string(),
             format,
         )
         .await?)
+    }
+
+    /// Where artifact `name` is stored: `<backup dir>/name.zst[.age]`.
+    fn key_of(&self, name: &str) -> String {
+        artifact_key(&self.backup_id, &format!("{name}{}", self.codec.suffix()))
     }
 
     /// Completes an artifact and records it for the manifest.

@@ -10,9 +10,10 @@ use std::io::{self, Write};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::Path;
 
+use serde::{Deserialize, Serialize};
+
 use crate::pipeline::BlockingSink;
 use crate::pipeline::sha256::Sha256;
-use serde::{Deserialize, Serialize};
 
 /// One entry of the index in the manifest.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

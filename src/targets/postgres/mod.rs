@@ -438,7 +438,11 @@ impl Target for Postgres {
         } else {
             None
         };
-        let dumped = self
+        let Dumped {
+            tables,
+            row_count_source,
+            pg_dump_version,
+        } = self
             .dump(sink, &client, &database, &snapshot, &scope)
             .await?;
         client
@@ -448,11 +452,6 @@ impl Target for Postgres {
         if globals {
             self.dump_globals(sink, &database).await?;
         }
-        let Dumped {
-            tables,
-            row_count_source,
-            pg_dump_version,
-        } = dumped;
         let facts = PostgresFacts {
             server_version,
             pg_dump_version,
