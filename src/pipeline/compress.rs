@@ -10,10 +10,11 @@ use std::io::{self, Write};
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
+use zstd::zstd_safe::CCtx;
 use zstd::zstd_safe::zstd_sys::ZSTD_EndDirective;
-use zstd::zstd_safe::{self, CCtx, CParameter, InBuffer, OutBuffer};
 
 use super::chunk::{ChunkPool, ChunkSender};
+use super::zstd_context::{ZstdContext, ZstdSettings};
 use super::{Codec, POOLED_CHUNKS, PipelineError, Tally};
 
 /// Bytes per zstd worker job when compressing on several threads. zstd's default job is
@@ -23,7 +24,7 @@ const ZSTD_JOB_SIZE: u32 = 2 << 20;
 
 /// Compresses (and encrypts) raw bytes into stored chunks sent to the upload.
 pub(super) struct Compressor {
-    zstd: CCtx<'static>,
+    zstd: ZstdContext,
     out: Layer,
 }
 
@@ -54,26 +55,20 @@ impl Compressor {
         } else {
             Layer::Plain(sink)
         };
-        let mut zstd = CCtx::create();
-        let mut set = |parameter| {
-            zstd.set_parameter(parameter)
-                .map(|_| ())
-                .map_err(zstd_error)
-        };
-        set(CParameter::CompressionLevel(codec.zstd_level))?;
-        set(CParameter::ChecksumFlag(true))?;
-        if codec.zstd_workers > 0 {
-            set(CParameter::NbWorkers(codec.zstd_workers))?;
-            set(CParameter::JobSize(ZSTD_JOB_SIZE))?;
-        }
+        let zstd = ZstdContext::new(&ZstdSettings {
+            level: codec.zstd_level,
+            workers: codec.zstd_workers,
+            job_size: ZSTD_JOB_SIZE,
+        })
+        .map_err(zstd_error)?;
         Ok(Compressor { zstd, out })
     }
 
     /// Compresses all of `data`.
     pub(super) fn write_all(&mut self, data: &[u8]) -> Result<(), PipelineError> {
-        let mut input = InBuffer::around(data);
-        while input.pos() < data.len() {
-            self.step(&mut input, ZSTD_EndDirective::ZSTD_e_continue)?;
+        let mut consumed = 0;
+        while consumed < data.len() {
+            self.step(data, &mut consumed, ZSTD_EndDirective::ZSTD_e_continue)?;
         }
         Ok(())
     }
@@ -81,8 +76,7 @@ impl Compressor {
     /// Ends the frame (and the encryption) and sends the last chunk; returns the SHA-256
     /// and size of the stored bytes.
     pub(super) fn finish(mut self) -> Result<(String, u64), PipelineError> {
-        let mut empty = InBuffer::around(&[]);
-        while self.step(&mut empty, ZSTD_EndDirective::ZSTD_e_end)? > 0 {}
+        while self.step(&[], &mut 0, ZSTD_EndDirective::ZSTD_e_end)? > 0 {}
         let mut sink = match self.out {
             Layer::Plain(sink) => sink,
             Layer::Age(writer, _) => writer.finish().map_err(PipelineError::Encode)?,
@@ -94,30 +88,27 @@ impl Compressor {
     /// One call into zstd: takes input, writes output; returns what zstd has left to flush.
     fn step(
         &mut self,
-        input: &mut InBuffer<'_>,
+        input: &[u8],
+        consumed: &mut usize,
         directive: ZSTD_EndDirective,
     ) -> Result<usize, PipelineError> {
         match &mut self.out {
             Layer::Plain(sink) => {
                 let chunk = sink.out.room().map_err(PipelineError::Encode)?;
                 let spare = chunk.spare();
-                let mut output = OutBuffer::around(&mut *spare);
-                let left = self
+                let (written, left) = self
                     .zstd
-                    .compress_stream2(&mut output, input, directive)
+                    .compress(input, consumed, spare, directive)
                     .map_err(zstd_error)?;
-                let written = output.pos();
                 sink.tally.update(&spare[..written]);
                 chunk.advance(written);
                 Ok(left)
             }
             Layer::Age(writer, buffer) => {
-                let mut output = OutBuffer::around(buffer.as_mut_slice());
-                let left = self
+                let (written, left) = self
                     .zstd
-                    .compress_stream2(&mut output, input, directive)
+                    .compress(input, consumed, buffer, directive)
                     .map_err(zstd_error)?;
-                let written = output.pos();
                 writer
                     .write_all(&buffer[..written])
                     .map_err(PipelineError::Encode)?;
@@ -127,11 +118,8 @@ impl Compressor {
     }
 }
 
-fn zstd_error(code: usize) -> PipelineError {
-    PipelineError::Encode(io::Error::other(format!(
-        "zstd: {}",
-        zstd_safe::get_error_name(code)
-    )))
+fn zstd_error(reason: String) -> PipelineError {
+    PipelineError::Encode(io::Error::other(format!("zstd: {reason}")))
 }
 
 /// The last stage: hashes stored bytes and hands them on in chunks.

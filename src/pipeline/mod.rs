@@ -10,14 +10,16 @@
 //!
 //! Files: `encode` (the backup direction: [`ArtifactWriter`], [`BlockingSink`]), `compress`
 //! (zstd, age and the stored digest, writing into chunks), `decode` (the restore direction),
-//! `chunk` (reused chunk buffers), [`sha256`] (the two-digest SHA-NI kernel for producers
-//! that hash what they write).
+//! `chunk` (reused chunk buffers), `zstd_context` (the compression context and its
+//! settings), [`sha256`] (the two-digest SHA-NI kernel for producers that hash what they
+//! write).
 
 mod chunk;
 mod compress;
 mod decode;
 mod encode;
 pub mod sha256;
+mod zstd_context;
 
 use std::collections::BTreeMap;
 use std::path::Path;
