@@ -5,6 +5,11 @@
 #     which includes what the command makes other processes do (the PostgreSQL backend that
 #     serves pg_dump, the Redis fork that writes the RDB, Garage). Divided by the number of
 #     cores it is the shortest time that work can take here: the floor under any ratio.
+# Every command starts after `sync`: the previous command's files (a gigabyte each for the
+# documents runs) are written back before the clock starts, not during the next command,
+# where the kernel's writeback would take disk and CPU time from whichever ran next. Each
+# command still pays for its own writes as it makes them: crm-backup's local storage
+# fdatasyncs its artifact before it returns, `zstd > file` does not.
 # Needs $WORK (a scratch directory) set by the caller.
 
 command -v /usr/bin/time >/dev/null || apt-get install -y -q time >/dev/null
@@ -17,6 +22,7 @@ busy_ticks() { awk '/^cpu /{print $2 + $3 + $4 + $7 + $8}' /proc/stat; }
 measure() { # <label> <command...>
   local label=$1; shift
   local before after
+  sync
   before=$(busy_ticks)
   /usr/bin/time -f "%e %M" -o "$WORK/one" "$@" >/dev/null
   after=$(busy_ticks)
