@@ -51,23 +51,29 @@ impl ZstdContext {
             .map(ZstdContext)
             .ok_or("zstd could not allocate a compression context")?;
         let workers = i32::try_from(settings.workers).map_err(|_| "too many zstd workers")?;
+        // zstd.h's names, for error messages (the splitter's is not in the bindings' enum).
         let mut parameters = vec![
-            (ZSTD_cParameter::ZSTD_c_compressionLevel, settings.level),
-            (ZSTD_cParameter::ZSTD_c_checksumFlag, 1),
-            (BLOCK_SPLITTER_LEVEL, NO_SPLITTING),
+            (
+                "compressionLevel",
+                ZSTD_cParameter::ZSTD_c_compressionLevel,
+                settings.level,
+            ),
+            ("checksumFlag", ZSTD_cParameter::ZSTD_c_checksumFlag, 1),
+            ("blockSplitterLevel", BLOCK_SPLITTER_LEVEL, NO_SPLITTING),
         ];
         if workers > 0 {
-            parameters.push((ZSTD_cParameter::ZSTD_c_nbWorkers, workers));
             let job_size = i32::try_from(settings.job_size).map_err(|_| "zstd job too large")?;
-            parameters.push((ZSTD_cParameter::ZSTD_c_jobSize, job_size));
-            parameters.push((ZSTD_cParameter::ZSTD_c_overlapLog, NO_OVERLAP));
+            parameters.extend([
+                ("nbWorkers", ZSTD_cParameter::ZSTD_c_nbWorkers, workers),
+                ("jobSize", ZSTD_cParameter::ZSTD_c_jobSize, job_size),
+                ("overlapLog", ZSTD_cParameter::ZSTD_c_overlapLog, NO_OVERLAP),
+            ]);
         }
-        for (parameter, value) in parameters {
+        for (name, parameter, value) in parameters {
             // SAFETY: the context is valid; zstd checks the parameter and its value.
             let code =
                 unsafe { zstd_sys::ZSTD_CCtx_setParameter(context.0.as_ptr(), parameter, value) };
-            check(code)
-                .map_err(|name| format!("zstd parameter {parameter:?} = {value}: {name}"))?;
+            check(code).map_err(|error| format!("zstd parameter {name} = {value}: {error}"))?;
         }
         Ok(context)
     }
@@ -165,6 +171,18 @@ mod tests {
         assert_eq!(
             parameter(&context, ZSTD_cParameter::ZSTD_c_jobSize),
             1 << 20
+        );
+    }
+
+    #[test]
+    fn a_job_size_zstd_cannot_take_is_refused() {
+        let settings = ZstdSettings {
+            job_size: u32::MAX,
+            ..settings(1)
+        };
+        assert_eq!(
+            ZstdContext::new(&settings).err().unwrap(),
+            "zstd job too large"
         );
     }
 
