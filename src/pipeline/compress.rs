@@ -10,7 +10,6 @@ use std::io::{self, Write};
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
-use zstd::zstd_safe::CCtx;
 use zstd::zstd_safe::zstd_sys::ZSTD_EndDirective;
 
 use super::chunk::{ChunkPool, ChunkSender};
@@ -51,7 +50,7 @@ impl Compressor {
             let encryptor = age::Encryptor::with_recipients(recipients)
                 .map_err(|err| PipelineError::Encode(io::Error::other(err.to_string())))?;
             let writer = encryptor.wrap_output(sink).map_err(PipelineError::Encode)?;
-            Layer::Age(writer, vec![0; CCtx::out_size()])
+            Layer::Age(writer, vec![0; ZstdContext::out_size()])
         } else {
             Layer::Plain(sink)
         };

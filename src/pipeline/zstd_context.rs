@@ -78,6 +78,12 @@ impl ZstdContext {
         Ok(context)
     }
 
+    /// The output buffer size zstd recommends: room for at least one whole compressed block.
+    pub(super) fn out_size() -> usize {
+        // SAFETY: returns a constant.
+        unsafe { zstd_sys::ZSTD_CStreamOutSize() }
+    }
+
     /// One `ZSTD_compressStream2` call: takes input from `input[*consumed..]` (advancing
     /// `consumed`), writes output into `output`. Returns the bytes written and what zstd still
     /// has to flush (0 once `ZSTD_e_end` has written the whole frame).
