@@ -95,6 +95,29 @@ impl ToolProcess {
         })
     }
 
+    /// Spawns like [`ToolProcess::spawn`] with stdout into a pipe that is read with blocking
+    /// reads (never registered with the async runtime's `epoll`); returns its read end.
+    pub fn spawn_to_pipe<I, S>(
+        program: &Path,
+        args: I,
+        env: &[(&str, String)],
+        stdin: Stdio,
+    ) -> Result<(Self, std::io::PipeReader), TargetError>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let (reader, writer) = std::io::pipe().map_err(|err| TargetError::Tool {
+            tool: program.display().to_string(),
+            message: format!("cannot create a pipe: {err}"),
+            retryable: true,
+        })?;
+        widen_pipe(&reader);
+        // The write end lives on only in the child: `spawn` drops the command that holds it.
+        let process = Self::spawn(program, args, env, stdin, Stdio::from(writer))?;
+        Ok((process, reader))
+    }
+
     /// The child's stdout (spawned with `Stdio::piped()`).
     pub fn take_stdout(&mut self) -> Result<tokio::process::ChildStdout, TargetError> {
         self.child
@@ -167,8 +190,9 @@ fn failure(name: &str, status: ExitStatus, stderr: &str) -> TargetError {
     }
 }
 
-/// Pipes hold 64 KiB by default: a dump streaming at hundreds of MB/s would wake the reader
-/// thousands of times a second. 1 MiB cuts those wake-ups; failure to widen is harmless.
+/// Pipes hold 64 KiB by default, which a dump streaming at hundreds of MB/s fills in a
+/// fraction of a millisecond; 1 MiB lets the reader pause between reads without stalling
+/// the child (see `ArtifactWriter::read_on_thread`). Failure to widen is harmless.
 fn widen_pipe(pipe: &impl std::os::fd::AsRawFd) {
     // SAFETY: fcntl on a valid, owned file descriptor with an integer argument.
     let _ = unsafe { libc::fcntl(pipe.as_raw_fd(), libc::F_SETPIPE_SZ, 1 << 20) };

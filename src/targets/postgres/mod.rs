@@ -231,17 +231,16 @@ impl Postgres {
         for schema in &scope.excluded {
             args.push(format!("--exclude-schema={}", quote_pattern(schema)));
         }
-        let mut process = ToolProcess::spawn(
+        let (process, stdout) = ToolProcess::spawn_to_pipe(
             &self.tool("pg_dump"),
             &args,
             &self.tool_env(database)?,
             Stdio::null(),
-            Stdio::piped(),
         )?;
-        let mut stdout = process.take_stdout()?;
         let mut writer = sink
             .create(&format!("{}.dump", key_safe(database)), DUMP_FORMAT)
             .await?;
+        let mut stdout = writer.read_on_thread(stdout);
         // The rows are counted from the archive as it streams past: the counts are those
         // of exactly what was dumped, and the database is not scanned a second time.
         let (tap, tapped) = tokio::sync::mpsc::channel::<Bytes>(16);
@@ -249,7 +248,8 @@ impl Postgres {
             tokio::task::spawn_blocking(move || archive::read_archive(TapReader::new(tapped)));
         let copied = async {
             let mut tapping = true;
-            while let Some(chunk) = writer.read_chunk(&mut stdout).await? {
+            while let Some(chunk) = stdout.recv().await {
+                let chunk = chunk.map_err(crate::pipeline::PipelineError::Source)?;
                 // A counter that gave up only means the fallback below counts instead.
                 tapping = tapping && tap.send(chunk.clone()).await.is_ok();
                 writer.write(chunk).await?;
@@ -314,17 +314,14 @@ impl Postgres {
         sink: &mut ArtifactSink,
         database: &str,
     ) -> Result<(), TargetError> {
-        let mut process = ToolProcess::spawn(
+        let (process, stdout) = ToolProcess::spawn_to_pipe(
             &self.tool("pg_dumpall"),
             ["--globals-only", "--no-password", "-l", database],
             &self.tool_env(database)?,
             Stdio::null(),
-            Stdio::piped(),
         )?;
-        let mut stdout = process.take_stdout()?;
         let mut writer = sink.create(GLOBALS_ARTIFACT, GLOBALS_FORMAT).await?;
-        let copied = writer.copy_from(&mut stdout).await;
-        drop(stdout);
+        let copied = writer.copy_from(stdout).await;
         if let Err(err) = copied {
             process.kill().await;
             return Err(err.into());
