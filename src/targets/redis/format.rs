@@ -243,10 +243,7 @@ mod tests {
     #[test]
     fn the_checksum_is_redis_own() {
         // The check value of Redis's crc64.c for "123456789".
-        assert_eq!(
-            crc_fast::checksum(CRC64, b"123456789"),
-            0xe9c6d914c4b8d9ca
-        );
+        assert_eq!(crc_fast::checksum(CRC64, b"123456789"), 0xe9c6d914c4b8d9ca);
         let mut digest = Digest::new(CRC64);
         digest.update(b"1234");
         digest.update(b"56789");

@@ -9,6 +9,7 @@
 //! keeps TTLs and lets the policy decide key by key.
 
 mod format;
+mod payload;
 mod resp;
 
 use std::collections::BTreeMap;
@@ -26,7 +27,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use self::format::{
     Decoded, KeyRecord, KeysDecoder, RdbCheck, encode_end, encode_record, keys_header,
 };
-use self::resp::{Connection, Reply, SyncPayload, TlsSettings, parse_info};
+use self::payload::PayloadReader;
+use self::resp::{Connection, Reply, TlsSettings, parse_info};
 use super::{ArtifactSink, ArtifactSource, RestoreReport, Target, TargetError, parse_options};
 use crate::config::{RedisMode, RedisSettings};
 use crate::pipeline::ArtifactReader;
@@ -42,8 +44,6 @@ const KEYS_FORMAT: &str = "redis-keys";
 /// Keys fetched or restored per round trip.
 const BATCH: usize = 200;
 /// Longest silence tolerated from a server streaming its RDB (it sends keep-alives).
-/// Bytes of the replication stream gathered before they enter the pipeline.
-const RDB_CHUNK: usize = 256 * 1024;
 const READ_TIMEOUT: Duration = Duration::from_secs(300);
 
 pub struct Redis {
@@ -203,49 +203,18 @@ impl Redis {
             Ok(payload) => payload,
             Err(refusal) => return Ok(Err(refusal)),
         };
+        let reader = PayloadReader::new(payload, conn.into_reader(READ_TIMEOUT).map_err(lost)?);
         let mut writer = sink.create(RDB_ARTIFACT, RDB_FORMAT).await?;
+        // Read on a thread of its own, in whole chunks (see `ArtifactWriter::read_on_thread`).
+        let mut chunks = writer.read_on_thread(reader);
         let mut check = RdbCheck::default();
-        // Reads fill whole chunks: the socket hands over a few KiB at a time, and every
-        // chunk costs a trip through the pipeline's channels and threads.
-        let mut buf = vec![0u8; RDB_CHUNK];
-        let mut filled = 0usize;
-        let (mut remaining, mark): (u64, &[u8]) = match &payload {
-            SyncPayload::Length(len) => (*len, &[]),
-            SyncPayload::UntilMark(mark) => (u64::MAX, mark),
-        };
-        let mut done = remaining == 0;
-        while !done {
-            let want = (buf.len() - filled).min(remaining.try_into().unwrap_or(usize::MAX));
-            let n =
-                tokio::time::timeout(READ_TIMEOUT, conn.read_raw(&mut buf[filled..filled + want]))
-                    .await
-                    .map_err(|_| lost(timed_out()))?
-                    .map_err(lost)?;
-            if n == 0 {
-                return Err(TargetError::Unreachable {
-                    target: KIND,
-                    message: "the server closed the replication stream before the RDB ended".into(),
-                });
-            }
-            filled += n;
-            remaining -= n as u64;
-            // A diskless payload ends with its 40-byte mark, which is never part of the
-            // RDB: the last 40 bytes stay behind until more data shows they are not it.
-            let emit = if !mark.is_empty() && buf[..filled].ends_with(mark) {
-                done = true;
-                filled - mark.len()
-            } else if mark.is_empty() && remaining == 0 {
-                done = true;
-                filled
-            } else if filled == buf.len() {
-                filled - mark.len()
-            } else {
-                continue;
-            };
-            check.update(&buf[..emit]);
-            writer.write(Bytes::copy_from_slice(&buf[..emit])).await?;
-            buf.copy_within(emit..filled, 0);
-            filled -= emit;
+        while let Some(chunk) = chunks.recv().await {
+            let chunk = chunk.map_err(|err| match err.kind() {
+                std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock => lost(timed_out()),
+                _ => lost(err),
+            })?;
+            check.update(&chunk);
+            writer.write(chunk).await?;
         }
         let version = check.finish().map_err(|reason| TargetError::Tool {
             tool: "redis".into(),

@@ -2,8 +2,9 @@
 //!
 //! The `redis` crate cannot consume a SYNC payload, and the target needs little else.
 
-use std::io;
+use std::io::{self, Read};
 use std::path::Path;
+use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{TcpStream, UnixStream};
@@ -42,8 +43,56 @@ impl Reply {
     }
 }
 
-trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+trait Stream: AsyncRead + AsyncWrite + Unpin + Send {
+    /// The connection for blocking reads on a thread of its own, each failing after
+    /// `timeout` without data. A plain socket leaves the runtime's `epoll`, which wakes
+    /// its watcher for every segment that arrives; TLS stays async, read by blocking on it.
+    fn into_blocking(self: Box<Self>, timeout: Duration) -> io::Result<Box<dyn Read + Send>>;
+}
+
+impl Stream for TcpStream {
+    fn into_blocking(self: Box<Self>, timeout: Duration) -> io::Result<Box<dyn Read + Send>> {
+        let socket = self.into_std()?;
+        socket.set_nonblocking(false)?;
+        socket.set_read_timeout(Some(timeout))?;
+        Ok(Box::new(socket))
+    }
+}
+
+impl Stream for UnixStream {
+    fn into_blocking(self: Box<Self>, timeout: Duration) -> io::Result<Box<dyn Read + Send>> {
+        let socket = self.into_std()?;
+        socket.set_nonblocking(false)?;
+        socket.set_read_timeout(Some(timeout))?;
+        Ok(Box::new(socket))
+    }
+}
+
+impl Stream for tokio_rustls::client::TlsStream<TcpStream> {
+    fn into_blocking(self: Box<Self>, timeout: Duration) -> io::Result<Box<dyn Read + Send>> {
+        Ok(Box::new(BlockOn {
+            stream: self,
+            runtime: tokio::runtime::Handle::current(),
+            timeout,
+        }))
+    }
+}
+
+/// Blocking reads of an async stream, for a thread outside the runtime.
+struct BlockOn<S> {
+    stream: S,
+    runtime: tokio::runtime::Handle,
+    timeout: Duration,
+}
+
+impl<S: AsyncRead + Unpin> Read for BlockOn<S> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let read = tokio::time::timeout(self.timeout, self.stream.read(buf));
+        self.runtime
+            .block_on(read)
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no data from Redis"))?
+    }
+}
 
 pub struct Connection {
     stream: BufReader<Box<dyn Stream>>,
@@ -240,9 +289,12 @@ impl Connection {
         }
     }
 
-    /// Reads up to `buf.len()` raw bytes (the RDB payload after the header).
-    pub async fn read_raw(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.stream.read(buf).await
+    /// The rest of the input (the RDB payload after the header), for blocking reads that
+    /// fail after `timeout` without data; the connection cannot send any more.
+    pub fn into_reader(self, timeout: Duration) -> io::Result<Box<dyn Read + Send>> {
+        let buffered = io::Cursor::new(self.stream.buffer().to_vec());
+        let rest = self.stream.into_inner().into_blocking(timeout)?;
+        Ok(Box::new(Read::chain(buffered, rest)))
     }
 }
 
