@@ -207,13 +207,18 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(dispatch(cli.command)) {
+    let code = match runtime.block_on(dispatch(cli.command)) {
         Ok(code) => code,
         Err(Failure(message)) => {
             eprintln!("error: {}", message.replace('\n', " "));
             ExitCode::FAILURE
         }
-    }
+    };
+    // Everything the command waited for is done. A reader thread still blocked on a stalled
+    // source whose backup already failed (its socket times out after minutes) must not hold
+    // the exit, as dropping the runtime would.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(2));
+    code
 }
 
 async fn dispatch(command: Command) -> Result<ExitCode, Failure> {
