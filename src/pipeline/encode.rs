@@ -15,10 +15,11 @@ use super::{CHANNEL_DEPTH, Codec, POOLED_CHUNKS, PipelineError, TallyThread};
 use crate::storage::manifest::{ArtifactRecord, Compression, Encryption};
 use crate::storage::{Storage, Upload};
 
-/// A read of a pipe that returned less than this found it nearly empty: the reader pauses.
+/// A read of a pipe or socket that returned less than this found it nearly empty: the
+/// reader pauses.
 const SHORT_READ: usize = 64 * 1024;
-/// How long [`ArtifactWriter::read_on_thread`] lets a pipe fill after a short read: at the
-/// fastest `pg_dump` seen here (~500 MB/s), a quarter of a 1 MiB pipe.
+/// How long [`ArtifactWriter::read_on_thread`] lets a pipe or socket fill after a short
+/// read: at the fastest `pg_dump` seen here (~500 MB/s), a quarter of a 1 MiB pipe.
 const REFILL_PAUSE: std::time::Duration = std::time::Duration::from_micros(500);
 
 struct EncodeSummary {
