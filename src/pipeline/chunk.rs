@@ -94,6 +94,11 @@ impl Chunk {
         self.filled == self.end
     }
 
+    /// Bytes filled so far.
+    pub(crate) fn len(&self) -> usize {
+        self.filled - self.start
+    }
+
     /// The room after the filled part, to read into (what it holds is unspecified);
     /// [`Chunk::advance`] then counts what was written.
     pub(crate) fn spare(&mut self) -> &mut [u8] {
@@ -173,12 +178,26 @@ impl ChunkSender {
         Ok(&mut self.chunk)
     }
 
+    /// Whether the chunk being filled is full (the next [`ChunkSender::room`] sends it).
+    pub(crate) fn is_full(&self) -> bool {
+        self.chunk.is_full()
+    }
+
     /// Sends the chunk being filled, unless it is empty.
     pub(crate) fn send(&mut self) -> io::Result<()> {
+        self.send_with(|_| Ok(()))
+    }
+
+    /// [`ChunkSender::send`], handing the chunk to `tap` first (which may keep a clone).
+    pub(crate) fn send_with(
+        &mut self,
+        tap: impl FnOnce(&Bytes) -> io::Result<()>,
+    ) -> io::Result<()> {
         if self.chunk.is_empty() {
             return Ok(());
         }
         let chunk = std::mem::replace(&mut self.chunk, self.pool.take()).freeze();
+        tap(&chunk)?;
         let sent = match &self.tx {
             Some(tx) => tx.blocking_send(chunk).is_ok(),
             None => false,

@@ -12,8 +12,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::pipeline::BlockingSink;
-use crate::pipeline::sha256::Sha256;
+use crate::pipeline::{BlockingSink, RawDigest};
 
 /// One entry of the index in the manifest.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -62,6 +61,10 @@ pub struct ArchiveReport {
     pub changed_during_backup: Vec<String>,
     pub stored_files: u64,
     pub stored_bytes: u64,
+    /// (position in `index`, file number in the sink) of each stored file: its SHA-256
+    /// comes from the sink's hashing thread once the stream has ended.
+    #[serde(skip)]
+    hashed_by_sink: Vec<(usize, usize)>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -70,21 +73,34 @@ pub struct Skipped {
     pub reason: String,
 }
 
-/// Writes `root` as a tar stream into `out`. Files whose index entry is unchanged from
-/// `previous` are not stored again (incremental); their entry keeps `stored_in`.
+/// Writes `root` as a tar stream into `out`, to its end. Files whose index entry is
+/// unchanged from `previous` are not stored again (incremental); their entry keeps
+/// `stored_in`. Returns what was found and the digest of the stream.
 pub fn write_tree(
     root: &Path,
     out: BlockingSink,
     previous: &BTreeMap<String, IndexEntry>,
     this_backup: &str,
-) -> io::Result<(ArchiveReport, BlockingSink)> {
+) -> io::Result<(ArchiveReport, RawDigest)> {
     let mut builder = tar::Builder::new(out);
     builder.mode(tar::HeaderMode::Complete);
     builder.follow_symlinks(false);
     let mut report = ArchiveReport::default();
     walk(root, root, &mut builder, previous, this_backup, &mut report)?;
-    let out = builder.into_inner()?;
-    Ok((report, out))
+    let raw = builder.into_inner()?.finish()?;
+    fill_hashes(&mut report, &raw)?;
+    Ok((report, raw))
+}
+
+/// Puts the SHA-256 of each stored file, computed by the sink, into its index entry.
+fn fill_hashes(report: &mut ArchiveReport, raw: &RawDigest) -> io::Result<()> {
+    for (position, file) in std::mem::take(&mut report.hashed_by_sink) {
+        let sha256 = raw
+            .file_sha256(file)
+            .ok_or_else(|| io::Error::other(format!("the sink did not hash file {file}")))?;
+        report.index[position].sha256 = Some(sha256.to_string());
+    }
+    Ok(())
 }
 
 fn walk(
@@ -151,7 +167,9 @@ fn walk(
                     index.stored_in = earlier.stored_in.clone();
                 }
                 _ => {
-                    store_file(&path, &meta, &name, builder, &mut index, report)?;
+                    if let Some(file) = store_file(&path, &meta, &name, builder, report)? {
+                        report.hashed_by_sink.push((report.index.len(), file));
+                    }
                     index.stored_in = Some(this_backup.to_string());
                 }
             }
@@ -186,22 +204,22 @@ fn header_for(meta: &Metadata, kind: tar::EntryType, size: u64) -> tar::Header {
     header
 }
 
-/// Streams one file into the archive, hashing what is stored.
+/// Streams one file into the archive. Returns the sink's number for its content (whose
+/// SHA-256 the sink computes), or None when the file was deleted before it could be opened.
 fn store_file(
     path: &Path,
     meta: &Metadata,
     name: &str,
     builder: &mut tar::Builder<BlockingSink>,
-    index: &mut IndexEntry,
     report: &mut ArchiveReport,
-) -> io::Result<()> {
+) -> io::Result<Option<usize>> {
     let mut file = match File::open(path) {
         Ok(file) => file,
         Err(err) if err.kind() == io::ErrorKind::NotFound => {
             report
                 .changed_during_backup
                 .push(format!("{name} (deleted)"));
-            return Ok(());
+            return Ok(None);
         }
         Err(err) => {
             return Err(io::Error::new(
@@ -217,11 +235,11 @@ fn store_file(
     // through an 8 KiB buffer, a system call and a copy per 8 KiB.
     builder.append_data(&mut header, name, io::empty())?;
     let out = builder.get_mut();
-    let mut hasher = Sha256::new();
+    let number = out.begin_file();
     let mut remaining = size;
     while remaining > 0 {
         let limit = usize::try_from(remaining).unwrap_or(usize::MAX);
-        let read = out.read_into(&mut file, limit, &mut hasher)?;
+        let read = out.read_into(&mut file, limit)?;
         if read == 0 {
             break;
         }
@@ -232,10 +250,10 @@ fn store_file(
     let zeros = [0u8; BLOCK];
     while remaining > 0 {
         let n = remaining.min(BLOCK as u64) as usize;
-        hasher.update(&zeros[..n]);
         out.write_all(&zeros[..n])?;
         remaining -= n as u64;
     }
+    out.end_file();
     out.write_all(&zeros[..padding(size)])?;
     let after = file.metadata()?;
     let changed = short
@@ -245,10 +263,9 @@ fn store_file(
     if changed {
         report.changed_during_backup.push(name.to_string());
     }
-    index.sha256 = Some(hasher.finish_hex());
     report.stored_files += 1;
     report.stored_bytes += size;
-    Ok(())
+    Ok(Some(number))
 }
 
 /// tar's record size: every entry's content is padded to a multiple of it.
@@ -283,27 +300,10 @@ mod tests {
             .unwrap();
         let (sink, mut chunks) = BlockingSink::detached(64 << 10);
         let mut builder = tar::Builder::new(sink);
-        let mut index = IndexEntry {
-            path: "shrinking.bin".into(),
-            kind: EntryKind::File,
-            size: before.len(),
-            mode: 0o644,
-            mtime: 0,
-            mtime_nanos: 0,
-            sha256: None,
-            link: None,
-            stored_in: None,
-        };
         let mut report = ArchiveReport::default();
-        store_file(
-            &path,
-            &before,
-            "shrinking.bin",
-            &mut builder,
-            &mut index,
-            &mut report,
-        )
-        .unwrap();
+        let file = store_file(&path, &before, "shrinking.bin", &mut builder, &mut report)
+            .unwrap()
+            .expect("the file exists");
         let raw = builder.into_inner().unwrap().finish().unwrap();
         let mut stream = Vec::new();
         while let Ok(chunk) = chunks.try_recv() {
@@ -325,8 +325,8 @@ mod tests {
         );
         assert!(entries.next().is_none());
         assert_eq!(
-            index.sha256,
-            Some(hex::encode(sha2::Sha256::digest(&expected)))
+            raw.file_sha256(file),
+            Some(hex::encode(sha2::Sha256::digest(&expected)).as_str())
         );
         assert_eq!(report.changed_during_backup, vec!["shrinking.bin"]);
         assert_eq!(stream.len() % BLOCK, 0);

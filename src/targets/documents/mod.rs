@@ -187,8 +187,7 @@ impl Target for Documents {
         let this_backup = sink.backup_id().to_string();
         let previous_for_walk = previous_index.clone();
         let written = tokio::task::spawn_blocking(move || {
-            let (report, out) = write_tree(&root, out, &previous_for_walk, &this_backup)?;
-            Ok::<_, std::io::Error>((report, out.finish()?))
+            write_tree(&root, out, &previous_for_walk, &this_backup)
         })
         .await
         .map_err(|err| TargetError::Unusable(format!("archiving task failed: {err}")))?;
