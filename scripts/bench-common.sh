@@ -7,7 +7,9 @@
 #     cores it is the shortest time that work can take here: the floor under any ratio.
 # Every command starts after `sync`: the previous command's files (a gigabyte each for the
 # documents runs) are written back before the clock starts, not during the next command,
-# where the kernel's writeback would take disk and CPU time from whichever ran next. Each
+# where the kernel's writeback would take disk and CPU time from whichever ran next. Then it
+# waits until the machine is idle (`quiesce`): Garage goes on storing what a run sent it for
+# a while after the run returns, and that work would be charged to the next command. Each
 # command still pays for its own writes as it makes them: crm-backup's local storage
 # fdatasyncs its artifact before it returns, `zstd > file` does not.
 # Needs $WORK (a scratch directory) set by the caller.
@@ -19,10 +21,23 @@ CLK_TCK=$(getconf CLK_TCK)
 
 busy_ticks() { awk '/^cpu /{print $2 + $3 + $4 + $7 + $8}' /proc/stat; }
 
+# Waits until the whole machine is nearly idle (under 15% of one core over 0.2 s), at most 10 s.
+quiesce() {
+  local i before after
+  for i in $(seq 1 50); do
+    before=$(busy_ticks)
+    sleep 0.2
+    after=$(busy_ticks)
+    [ $((after - before)) -le $((CLK_TCK * 3 / 100)) ] && return 0
+  done
+  echo "bench: the machine did not become idle; measuring anyway" >&2
+}
+
 measure() { # <label> <command...>
   local label=$1; shift
   local before after
   sync
+  quiesce
   before=$(busy_ticks)
   /usr/bin/time -f "%e %M" -o "$WORK/one" "$@" >/dev/null
   after=$(busy_ticks)

@@ -44,11 +44,22 @@ DB=$(ensure_db "$SCALE")
 SIZE=$(psql -X -At -d "$PG/postgres" -c "SELECT pg_size_pretty(pg_database_size('$DB'))")
 pg_dump -Fc -Z0 -d "$PG/$DB" > /dev/null   # warm the cache once
 
+pg_run() { # <label>: one command of a round
+  case $1 in
+    pg_dump) measure pg_dump pg_dump -Fc -Z0 -d "$PG/$DB" ;;
+    shell) measure shell sh -c "pg_dump -Fc -Z0 -d '$PG/$DB' | zstd -3 -T0 -q > '$WORK/dump.zst'" ;;
+    crm) measure crm env DATABASE_URL="$PG/$DB" "$BIN" run postgres ;;
+  esac
+  rm -f "$WORK/dump.zst"
+}
+# The order rotates from round to round, so that what one command leaves behind (Garage
+# storing what crm-backup sent it) does not always fall on the same other command.
+RUNS=(pg_dump shell crm)
 for round in $(seq 1 "$ROUNDS"); do
   echo "round $round/$ROUNDS" >&2
-  measure pg_dump pg_dump -Fc -Z0 -d "$PG/$DB"
-  measure shell sh -c "pg_dump -Fc -Z0 -d '$PG/$DB' | zstd -3 -T0 -q > '$WORK/dump.zst'"
-  measure crm env DATABASE_URL="$PG/$DB" "$BIN" run postgres
+  for k in "${!RUNS[@]}"; do
+    pg_run "${RUNS[$(( (k + round - 1) % ${#RUNS[@]} ))]}"
+  done
 done
 
 printf '\nPostgreSQL backup, database %s (%s), median of %s rounds, storage: Garage on loopback\n\n' "$DB" "$SIZE" "$ROUNDS"
