@@ -423,7 +423,7 @@ pub struct BlockingSink {
     /// The file whose content is being written, if any.
     file: Option<usize>,
     files: usize,
-    hasher: Option<HashThread>,
+    hasher: HashThread,
     raw_bytes: u64,
 }
 
@@ -441,7 +441,7 @@ impl BlockingSink {
             spans: Vec::new(),
             file: None,
             files: 0,
-            hasher: Some(HashThread::spawn()),
+            hasher: HashThread::spawn(),
             raw_bytes: 0,
         }
     }
@@ -458,11 +458,7 @@ impl BlockingSink {
     /// written and of each file's content, for [`ArtifactWriter::finish_blocking`].
     pub fn finish(mut self) -> io::Result<RawDigest> {
         self.send()?;
-        let hasher = self
-            .hasher
-            .take()
-            .ok_or_else(|| io::Error::other("the hashing thread stopped"))?;
-        let hashed = hasher.finish()?;
+        let hashed = self.hasher.finish()?;
         if hashed.bytes != self.raw_bytes {
             return Err(io::Error::other(format!(
                 "{} bytes were written and {} hashed",
@@ -539,11 +535,9 @@ impl BlockingSink {
     /// Sends the chunk being filled to the upload and, with its spans, to the hashing thread.
     fn send(&mut self) -> io::Result<()> {
         let spans = std::mem::take(&mut self.spans);
-        let hasher = self.hasher.as_ref();
-        self.out.send_with(|chunk| match hasher {
-            Some(hasher) => hasher.send(chunk.clone(), spans),
-            None => Err(io::Error::other("the hashing thread stopped")),
-        })
+        let hasher = &self.hasher;
+        self.out
+            .send_with(|chunk| hasher.send(chunk.clone(), spans))
     }
 }
 
