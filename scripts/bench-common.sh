@@ -44,6 +44,20 @@ measure() { # <label> <command...>
   printf '%s %s\n' "$(cat "$WORK/one")" "$(awk -v t=$((after - before)) -v hz="$CLK_TCK" 'BEGIN { printf "%.2f", t / hz }')" >> "$WORK/$label"
 }
 
+# Runs round <round> of the commands <label>... through <runner> (a function taking one
+# label), in an order that rotates from round to round: each command runs first, second…
+# equally often, so what one leaves behind (Garage storing what a run sent it, memory to
+# reclaim) does not always fall on the same other command. With a fixed order the reference
+# commands always ran right after the run to Garage: earlier sessions' documents ratios of
+# 0.94x-1.11x came from that (1.28x rotated).
+run_rotated() { # <round> <runner> <label>...
+  local round=$1 runner=$2; shift 2
+  local labels=("$@") k
+  for k in "${!labels[@]}"; do
+    "$runner" "${labels[$(( (k + round - 1) % ${#labels[@]} ))]}"
+  done
+}
+
 rounds() { # <label>...: each label's seconds, round by round (the spread behind a median)
   local label
   for label in "$@"; do

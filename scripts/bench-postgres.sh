@@ -52,14 +52,9 @@ pg_run() { # <label>: one command of a round
   esac
   rm -f "$WORK/dump.zst"
 }
-# The order rotates from round to round, so that what one command leaves behind (Garage
-# storing what crm-backup sent it) does not always fall on the same other command.
-RUNS=(pg_dump shell crm)
 for round in $(seq 1 "$ROUNDS"); do
   echo "round $round/$ROUNDS" >&2
-  for k in "${!RUNS[@]}"; do
-    pg_run "${RUNS[$(( (k + round - 1) % ${#RUNS[@]} ))]}"
-  done
+  run_rotated "$round" pg_run pg_dump shell crm
 done
 
 printf '\nPostgreSQL backup, database %s (%s), median of %s rounds, storage: Garage on loopback\n\n' "$DB" "$SIZE" "$ROUNDS"

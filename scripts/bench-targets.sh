@@ -77,13 +77,9 @@ redis_run() { # <label>: one Redis command; each leaves nothing behind for the n
   esac
   rm -rf "$WORK/dump.rdb" "$WORK/local"
 }
-# The order rotates from round to round (see the documents rounds below).
-REDIS_RUNS=(redis_cli redis_local redis_crm)
 for round in $(seq 1 "$ROUNDS"); do
   echo "redis round $round/$ROUNDS" >&2
-  for k in "${!REDIS_RUNS[@]}"; do
-    redis_run "${REDIS_RUNS[$(( (k + round - 1) % ${#REDIS_RUNS[@]} ))]}"
-  done
+  run_rotated "$round" redis_run redis_cli redis_local redis_crm
 done
 fi
 
@@ -124,17 +120,9 @@ docs_run() {
   esac
   rm -rf "$WORK/docs.tar.zst" "$WORK/local"
 }
-# The order rotates from round to round: each command runs first, second… equally often, so
-# what one command leaves behind (Garage's background work, memory to reclaim) does not
-# always fall on the same other command. (With a fixed order, `tar | zstd` always ran
-# right after the Garage run and took up to 1.3x its time: earlier sessions' documents
-# ratios of 0.94x–1.11x came from that.)
-DOCS_RUNS=(tar_zstd docs_local tar_zstd_sync docs_crm)
 for round in $(seq 1 "$ROUNDS"); do
   echo "documents round $round/$ROUNDS" >&2
-  for k in "${!DOCS_RUNS[@]}"; do
-    docs_run "${DOCS_RUNS[$(( (k + round - 1) % ${#DOCS_RUNS[@]} ))]}"
-  done
+  run_rotated "$round" docs_run tar_zstd docs_local tar_zstd_sync docs_crm
   if command -v restic >/dev/null; then
     export RESTIC_PASSWORD=bench RESTIC_REPOSITORY="$WORK/restic-repository"
     [ -d "$RESTIC_REPOSITORY" ] || restic init -q
