@@ -268,6 +268,13 @@ pub struct StorageSettings {
     pub s3_unsigned_payload: bool,
     pub part_size_mib: u32,
     pub parts_in_flight: u32,
+    /// S3 only: time to open a connection, and for one whole request (a part's upload too).
+    pub connect_timeout: HumanDuration,
+    pub request_timeout: HumanDuration,
+    /// S3 only: a failed or timed-out request is retried with backoff this many times, for
+    /// at most `retry_timeout` after its first attempt.
+    pub max_retries: u32,
+    pub retry_timeout: HumanDuration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -392,6 +399,24 @@ impl Settings {
             return invalid(
                 "storage.parts_in_flight",
                 format!("{} is outside 1..=64", s.parts_in_flight),
+            );
+        }
+        let second = std::time::Duration::from_secs(1);
+        for (key, value, most) in [
+            ("storage.connect_timeout", s.connect_timeout, 300),
+            ("storage.request_timeout", s.request_timeout, 3600),
+            // object_store signs a request once and retries it as signed: keep its
+            // retries well inside a signature's 15-minute validity.
+            ("storage.retry_timeout", s.retry_timeout, 600),
+        ] {
+            if value.0 < second || value.0 > most * second {
+                return invalid(key, format!("{value} is outside 1s..={most}s"));
+            }
+        }
+        if s.max_retries > 100 {
+            return invalid(
+                "storage.max_retries",
+                format!("{} is outside 0..=100", s.max_retries),
             );
         }
         if !s.s3_bucket.is_empty() {
@@ -671,6 +696,14 @@ mod tests {
             (
                 &[("BACKUP__STORAGE__PART_SIZE_MIB", "1")],
                 "storage.part_size_mib",
+            ),
+            (
+                &[("BACKUP__STORAGE__REQUEST_TIMEOUT", "0s")],
+                "storage.request_timeout",
+            ),
+            (
+                &[("BACKUP__STORAGE__RETRY_TIMEOUT", "soon")],
+                "storage.retry_timeout",
             ),
             (
                 &[("DATABASE_URL", "mysql://x@y/z")],

@@ -319,7 +319,7 @@ async fn upload_task(
         if let Err(err) = upload.write(chunk).await {
             drop(rx); // the encoder's next send fails and it stops
             let _ = encoder.await;
-            abort_upload(upload).await;
+            upload.discard().await;
             return Err(err.into());
         }
     }
@@ -332,15 +332,9 @@ async fn upload_task(
             Ok(summary)
         }
         Err(err) => {
-            abort_upload(upload).await;
+            upload.discard().await;
             Err(err)
         }
-    }
-}
-
-async fn abort_upload(upload: Upload) {
-    if let Err(err) = upload.abort().await {
-        tracing::warn!(error = %err, "could not abort a multipart upload; prune removes it later");
     }
 }
 

@@ -16,7 +16,10 @@ use futures::stream::BoxStream;
 use object_store::aws::{AmazonS3Builder, S3ConditionalPut};
 use object_store::local::LocalFileSystem;
 use object_store::path::Path as ObjectPath;
-use object_store::{ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart};
+use object_store::{
+    ClientOptions, MultipartUpload, ObjectStore, ObjectStoreExt, PutPayload, PutPayloadMut,
+    RetryConfig,
+};
 use secrecy::ExposeSecret;
 
 use crate::config::StorageSettings;
@@ -128,7 +131,17 @@ impl Storage {
                 .with_region(&settings.s3_region)
                 .with_conditional_put(S3ConditionalPut::Disabled)
                 .with_unsigned_payload(settings.s3_unsigned_payload)
-                .with_virtual_hosted_style_request(false);
+                .with_virtual_hosted_style_request(false)
+                .with_client_options(
+                    ClientOptions::new()
+                        .with_connect_timeout(settings.connect_timeout.0)
+                        .with_timeout(settings.request_timeout.0),
+                )
+                .with_retry(RetryConfig {
+                    max_retries: settings.max_retries as usize,
+                    retry_timeout: settings.retry_timeout.0,
+                    ..RetryConfig::default()
+                });
             if !settings.s3_endpoint.is_empty() {
                 builder = builder
                     .with_endpoint(&settings.s3_endpoint)
@@ -340,44 +353,115 @@ impl Storage {
         };
         Ok(Upload {
             key: key.to_string(),
-            writer: WriteMultipart::new_with_chunk_size(upload, self.part_size),
+            upload,
+            buffer: PutPayloadMut::new(),
+            part_size: self.part_size,
+            parts: tokio::task::JoinSet::new(),
             parts_in_flight: self.parts_in_flight,
         })
     }
 }
 
 /// A multipart upload in progress. Either [`Upload::finish`] or [`Upload::abort`] ends it.
+///
+/// Like `object_store`'s `WriteMultipart` (parts of `part_size`, at most `parts_in_flight`
+/// uploading at once, chunks kept as they are, not copied), except for failures: a part or
+/// the completion that fails is reported as itself, whether or not the abort that follows
+/// reaches the store. `WriteMultipart::finish` reports the abort's error instead, so storage
+/// lost mid-upload read "Error performing DELETE" rather than the upload that failed.
 pub struct Upload {
     key: String,
-    writer: WriteMultipart,
+    upload: Box<dyn MultipartUpload>,
+    /// Bytes of the part being gathered.
+    buffer: PutPayloadMut,
+    part_size: usize,
+    parts: tokio::task::JoinSet<object_store::Result<()>>,
     parts_in_flight: usize,
 }
 
 impl Upload {
     /// Appends bytes, waiting while too many parts are in flight (back-pressure).
-    pub async fn write(&mut self, bytes: Bytes) -> Result<(), StorageError> {
-        self.writer
-            .wait_for_capacity(self.parts_in_flight)
-            .await
-            .map_err(|err| StorageError::from_object_store(&self.key, err))?;
-        self.writer.put(bytes);
+    pub async fn write(&mut self, mut bytes: Bytes) -> Result<(), StorageError> {
+        while !bytes.is_empty() {
+            let missing = self.part_size - self.buffer.content_length();
+            if bytes.len() < missing {
+                self.buffer.push(bytes);
+                break;
+            }
+            self.buffer.push(bytes.split_to(missing));
+            self.send_part().await?;
+        }
         Ok(())
     }
 
-    /// Completes the upload: the object becomes visible.
-    pub async fn finish(self) -> Result<(), StorageError> {
-        self.writer
-            .finish()
-            .await
-            .map(|_| ())
-            .map_err(|err| StorageError::from_object_store(&self.key, err))
+    /// Completes the upload: the object becomes visible. On failure the upload is aborted.
+    pub async fn finish(mut self) -> Result<(), StorageError> {
+        // An object without parts gets an empty one from object_store's S3 client.
+        let mut result = Ok(());
+        if self.buffer.content_length() > 0 {
+            result = self.send_part().await;
+        }
+        if result.is_ok() {
+            result = self.wait_for_parts(0).await;
+        }
+        if result.is_ok() {
+            result = self
+                .upload
+                .complete()
+                .await
+                .map(|_| ())
+                .map_err(|err| StorageError::from_object_store(&self.key, err));
+        }
+        if result.is_err() {
+            self.discard().await;
+        }
+        result
     }
 
     /// Aborts the upload: uploaded parts are discarded and nothing becomes visible.
-    pub async fn abort(self) -> Result<(), StorageError> {
-        self.writer
+    pub async fn abort(mut self) -> Result<(), StorageError> {
+        self.parts.shutdown().await;
+        self.upload
             .abort()
             .await
             .map_err(|err| StorageError::from_object_store(&self.key, err))
+    }
+
+    /// Starts uploading the gathered bytes as the next part, once fewer than
+    /// `parts_in_flight` are uploading.
+    async fn send_part(&mut self) -> Result<(), StorageError> {
+        self.wait_for_parts(self.parts_in_flight.saturating_sub(1))
+            .await?;
+        let part = PutPayload::from(std::mem::take(&mut self.buffer));
+        self.parts.spawn(self.upload.put_part(part));
+        Ok(())
+    }
+
+    /// Waits until at most `most` parts are uploading; the first failed part is the error.
+    async fn wait_for_parts(&mut self, most: usize) -> Result<(), StorageError> {
+        while self.parts.len() > most {
+            match self.parts.join_next().await {
+                Some(Ok(Ok(()))) | None => {}
+                Some(Ok(Err(err))) => return Err(StorageError::from_object_store(&self.key, err)),
+                Some(Err(err)) => {
+                    return Err(StorageError::Unavailable {
+                        key: self.key.clone(),
+                        message: format!("a part upload stopped: {err}"),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Aborts after a failure that is reported on its own; a failed abort is only logged.
+    pub async fn discard(self) {
+        if let Err(err) = self.abort().await {
+            tracing::warn!(
+                error = %err,
+                "could not abort a multipart upload: the bucket's lifecycle rule (S3) or prune \
+                 (local directory) removes it later"
+            );
+        }
     }
 }
