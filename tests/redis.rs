@@ -7,6 +7,7 @@ use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use common::fault_proxy::{Direction, Fault, FaultProxy};
 use common::{Store, TestSetup};
 use crm_backup::jobs::backup::{BackupRequest, run_backup};
 use crm_backup::jobs::verify::verify_backup;
@@ -492,6 +493,58 @@ async fn an_unreachable_redis_is_a_retryable_error_without_debris() {
     assert!(err.retryable(), "{err}");
     assert!(!err.to_string().contains("sekrit-pass"));
     assert!(setup.stored_files().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replication_stream_cut_mid_rdb_fails_retryably_and_stores_nothing() {
+    for diskless in ["yes", "no"] {
+        let source = RedisServer::start(&[
+            "--repl-diskless-sync",
+            diskless,
+            "--repl-diskless-sync-delay",
+            "0",
+        ]);
+        populate(&source);
+        let proxy = FaultProxy::start(&format!("127.0.0.1:{}", source.port)).await;
+        let port = proxy.port().to_string();
+        let setup = TestSetup::new(
+            "postgres",
+            Store::Local,
+            &[("REDIS_HOST", "127.0.0.1"), ("REDIS_PORT", port.as_str())],
+        );
+        // The RDB is ~167 KB (LZF shrinks the 3 MiB value): cut in its middle.
+        proxy.cut_after(Direction::Received, 80_000, Fault::None);
+
+        let err = run_backup(
+            &setup.ctx,
+            &BackupRequest::new(TargetKind::Redis, "test"),
+            &CancellationToken::new(),
+        )
+        .await
+        .expect_err("a truncated RDB is never committed");
+
+        assert_eq!(
+            proxy.cuts(),
+            1,
+            "diskless {diskless}: the proxy cut the stream"
+        );
+        assert!(err.retryable(), "diskless {diskless}: {err}");
+        assert!(
+            err.to_string().contains("before the RDB ended"),
+            "diskless {diskless}: {err}"
+        );
+        assert!(
+            setup.stored_files().is_empty(),
+            "diskless {diskless}: {:?}",
+            setup.stored_files()
+        );
+        // The retry, over the same proxy, gets the whole RDB.
+        let (manifest, facts) = backup(&setup).await;
+        assert_eq!(facts.mode, crm_backup::config::RedisMode::Rdb);
+        assert_eq!(facts.key_count, 1012);
+        let report = verify_backup(&setup.ctx, &manifest).await.unwrap();
+        assert!(report.ok(), "{report:?}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -3,6 +3,7 @@
 
 pub mod broker;
 pub mod consul_double;
+pub mod fault_proxy;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
