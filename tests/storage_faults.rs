@@ -12,10 +12,12 @@ use crm_backup::jobs::JobError;
 use crm_backup::jobs::backup::{BackupRequest, run_backup};
 use crm_backup::jobs::restore::{RestoreRequest, run_restore};
 use crm_backup::jobs::verify::verify_backup;
+use crm_backup::pipeline::open_artifact;
 use crm_backup::storage::catalog::{self, BackupRef};
 use crm_backup::storage::layout::TargetKind;
 use crm_backup::storage::manifest::Manifest;
 use serde_json::json;
+use tokio::io::AsyncReadExt;
 use tokio_util::sync::CancellationToken;
 
 /// A database whose dump compresses to ~14 MB: three 5 MiB parts.
@@ -156,4 +158,58 @@ async fn storage_lost_mid_upload_fails_the_backup_as_retryable_and_commits_nothi
             .expect("verify runs");
         assert!(report.ok(), "{fault:?}: {report:?}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_slower_than_the_request_timeout_still_gets_the_whole_artifact() {
+    // pg_restore can stop reading for as long as a lock or a checkpoint holds it. A download
+    // paced by its reader must not die of the request timeout (which covers a response's
+    // body) nor of the retry budget its resumptions would share.
+    let source = source_database("faults_slow");
+    let proxy = FaultProxy::start(&garage_address()).await;
+    let setup = setup_through(
+        &proxy,
+        &source.name,
+        &[
+            ("BACKUP__STORAGE__REQUEST_TIMEOUT", "1s"),
+            ("BACKUP__STORAGE__RETRY_TIMEOUT", "2s"),
+        ],
+    );
+    let manifest = backup(&setup).await.expect("backup");
+    let record = &manifest.artifacts[0];
+
+    let started = Instant::now();
+    let mut artifact = open_artifact(
+        &setup.ctx.storage,
+        record,
+        &setup.ctx.keyring().unwrap(),
+        setup.ctx.codec.chunk_size,
+    )
+    .await
+    .expect("the download starts");
+    let mut buf = vec![0u8; 1 << 20];
+    let mut read = 0u64;
+    loop {
+        let n = artifact
+            .reader
+            .read(&mut buf)
+            .await
+            .expect("the download goes on");
+        if n == 0 {
+            break;
+        }
+        read += n as u64;
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    artifact
+        .verification
+        .result()
+        .await
+        .expect("both digests match");
+    assert_eq!(read, record.raw_size);
+    let took = started.elapsed();
+    assert!(
+        took > Duration::from_secs(5),
+        "the reader took {took:?}: longer than the request and retry timeouts together"
+    );
 }

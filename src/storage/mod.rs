@@ -11,18 +11,22 @@ pub mod manifest;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use futures::TryStreamExt;
 use futures::stream::BoxStream;
+use futures::{FutureExt, StreamExt, TryStreamExt};
 use object_store::aws::{AmazonS3Builder, S3ConditionalPut};
 use object_store::local::LocalFileSystem;
 use object_store::path::Path as ObjectPath;
 use object_store::{
-    ClientOptions, MultipartUpload, ObjectStore, ObjectStoreExt, PutPayload, PutPayloadMut,
-    RetryConfig,
+    ClientOptions, GetOptions, GetRange, MultipartUpload, ObjectStore, ObjectStoreExt, PutPayload,
+    PutPayloadMut, RetryConfig,
 };
 use secrecy::ExposeSecret;
+use tokio_util::task::AbortOnDropHandle;
 
 use crate::config::StorageSettings;
+
+/// Largest piece [`Storage::get_stream`] yields from S3.
+const DOWNLOAD_SLICE: usize = 256 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
@@ -220,19 +224,73 @@ impl Storage {
     }
 
     /// Streams an object in chunks, without holding it in memory.
+    ///
+    /// From S3 the object is read in ranges of `part_size`, each fetched whole by a request
+    /// of its own, the next one while the reader consumes the last: every request is paced
+    /// by the network, never by the reader. One GET streamed to a reader that pauses
+    /// (`pg_restore` waiting on a lock, a slow disk) is cut by the request timeout, which
+    /// covers the response body, and its resumptions all draw on one retry budget counted
+    /// from the first request: any restore longer than `retry_timeout` failed. Memory: the
+    /// range being read, the next one, and what is left of the previous one in the reader's
+    /// buffers.
     pub async fn get_stream(
         &self,
         key: &str,
     ) -> Result<BoxStream<'static, Result<Bytes, StorageError>>, StorageError> {
-        let result = self
+        let path = self.path(key);
+        let owned_key = key.to_string();
+        if self.local.is_some() {
+            let result = self
+                .store
+                .get(&path)
+                .await
+                .map_err(|err| StorageError::from_object_store(key, err))?;
+            return Ok(Box::pin(result.into_stream().map_err(move |err| {
+                StorageError::from_object_store(&owned_key, err)
+            })));
+        }
+        let meta = self
             .store
-            .get(&self.path(key))
+            .head(&path)
             .await
             .map_err(|err| StorageError::from_object_store(key, err))?;
-        let key = key.to_string();
-        Ok(Box::pin(result.into_stream().map_err(move |err| {
-            StorageError::from_object_store(&key, err)
-        })))
+        let ranges = byte_ranges(meta.size, self.part_size as u64);
+        let store = self.store.clone();
+        let fetch = move |range: std::ops::Range<u64>| {
+            let (store, path, key) = (store.clone(), path.clone(), owned_key.clone());
+            // Every range from the same version of the object.
+            let options = GetOptions {
+                range: Some(GetRange::Bounded(range)),
+                if_match: meta.e_tag.clone(),
+                ..GetOptions::default()
+            };
+            // A task of its own: it reads its response while the reader is busy elsewhere
+            // (a future that only the reader polls would leave it unread until then).
+            let task = tokio::spawn(async move {
+                let fetched = match store.get_opts(&path, options).await {
+                    Ok(result) => result.bytes().await,
+                    Err(err) => Err(err),
+                };
+                fetched.map_err(|err| StorageError::from_object_store(&key, err))
+            });
+            let key = owned_key.clone();
+            AbortOnDropHandle::new(task).map(move |joined| {
+                joined.unwrap_or_else(|err| {
+                    Err(StorageError::Unavailable {
+                        key,
+                        message: format!("a range download stopped: {err}"),
+                    })
+                })
+            })
+        };
+        // A range is handed on in slices, so a channel of chunks behind this stream holds
+        // slices, not whole ranges.
+        let slices = futures::stream::iter(ranges)
+            .map(fetch)
+            .buffered(2)
+            .map_ok(|range| futures::stream::iter(slices_of(range, DOWNLOAD_SLICE).map(Ok)))
+            .try_flatten();
+        Ok(Box::pin(slices))
     }
 
     pub async fn exists(&self, key: &str) -> Result<bool, StorageError> {
@@ -362,6 +420,18 @@ impl Storage {
     }
 }
 
+/// `bytes` in consecutive slices of at most `size` bytes (sharing its memory).
+fn slices_of(mut bytes: Bytes, size: usize) -> impl Iterator<Item = Bytes> {
+    std::iter::from_fn(move || (!bytes.is_empty()).then(|| bytes.split_to(size.min(bytes.len()))))
+}
+
+/// `0..size` cut into consecutive ranges of `step` bytes (the last one shorter).
+fn byte_ranges(size: u64, step: u64) -> impl Iterator<Item = std::ops::Range<u64>> {
+    (0..size)
+        .step_by(step as usize)
+        .map(move |start| start..(start + step).min(size))
+}
+
 /// A multipart upload in progress. Either [`Upload::finish`] or [`Upload::abort`] ends it.
 ///
 /// Like `object_store`'s `WriteMultipart` (parts of `part_size`, at most `parts_in_flight`
@@ -463,5 +533,36 @@ impl Upload {
                  (local directory) removes it later"
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_cover_the_object_once_in_order() {
+        for (size, step) in [(0, 8), (1, 8), (8, 8), (9, 8), (16, 8), (17, 8), (5, 1)] {
+            let ranges: Vec<_> = byte_ranges(size, step).collect();
+            let mut next = 0;
+            for range in &ranges {
+                assert_eq!(range.start, next, "{size}/{step}: {ranges:?}");
+                assert!(range.end > range.start && range.end - range.start <= step);
+                next = range.end;
+            }
+            assert_eq!(next, size, "{size}/{step}: {ranges:?}");
+            assert_eq!(ranges.len() as u64, size.div_ceil(step));
+        }
+    }
+
+    #[test]
+    fn slices_split_bytes_without_losing_any() {
+        let bytes = Bytes::from((0..=255u8).cycle().take(1000).collect::<Vec<_>>());
+        for size in [1, 7, 256, 999, 1000, 4096] {
+            let slices: Vec<Bytes> = slices_of(bytes.clone(), size).collect();
+            assert!(slices.iter().all(|s| !s.is_empty() && s.len() <= size));
+            assert_eq!(slices.concat(), bytes.to_vec(), "size {size}");
+        }
+        assert_eq!(slices_of(Bytes::new(), 8).count(), 0);
     }
 }
