@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
 
+use common::fault_proxy::{Direction, Fault, FaultProxy};
 use common::{
     Store, TestDatabase, TestSetup, age_key, database_exists, garage_multipart_uploads, psql,
     run_cli, unique,
@@ -409,6 +410,44 @@ async fn unreachable_database_fails_clearly_and_leaves_nothing() {
     assert!(message.contains("unreachable"), "{message}");
     assert!(!message.contains("hunter2"), "{message}");
     assert!(err.retryable(), "a down database may come back: {message}");
+    assert!(
+        setup.stored_files().is_empty(),
+        "{:?}",
+        setup.stored_files()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_connection_lost_mid_dump_fails_clearly_and_leaves_nothing() {
+    let source = create_fixture("pg_cut");
+    psql(
+        &source.name,
+        "CREATE TABLE public.noise AS SELECT i, md5(i::text) || md5((i * 7)::text) AS v \
+         FROM generate_series(1, 200000) i",
+    );
+    let proxy = FaultProxy::start("127.0.0.1:5432").await;
+    // The test's server URL, through the proxy: trust auth or the test password alike.
+    let url = common::pg_url(&source.name).replace(":5432/", &format!(":{}/", proxy.port()));
+    let setup = TestSetup::new(
+        &source.name,
+        Store::Local,
+        &[("DATABASE_URL", url.as_str())],
+    );
+    // pg_dump's COPY of the 13 MB table is under way when every connection drops.
+    proxy.cut_after(Direction::Received, 5_000_000, Fault::Down);
+
+    let request = BackupRequest::new(TargetKind::Postgres, "test");
+    let err = run_backup(&setup.ctx, &request, &CancellationToken::new())
+        .await
+        .expect_err("a dump cut short is never committed");
+
+    assert_eq!(proxy.cuts(), 1, "the proxy cut the dump");
+    let message = err.to_string();
+    assert!(message.contains("pg_dump"), "names pg_dump: {message}");
+    assert!(
+        err.retryable(),
+        "a lost connection may come back: {message}"
+    );
     assert!(
         setup.stored_files().is_empty(),
         "{:?}",

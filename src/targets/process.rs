@@ -26,6 +26,14 @@ const TRANSIENT_MARKERS: &[&str] = &[
     "the database system is shutting down",
     "too many connections",
     "terminating connection",
+    // A connection lost mid-stream, as libpq words it with and without TLS.
+    "could not receive data from server",
+    "could not send data to server",
+    "ssl syscall error",
+    "ssl connection has been closed unexpectedly",
+    "connection reset by peer",
+    "no connection to the server",
+    "lost synchronization with server",
 ];
 
 pub struct ToolProcess {
@@ -252,5 +260,50 @@ where
     match writer.shutdown().await {
         Ok(()) => Pump::Finished,
         Err(_) => Pump::WriterClosed,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::process::ExitStatusExt;
+
+    use super::*;
+
+    fn exited_1(stderr: &str) -> TargetError {
+        failure("pg_dump", ExitStatus::from_raw(1 << 8), stderr)
+    }
+
+    #[test]
+    fn a_lost_or_refused_connection_is_retryable_and_bad_input_is_not() {
+        let transient = [
+            // pg_dump's COPY cut off by a dropped TLS connection (seen in tests/postgres.rs).
+            "pg_dump: error: Dumping the contents of table \"noise\" failed: PQgetCopyData() \
+             failed.\npg_dump: detail: Error message from server: SSL SYSCALL error: EOF detected",
+            "pg_dump: error: connection to server at \"db\" (10.0.0.5), port 5432 failed: \
+             Connection refused",
+            "pg_dump: error: query failed: server closed the connection unexpectedly",
+            "pg_restore: error: could not receive data from server: Connection reset by peer",
+            "pg_dump: error: query failed: FATAL: terminating connection due to administrator command",
+        ];
+        for stderr in transient {
+            let err = exited_1(stderr);
+            assert!(err.retryable(), "{err}");
+        }
+        let permanent = [
+            "pg_dump: error: no matching schemas were found for pattern \"nope\"",
+            "pg_dump: error: query failed: ERROR: permission denied for table secrets",
+            "pg_dump: error: server version: 17.2; pg_dump version: 15.19\n\
+             pg_dump: error: aborting because of server version mismatch",
+        ];
+        for stderr in permanent {
+            let err = exited_1(stderr);
+            assert!(!err.retryable(), "{err}");
+        }
+        let killed = failure("pg_dump", ExitStatus::from_raw(9), "");
+        assert!(killed.retryable(), "{killed}");
+        assert!(
+            killed.to_string().contains("killed by signal 9"),
+            "{killed}"
+        );
     }
 }
