@@ -15,6 +15,8 @@
 //!   from manifests ([`storage::catalog`]).
 //! - [`pipeline`] — hashing, zstd and age in both directions, off the async runtime,
 //!   with bounded memory; multipart uploads that are aborted unless finished.
+//! - `buffers` (private) — large buffers reused instead of freed (pipeline chunks, S3
+//!   download ranges).
 //! - [`targets`] — one module per target behind the [`targets::Target`] trait:
 //!   [`targets::postgres`], [`targets::redis`], [`targets::rabbitmq`],
 //!   [`targets::consul`], [`targets::documents`]; child processes and HTTP APIs in
@@ -32,6 +34,7 @@
 //! `crm-backup-scheduler` (`src/bin/`: publishes scheduled commands; no storage,
 //! database or Redis code linked in).
 
+mod buffers;
 pub mod config;
 pub mod endpoint;
 pub mod jobs;

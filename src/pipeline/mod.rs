@@ -10,7 +10,7 @@
 //!
 //! Files: `encode` (the backup direction: [`ArtifactWriter`], [`BlockingSink`]), `compress`
 //! (zstd, age and the stored digest, writing into chunks), `decode` (the restore direction),
-//! `chunk` (reused chunk buffers), `zstd_context` (the compression context and its
+//! `chunk` (chunks between stages), `zstd_context` (the compression context and its
 //! settings), [`sha256`] (the two-digest SHA-NI kernel for producers that hash what they
 //! write).
 
