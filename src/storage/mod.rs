@@ -23,8 +23,11 @@ use object_store::{
 use secrecy::ExposeSecret;
 use tokio_util::task::AbortOnDropHandle;
 
+use crate::buffers::{Chunk, ChunkPool};
 use crate::config::StorageSettings;
 
+/// Bytes of an S3 object that [`Storage::get_stream`] fetches per request.
+const DOWNLOAD_RANGE: u64 = 4 * 1024 * 1024;
 /// Largest piece [`Storage::get_stream`] yields from S3.
 const DOWNLOAD_SLICE: usize = 256 * 1024;
 
@@ -225,14 +228,13 @@ impl Storage {
 
     /// Streams an object in chunks, without holding it in memory.
     ///
-    /// From S3 the object is read in ranges of `part_size`, each fetched whole by a request
-    /// of its own, the next one while the reader consumes the last: every request is paced
-    /// by the network, never by the reader. One GET streamed to a reader that pauses
+    /// From S3 the object is read in ranges of `DOWNLOAD_RANGE`, each fetched whole by a
+    /// request of its own, the next one while the reader consumes the last: every request is
+    /// paced by the network, never by the reader. One GET streamed to a reader that pauses
     /// (`pg_restore` waiting on a lock, a slow disk) is cut by the request timeout, which
     /// covers the response body, and its resumptions all draw on one retry budget counted
-    /// from the first request: any restore longer than `retry_timeout` failed. Memory: the
-    /// range being read, the next one, and what is left of the previous one in the reader's
-    /// buffers.
+    /// from the first request: any restore longer than `retry_timeout` failed. Memory: three
+    /// range buffers, reused.
     pub async fn get_stream(
         &self,
         key: &str,
@@ -254,10 +256,14 @@ impl Storage {
             .head(&path)
             .await
             .map_err(|err| StorageError::from_object_store(key, err))?;
-        let ranges = byte_ranges(meta.size, self.part_size as u64);
+        let ranges = byte_ranges(meta.size, DOWNLOAD_RANGE);
+        // The range being read, the next one, and the rest of the one before it in the
+        // reader's buffers: three buffers, reused for the whole object.
+        let buffers = ChunkPool::new(DOWNLOAD_RANGE as usize, 3);
         let store = self.store.clone();
         let fetch = move |range: std::ops::Range<u64>| {
             let (store, path, key) = (store.clone(), path.clone(), owned_key.clone());
+            let buffer = buffers.take();
             // Every range from the same version of the object.
             let options = GetOptions {
                 range: Some(GetRange::Bounded(range)),
@@ -267,11 +273,9 @@ impl Storage {
             // A task of its own: it reads its response while the reader is busy elsewhere
             // (a future that only the reader polls would leave it unread until then).
             let task = tokio::spawn(async move {
-                let fetched = match store.get_opts(&path, options).await {
-                    Ok(result) => result.bytes().await,
-                    Err(err) => Err(err),
-                };
-                fetched.map_err(|err| StorageError::from_object_store(&key, err))
+                fetch_range(&*store, &path, options, buffer)
+                    .await
+                    .map_err(|err| StorageError::from_object_store(&key, err))
             });
             let key = owned_key.clone();
             AbortOnDropHandle::new(task).map(move |joined| {
@@ -418,6 +422,35 @@ impl Storage {
             parts_in_flight: self.parts_in_flight,
         })
     }
+}
+
+/// Reads the range `options` asks for into `buffer`, whole.
+async fn fetch_range(
+    store: &dyn ObjectStore,
+    path: &ObjectPath,
+    options: GetOptions,
+    mut buffer: Chunk,
+) -> object_store::Result<Bytes> {
+    let result = store.get_opts(path, options).await?;
+    let wanted = (result.range.end - result.range.start) as usize;
+    let mut body = result.into_stream();
+    while let Some(piece) = body.next().await {
+        let piece = piece?;
+        if buffer.fill_from(&piece) < piece.len() {
+            break;
+        }
+    }
+    if buffer.len() != wanted || body.next().await.is_some() {
+        return Err(object_store::Error::Generic {
+            store: "S3",
+            source: format!(
+                "asked for {wanted} bytes of {path}, the response held {} or more",
+                buffer.len()
+            )
+            .into(),
+        });
+    }
+    Ok(buffer.freeze())
 }
 
 /// `bytes` in consecutive slices of at most `size` bytes (sharing its memory).
