@@ -1,7 +1,8 @@
 //! A TCP proxy in front of a real server that breaks the network on demand: it cuts every
-//! open connection once the client has sent a given number of bytes, and then either
-//! carries on (a blip), closes every new connection at once (a server that is gone), or
-//! accepts them and never answers (a link that hangs). The server itself is never touched.
+//! open connection once a given number of bytes has gone one way (client to server, or
+//! back), and then either carries on (a blip), closes every new connection at once (a
+//! server that is gone), or accepts them and never answers (a link that hangs). The server
+//! itself is never touched.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
