@@ -46,15 +46,18 @@ impl ChunkSender {
 
     /// The chunk being filled, with room in it (a full one is sent first).
     pub(crate) fn room(&mut self) -> io::Result<&mut Chunk> {
-        if self.chunk.is_full() {
-            self.send()?;
-        }
-        Ok(&mut self.chunk)
+        self.room_with(|_| Ok(()))
     }
 
-    /// Whether the chunk being filled is full (the next [`ChunkSender::room`] sends it).
-    pub(crate) fn is_full(&self) -> bool {
-        self.chunk.is_full()
+    /// [`ChunkSender::room`], sending a full chunk with [`ChunkSender::send_with`].
+    pub(crate) fn room_with(
+        &mut self,
+        tap: impl FnOnce(&Bytes) -> io::Result<()>,
+    ) -> io::Result<&mut Chunk> {
+        if self.chunk.is_full() {
+            self.send_with(tap)?;
+        }
+        Ok(&mut self.chunk)
     }
 
     /// Sends the chunk being filled, unless it is empty.

@@ -505,12 +505,12 @@ impl BlockingSink {
         Ok(n)
     }
 
-    /// The chunk being filled, with room in it: a full one is sent first.
+    /// The chunk being filled, with room in it: a full one is sent first (as by
+    /// [`BlockingSink::send`]).
     fn room(&mut self) -> io::Result<&mut super::chunk::Chunk> {
-        if self.out.is_full() {
-            self.send()?;
-        }
-        self.out.room()
+        let (spans, hasher) = (&mut self.spans, &self.hasher);
+        self.out
+            .room_with(|chunk| hasher.send(chunk.clone(), std::mem::take(spans)))
     }
 
     /// Counts `n` bytes written at `at` in the chunk, as content of the open file if any.
@@ -528,10 +528,9 @@ impl BlockingSink {
 
     /// Sends the chunk being filled to the upload and, with its spans, to the hashing thread.
     fn send(&mut self) -> io::Result<()> {
-        let spans = std::mem::take(&mut self.spans);
-        let hasher = &self.hasher;
+        let (spans, hasher) = (&mut self.spans, &self.hasher);
         self.out
-            .send_with(|chunk| hasher.send(chunk.clone(), spans))
+            .send_with(|chunk| hasher.send(chunk.clone(), std::mem::take(spans)))
     }
 }
 
