@@ -499,22 +499,19 @@ impl Upload {
 
     /// Completes the upload: the object becomes visible. On failure the upload is aborted.
     pub async fn finish(mut self) -> Result<(), StorageError> {
-        // An object without parts gets an empty one from object_store's S3 client.
-        let mut result = Ok(());
-        if self.buffer.content_length() > 0 {
-            result = self.send_part().await;
-        }
-        if result.is_ok() {
-            result = self.wait_for_parts(0).await;
-        }
-        if result.is_ok() {
-            result = self
-                .upload
+        let result = async {
+            // An object without parts gets an empty one from object_store's S3 client.
+            if self.buffer.content_length() > 0 {
+                self.send_part().await?;
+            }
+            self.wait_for_parts(0).await?;
+            self.upload
                 .complete()
                 .await
                 .map(|_| ())
-                .map_err(|err| StorageError::from_object_store(&self.key, err));
+                .map_err(|err| StorageError::from_object_store(&self.key, err))
         }
+        .await;
         if result.is_err() {
             self.discard().await;
         }
