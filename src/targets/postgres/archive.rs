@@ -43,13 +43,14 @@ impl<R: BufRead> Archive<R> {
 
     fn int(&mut self) -> io::Result<i64> {
         let negative = self.byte()? != 0;
-        let mut value: i64 = 0;
-        for shift in 0..self.int_size {
-            let b = self.byte()? as i64;
-            if shift < 8 {
-                value |= b << (shift * 8);
+        let mut bytes = [0u8; 8];
+        for i in 0..self.int_size {
+            let b = self.byte()?;
+            if let Some(slot) = bytes.get_mut(i) {
+                *slot = b;
             }
         }
+        let value = little_endian(&bytes);
         Ok(if negative { -value } else { value })
     }
 
@@ -243,12 +244,15 @@ fn buffered_int(buffered: &[u8], int_size: usize) -> Option<i64> {
     if sign != 0 || int_size > 8 {
         return None;
     }
-    Some(
-        bytes
-            .iter()
-            .rev()
-            .fold(0i64, |value, &b| (value << 8) | i64::from(b)),
-    )
+    Some(little_endian(bytes))
+}
+
+/// The magnitude of an archive integer: up to eight bytes, least significant first.
+fn little_endian(bytes: &[u8]) -> i64 {
+    bytes
+        .iter()
+        .rev()
+        .fold(0i64, |value, &b| (value << 8) | i64::from(b))
 }
 
 /// Counts COPY text rows: newline-terminated lines before the `\.` end line.
