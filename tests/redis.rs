@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use common::fault_proxy::{Direction, Fault, FaultProxy};
 use common::{Store, TestSetup};
+use crm_backup::jobs::JobError;
 use crm_backup::jobs::backup::{BackupRequest, run_backup};
 use crm_backup::jobs::verify::verify_backup;
 use crm_backup::storage::layout::TargetKind;
@@ -235,20 +236,24 @@ fn populate(server: &RedisServer) {
 }
 
 fn setup_for(server: &RedisServer, extra: &[(&str, &str)]) -> TestSetup {
-    let port = server.port.to_string();
+    setup_on_port(server.port, extra)
+}
+
+/// Settings for a Redis on `127.0.0.1:<port>` (a server, or a proxy in front of one).
+fn setup_on_port(port: u16, extra: &[(&str, &str)]) -> TestSetup {
+    let port = port.to_string();
     let mut env = vec![("REDIS_HOST", "127.0.0.1"), ("REDIS_PORT", port.as_str())];
     env.extend_from_slice(extra);
     TestSetup::new("postgres", Store::Local, &env)
 }
 
+async fn try_backup(setup: &TestSetup) -> Result<Manifest, JobError> {
+    let request = BackupRequest::new(TargetKind::Redis, "test");
+    run_backup(&setup.ctx, &request, &CancellationToken::new()).await
+}
+
 async fn backup(setup: &TestSetup) -> (Manifest, RedisFacts) {
-    let manifest = run_backup(
-        &setup.ctx,
-        &BackupRequest::new(TargetKind::Redis, "test"),
-        &CancellationToken::new(),
-    )
-    .await
-    .expect("redis backup");
+    let manifest = try_backup(setup).await.expect("redis backup");
     common::assert_manifest_valid(setup, &manifest).await;
     let facts = manifest.source.parse().unwrap();
     (manifest, facts)
@@ -475,21 +480,8 @@ async fn an_unreachable_redis_is_a_retryable_error_without_debris() {
         .local_addr()
         .unwrap()
         .port();
-    let setup = TestSetup::new(
-        "postgres",
-        Store::Local,
-        &[
-            ("REDIS_PORT", port.to_string().as_str()),
-            ("REDIS_PASSWORD", "sekrit-pass"),
-        ],
-    );
-    let err = run_backup(
-        &setup.ctx,
-        &BackupRequest::new(TargetKind::Redis, "test"),
-        &CancellationToken::new(),
-    )
-    .await
-    .unwrap_err();
+    let setup = setup_on_port(port, &[("REDIS_PASSWORD", "sekrit-pass")]);
+    let err = try_backup(&setup).await.unwrap_err();
     assert!(err.retryable(), "{err}");
     assert!(!err.to_string().contains("sekrit-pass"));
     assert!(setup.stored_files().is_empty());
@@ -506,22 +498,13 @@ async fn a_replication_stream_cut_mid_rdb_fails_retryably_and_stores_nothing() {
         ]);
         populate(&source);
         let proxy = FaultProxy::start(&format!("127.0.0.1:{}", source.port)).await;
-        let port = proxy.port().to_string();
-        let setup = TestSetup::new(
-            "postgres",
-            Store::Local,
-            &[("REDIS_HOST", "127.0.0.1"), ("REDIS_PORT", port.as_str())],
-        );
+        let setup = setup_on_port(proxy.port(), &[]);
         // The RDB is ~167 KB (LZF shrinks the 3 MiB value): cut in its middle.
         proxy.cut_after(Direction::Received, 80_000, Fault::None);
 
-        let err = run_backup(
-            &setup.ctx,
-            &BackupRequest::new(TargetKind::Redis, "test"),
-            &CancellationToken::new(),
-        )
-        .await
-        .expect_err("a truncated RDB is never committed");
+        let err = try_backup(&setup)
+            .await
+            .expect_err("a truncated RDB is never committed");
 
         assert_eq!(
             proxy.cuts(),
@@ -593,13 +576,7 @@ async fn a_tls_only_redis_is_backed_up_and_restored_over_tls() {
             ("BACKUP__REDIS__TLS_CA_FILE", ca_file.as_str()),
         ],
     );
-    let err = run_backup(
-        &untrusted.ctx,
-        &BackupRequest::new(TargetKind::Redis, "test"),
-        &CancellationToken::new(),
-    )
-    .await
-    .unwrap_err();
+    let err = try_backup(&untrusted).await.unwrap_err();
     assert!(
         err.to_string().to_lowercase().contains("certificate"),
         "{err}"
