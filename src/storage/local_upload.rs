@@ -26,6 +26,7 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_trait::async_trait;
 use futures::FutureExt;
@@ -70,6 +71,7 @@ impl LocalUpload {
                         file: Some(Arc::new(Staged {
                             buffered: file,
                             direct,
+                            direct_bytes: AtomicU64::new(0),
                         })),
                         staging,
                         dest,
@@ -125,6 +127,11 @@ impl MultipartUpload for LocalUpload {
             file.buffered
                 .sync_data()
                 .map_err(|err| with_path(err, &staging))?;
+            tracing::debug!(
+                file = %dest.display(),
+                direct_bytes = file.direct_bytes.load(Ordering::Relaxed),
+                "artifact written"
+            );
             drop(file);
             fs::rename(&staging, &dest).map_err(|err| with_path(err, &dest))?;
             // The new name, then each new directory's entry, deepest first.
@@ -163,6 +170,8 @@ impl MultipartUpload for LocalUpload {
 struct Staged {
     buffered: File,
     direct: Option<File>,
+    /// Bytes that went to the disk directly.
+    direct_bytes: AtomicU64,
 }
 
 impl Staged {
@@ -179,7 +188,10 @@ impl Staged {
                 }
                 match direct.write_at(&data[done..done + whole], at) {
                     Ok(0) => break,
-                    Ok(n) => done += n,
+                    Ok(n) => {
+                        done += n;
+                        self.direct_bytes.fetch_add(n as u64, Ordering::Relaxed);
+                    }
                     Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
                     // This device wants another alignment: the page cache takes the rest.
                     Err(err) if err.raw_os_error() == Some(libc::EINVAL) => break,
@@ -400,6 +412,13 @@ mod tests {
         let dest = root.path().join("documents/x/documents.tar.zst");
         let upload = LocalUpload::create(dest.clone()).unwrap();
         let staged = upload.file().unwrap();
+        let probe = root.path().join("probe");
+        fs::write(&probe, b"").unwrap();
+        assert_eq!(
+            staged.direct.is_some(),
+            cfg!(target_os = "linux") && open_direct(&probe).is_some(),
+            "the upload writes directly wherever this file system allows it"
+        );
         let mut backing = Vec::new();
         let aligned = page_aligned(&mut backing, 4 * DIRECT_ALIGN + 300);
         for (i, byte) in aligned.iter_mut().enumerate() {
@@ -413,6 +432,14 @@ mod tests {
         staged.write_at(aligned, 2 * DIRECT_ALIGN as u64).unwrap();
         staged.buffered.sync_data().unwrap();
 
+        if staged.direct.is_some() {
+            let direct = staged.direct_bytes.load(Ordering::Relaxed);
+            assert_eq!(
+                direct,
+                6 * DIRECT_ALIGN as u64,
+                "whole aligned pages go direct"
+            );
+        }
         let mut expected = aligned[..2 * DIRECT_ALIGN].to_vec();
         expected.extend_from_slice(aligned);
         expected.extend_from_slice(&unaligned);
