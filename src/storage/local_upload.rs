@@ -105,7 +105,7 @@ impl MultipartUpload for LocalUpload {
             blocking(move || {
                 let mut at = start;
                 for bytes in data.iter() {
-                    file.write_at(bytes, at)
+                    file.write_all_at(bytes, at)
                         .map_err(|err| with_path(err, &staging))?;
                     at += bytes.len() as u64;
                 }
@@ -175,7 +175,7 @@ struct Staged {
 impl Staged {
     /// Writes all of `data` at `offset`: its page-aligned stretch directly, the rest (and
     /// everything, where direct writes are refused) through the page cache.
-    fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
+    fn write_all_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
         let mut done = 0;
         if let Some(direct) = &self.direct {
             while done < data.len() {
@@ -425,9 +425,13 @@ mod tests {
         let unaligned: Vec<u8> = (0..5000u32).map(|i| (i % 13) as u8).collect();
         // Pieces in the order parts may finish: a later part first, then an earlier one.
         let tail_at = (2 * DIRECT_ALIGN + aligned.len()) as u64;
-        staged.write_at(&unaligned, tail_at).unwrap();
-        staged.write_at(&aligned[..2 * DIRECT_ALIGN], 0).unwrap();
-        staged.write_at(aligned, 2 * DIRECT_ALIGN as u64).unwrap();
+        staged.write_all_at(&unaligned, tail_at).unwrap();
+        staged
+            .write_all_at(&aligned[..2 * DIRECT_ALIGN], 0)
+            .unwrap();
+        staged
+            .write_all_at(aligned, 2 * DIRECT_ALIGN as u64)
+            .unwrap();
         staged.buffered.sync_data().unwrap();
 
         if staged.direct.is_some() {
