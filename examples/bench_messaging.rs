@@ -8,11 +8,12 @@ use std::time::{Duration, Instant};
 
 use crm_backup::config::{RabbitmqSettings, Settings};
 use crm_backup::messaging::client::EventSubscription;
-use crm_backup::messaging::command::{Action, Command, TargetSelector};
+use crm_backup::messaging::command::Command;
 use crm_backup::messaging::event;
 use crm_backup::messaging::publisher::Publisher;
 use crm_backup::messaging::{self, topology};
-use crm_backup::storage::layout::TargetKind;
+use crm_backup::model::TargetKind;
+use crm_backup::model::{Action, TargetSelector};
 use secrecy::SecretString;
 
 #[tokio::main]

@@ -12,7 +12,7 @@ use config::{Config, Environment, File, FileFormat};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
-use crate::storage::layout::TargetKind;
+use crate::model::TargetKind;
 use crate::telemetry::redact_url;
 
 /// The defaults, compiled in so the binary works from any directory.
@@ -200,7 +200,7 @@ pub struct ScheduleSettings {
     pub options: serde_json::Value,
 }
 
-/// A duration written as `500ms`, `5s`, `2m`, `1h` or `1d`.
+/// A duration written as humantime reads it: `500ms`, `5s`, `2m`, `1h`, `1d`, `1h 30m`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize)]
 #[serde(try_from = "String")]
 pub struct HumanDuration(pub std::time::Duration);
@@ -213,6 +213,8 @@ impl TryFrom<String> for HumanDuration {
     }
 }
 
+/// The largest unit that divides it exactly, as one word (`90s`, `2m`, `1d`): retry queues
+/// are named by it, so it has no spaces.
 impl std::fmt::Display for HumanDuration {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let ms = self.0.as_millis();
@@ -229,29 +231,10 @@ impl std::fmt::Display for HumanDuration {
     }
 }
 
-/// Parses `500ms`, `5s`, `2m`, `1h`, `1d`.
+/// Parses a duration such as `500ms`, `5s`, `2m`, `1h`, `1d`; the error quotes the text.
 pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .ok_or_else(|| format!("`{text}` has no unit (ms, s, m, h or d)"))?;
-    let (number, unit) = text.split_at(split);
-    let number: u64 = number
-        .parse()
-        .map_err(|_| format!("`{text}` does not start with a whole number"))?;
-    let millis = match unit {
-        "ms" => 1,
-        "s" => 1000,
-        "m" => 60_000,
-        "h" => 3_600_000,
-        "d" => 86_400_000,
-        other => {
-            return Err(format!(
-                "`{other}` in `{text}` is not a unit (ms, s, m, h or d)"
-            ));
-        }
-    };
-    Ok(std::time::Duration::from_millis(number * millis))
+    humantime::parse_duration(text.trim())
+        .map_err(|err| format!("`{text}` is not a duration: {err}"))
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -735,13 +718,22 @@ mod tests {
             ("2m", 120_000),
             ("1h", 3_600_000),
             ("1d", 86_400_000),
+            ("1h 30m", 5_400_000),
+            ("1.5h", 5_400_000),
         ];
         for (text, ms) in cases {
             let parsed = parse_duration(text).unwrap();
             assert_eq!(parsed.as_millis(), ms, "{text}");
-            assert_eq!(HumanDuration(parsed).to_string(), text);
+            assert_eq!(
+                parse_duration(&HumanDuration(parsed).to_string()).unwrap(),
+                parsed
+            );
         }
-        for bad in ["5", "s", "5 parsecs", "-1s", "1.5h"] {
+        assert_eq!(
+            HumanDuration(parse_duration("90s").unwrap()).to_string(),
+            "90s"
+        );
+        for bad in ["5", "s", "5 parsecs", "-1s", "soon"] {
             assert!(parse_duration(bad).is_err(), "{bad}");
         }
         let message = error_of(&[("BACKUP__MESSAGING__RETRY_DELAYS", "5s,forever")]);

@@ -13,8 +13,7 @@ use axum::routing::get;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::messaging::worker::WorkerState;
-use crate::metrics::render;
+use crate::metrics::WorkerState;
 
 /// Binds `listen` (an error names the address) and serves until `shutdown`.
 pub async fn serve(
@@ -55,9 +54,8 @@ async fn ready(State(state): State<Arc<WorkerState>>) -> impl IntoResponse {
 }
 
 async fn metrics(State(state): State<Arc<WorkerState>>) -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], {
-        let mut snapshot = state.metrics.snapshot();
-        snapshot.consuming = state.is_consuming();
-        render(&snapshot)
-    })
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.render(),
+    )
 }

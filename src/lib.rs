@@ -40,6 +40,7 @@ pub mod endpoint;
 pub mod jobs;
 pub mod messaging;
 pub mod metrics;
+pub mod model;
 pub mod pipeline;
 pub mod retention;
 pub mod schedule;

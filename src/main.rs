@@ -18,10 +18,11 @@ use crm_backup::jobs::verify::verify_backup;
 use crm_backup::jobs::{JobContext, JobError};
 use crm_backup::messaging::{
     self, client::EventSubscription, command::Command as MessageCommand, dlq::Selection, event,
-    publisher::Publisher, worker::WorkerState,
+    publisher::Publisher,
 };
+use crm_backup::metrics::WorkerState;
+use crm_backup::model::{BackupId, TargetKind};
 use crm_backup::storage::catalog::{self, BackupRef};
-use crm_backup::storage::layout::{BackupId, TargetKind};
 use crm_backup::storage::manifest::Manifest;
 use crm_backup::telemetry;
 use std::sync::Arc;

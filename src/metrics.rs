@@ -1,10 +1,13 @@
-//! The worker's Prometheus metrics: counted in memory, rendered as the text exposition
-//! format by a pure function. No metrics crate: a handful of counters and gauges.
+//! The worker's state as the outside sees it: whether it consumes, and its Prometheus metrics.
+//!
+//! Metrics are recorded with the `metrics` crate into a recorder of this worker's own (not the
+//! process-wide one, so that several workers in one process, as in the tests, keep theirs
+//! apart) and rendered by `metrics-exporter-prometheus`.
 //!
 //! | metric | type | labels |
 //! |---|---|---|
 //! | `crm_backup_steps_total` | counter | action, target, outcome (`completed`, `failed`, `cancelled`) |
-//! | `crm_backup_step_duration_seconds_sum` / `_count` | counter | action, target |
+//! | `crm_backup_step_duration_seconds` | histogram | action, target |
 //! | `crm_backup_last_success_timestamp_seconds` | gauge | action, target |
 //! | `crm_backup_last_stored_bytes` | gauge | target (the last backup's stored size) |
 //! | `crm_backup_dead_lettered_total` | counter | reason (error kind) |
@@ -12,45 +15,133 @@
 //! | `crm_backup_consuming` | gauge | 1 while consuming `backup.commands` |
 
 use std::collections::BTreeMap;
-use std::fmt::Write;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use metrics::{Key, Label, Metadata, Recorder, Unit};
+use metrics_exporter_prometheus::{
+    Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
+};
 
-/// `(action, target)` of a step, as the labels show them.
-type StepKey = (String, String);
+const STEPS: &str = "crm_backup_steps_total";
+const STEP_DURATION: &str = "crm_backup_step_duration_seconds";
+const LAST_SUCCESS: &str = "crm_backup_last_success_timestamp_seconds";
+const LAST_STORED_BYTES: &str = "crm_backup_last_stored_bytes";
+const DEAD_LETTERED: &str = "crm_backup_dead_lettered_total";
+const RUNNING: &str = "crm_backup_steps_running";
+const CONSUMING: &str = "crm_backup_consuming";
 
-/// Everything the worker counts.
-#[derive(Debug, Default, Clone, PartialEq)]
-pub struct Snapshot {
-    pub steps: BTreeMap<(String, String, &'static str), u64>,
-    pub duration: BTreeMap<StepKey, (f64, u64)>,
-    pub last_success: BTreeMap<StepKey, DateTime<Utc>>,
-    pub last_stored_bytes: BTreeMap<String, u64>,
-    pub dead_lettered: BTreeMap<String, u64>,
-    pub running: i64,
-    /// Set from the worker's state when rendering.
-    pub consuming: bool,
+/// Step durations span a verify of a small artifact to a many-hour backup.
+const DURATION_BUCKETS: [f64; 10] = [
+    1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 14_400.0, 43_200.0,
+];
+
+static METADATA: Metadata<'static> =
+    Metadata::new(module_path!(), metrics::Level::INFO, Some(module_path!()));
+
+/// What the worker's HTTP endpoint shows: readiness and metrics.
+pub struct WorkerState {
+    /// True while consuming from the broker.
+    pub consuming: AtomicBool,
+    pub metrics: Arc<Metrics>,
 }
 
-/// Thread-safe counters, shared by the worker's steps and the HTTP endpoint.
-#[derive(Debug, Default)]
-pub struct Metrics(Mutex<Snapshot>);
-
-impl Metrics {
-    fn update(&self, change: impl FnOnce(&mut Snapshot)) {
-        if let Ok(mut snapshot) = self.0.lock() {
-            change(&mut snapshot);
+impl Default for WorkerState {
+    fn default() -> Self {
+        WorkerState {
+            consuming: AtomicBool::new(false),
+            metrics: Arc::new(Metrics::new()),
         }
     }
+}
 
-    pub fn snapshot(&self) -> Snapshot {
-        self.0.lock().map(|s| s.clone()).unwrap_or_default()
+impl WorkerState {
+    pub fn is_consuming(&self) -> bool {
+        self.consuming.load(Ordering::SeqCst)
+    }
+
+    /// The Prometheus text exposition of the metrics, readiness included.
+    pub fn render(&self) -> String {
+        self.metrics
+            .gauge(CONSUMING, Vec::new())
+            .set(f64::from(u8::from(self.is_consuming())));
+        self.metrics.handle.render()
+    }
+}
+
+/// The worker's metrics.
+pub struct Metrics {
+    recorder: PrometheusRecorder,
+    handle: PrometheusHandle,
+    /// Last success per (action, target): a seed from storage never moves it backwards.
+    last_success: Mutex<BTreeMap<(String, String), DateTime<Utc>>>,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Full(STEP_DURATION.into()), &DURATION_BUCKETS)
+            .map(PrometheusBuilder::build_recorder)
+            // Only empty bucket lists are refused; these are constant and not empty.
+            .unwrap_or_else(|_| PrometheusBuilder::new().build_recorder());
+        let describe = [
+            (
+                STEPS,
+                Unit::Count,
+                "Steps run, by action, target and outcome.",
+            ),
+            (
+                STEP_DURATION,
+                Unit::Seconds,
+                "Time spent in steps, by action and target.",
+            ),
+            (
+                LAST_SUCCESS,
+                Unit::Seconds,
+                "Unix time of the last completed step, by action and target.",
+            ),
+            (
+                LAST_STORED_BYTES,
+                Unit::Bytes,
+                "Stored size of the last completed backup, by target.",
+            ),
+            (
+                DEAD_LETTERED,
+                Unit::Count,
+                "Commands dead-lettered, by error kind.",
+            ),
+            (RUNNING, Unit::Count, "Steps running now."),
+            (
+                CONSUMING,
+                Unit::Count,
+                "1 while the worker consumes backup.commands.",
+            ),
+        ];
+        for (name, unit, help) in describe {
+            match name {
+                STEPS | DEAD_LETTERED => {
+                    recorder.describe_counter(name.into(), Some(unit), help.into())
+                }
+                STEP_DURATION => recorder.describe_histogram(name.into(), Some(unit), help.into()),
+                _ => recorder.describe_gauge(name.into(), Some(unit), help.into()),
+            }
+        }
+        let handle = recorder.handle();
+        let metrics = Metrics {
+            recorder,
+            handle,
+            last_success: Mutex::new(BTreeMap::new()),
+        };
+        // Present from the start, at zero, so that dashboards and rules see them.
+        metrics.gauge(RUNNING, Vec::new()).set(0.0);
+        metrics.gauge(CONSUMING, Vec::new()).set(0.0);
+        metrics
     }
 
     pub fn step_started(&self) {
-        self.update(|s| s.running += 1);
+        self.gauge(RUNNING, Vec::new()).increment(1.0);
     }
 
     /// A step ended: `outcome` is `completed`, `failed` or `cancelled` (by a shutdown);
@@ -63,134 +154,74 @@ impl Metrics {
         elapsed: Duration,
         stored_bytes: Option<u64>,
     ) {
-        let key = (action.to_string(), target.to_string());
-        let completed = outcome == "completed";
-        self.update(|s| {
-            s.running -= 1;
-            *s.steps
-                .entry((key.0.clone(), key.1.clone(), outcome))
-                .or_default() += 1;
-            let duration = s.duration.entry(key.clone()).or_default();
-            duration.0 += elapsed.as_secs_f64();
-            duration.1 += 1;
-            if completed {
-                s.last_success.insert(key, Utc::now());
-                if let (Some(bytes), "backup") = (stored_bytes, action) {
-                    s.last_stored_bytes.insert(target.to_string(), bytes);
-                }
+        self.gauge(RUNNING, Vec::new()).decrement(1.0);
+        let step = step_labels(action, target);
+        let mut with_outcome = step.clone();
+        with_outcome.push(Label::new("outcome", outcome));
+        self.counter(STEPS, with_outcome).increment(1);
+        self.histogram(STEP_DURATION, step)
+            .record(elapsed.as_secs_f64());
+        if outcome == "completed" {
+            self.seed_last_success(action, target, Utc::now());
+            if let (Some(bytes), "backup") = (stored_bytes, action) {
+                self.gauge(
+                    LAST_STORED_BYTES,
+                    vec![Label::new("target", target.to_string())],
+                )
+                .set(bytes as f64);
             }
-        });
+        }
     }
 
-    /// Seeds a last-success time (at start, from the catalog), so that a restarted worker
-    /// does not report "never" for backups taken before it started.
+    /// Records a success at `at` unless a later one is known: at start, seeded from storage,
+    /// so that a restarted worker does not report "never" for what happened before it.
     pub fn seed_last_success(&self, action: &str, target: &str, at: DateTime<Utc>) {
-        let key = (action.to_string(), target.to_string());
-        self.update(|s| {
-            let entry = s.last_success.entry(key).or_insert(at);
-            *entry = (*entry).max(at);
-        });
+        let Ok(mut known) = self.last_success.lock() else {
+            return;
+        };
+        let latest = known
+            .entry((action.to_string(), target.to_string()))
+            .or_insert(at);
+        *latest = (*latest).max(at);
+        self.gauge(LAST_SUCCESS, step_labels(action, target))
+            .set(latest.timestamp() as f64);
     }
 
     pub fn dead_lettered(&self, reason: &str) {
-        self.update(|s| *s.dead_lettered.entry(reason.to_string()).or_default() += 1);
+        self.counter(
+            DEAD_LETTERED,
+            vec![Label::new("reason", reason.to_string())],
+        )
+        .increment(1);
+    }
+
+    fn counter(&self, name: &'static str, labels: Vec<Label>) -> metrics::Counter {
+        self.recorder
+            .register_counter(&Key::from_parts(name, labels), &METADATA)
+    }
+
+    fn gauge(&self, name: &'static str, labels: Vec<Label>) -> metrics::Gauge {
+        self.recorder
+            .register_gauge(&Key::from_parts(name, labels), &METADATA)
+    }
+
+    fn histogram(&self, name: &'static str, labels: Vec<Label>) -> metrics::Histogram {
+        self.recorder
+            .register_histogram(&Key::from_parts(name, labels), &METADATA)
     }
 }
 
-/// Prometheus text exposition (version 0.0.4) of a snapshot.
-pub fn render(s: &Snapshot) -> String {
-    let mut out = String::new();
-    let step = |action: &str, target: &str| {
-        format!("action=\"{}\",target=\"{}\"", label(action), label(target))
-    };
-    family(
-        &mut out,
-        "crm_backup_steps_total",
-        "counter",
-        "Steps run, by action, target and outcome.",
-        s.steps.iter().map(|((action, target, outcome), n)| {
-            format!("{{{},outcome=\"{outcome}\"}} {n}", step(action, target))
-        }),
-    );
-    family(
-        &mut out,
-        "crm_backup_step_duration_seconds",
-        "summary",
-        "Time spent in steps, by action and target.",
-        s.duration
-            .iter()
-            .flat_map(|((action, target), (sum, count))| {
-                let labels = step(action, target);
-                [
-                    format!("_sum{{{labels}}} {sum}"),
-                    format!("_count{{{labels}}} {count}"),
-                ]
-            }),
-    );
-    family(
-        &mut out,
-        "crm_backup_last_success_timestamp_seconds",
-        "gauge",
-        "Unix time of the last completed step, by action and target.",
-        s.last_success.iter().map(|((action, target), at)| {
-            format!("{{{}}} {}", step(action, target), at.timestamp())
-        }),
-    );
-    family(
-        &mut out,
-        "crm_backup_last_stored_bytes",
-        "gauge",
-        "Stored size of the last completed backup, by target.",
-        s.last_stored_bytes
-            .iter()
-            .map(|(target, bytes)| format!("{{target=\"{}\"}} {bytes}", label(target))),
-    );
-    family(
-        &mut out,
-        "crm_backup_dead_lettered_total",
-        "counter",
-        "Commands dead-lettered, by error kind.",
-        s.dead_lettered
-            .iter()
-            .map(|(reason, n)| format!("{{reason=\"{}\"}} {n}", label(reason))),
-    );
-    family(
-        &mut out,
-        "crm_backup_steps_running",
-        "gauge",
-        "Steps running now.",
-        [format!(" {}", s.running)],
-    );
-    family(
-        &mut out,
-        "crm_backup_consuming",
-        "gauge",
-        "1 while the worker consumes backup.commands.",
-        [format!(" {}", u8::from(s.consuming))],
-    );
-    out
-}
-
-/// One metric family: its HELP and TYPE lines, then each sample (the text after the name).
-fn family(
-    out: &mut String,
-    name: &str,
-    kind: &str,
-    help: &str,
-    samples: impl IntoIterator<Item = String>,
-) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-    for sample in samples {
-        let _ = writeln!(out, "{name}{sample}");
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
     }
 }
 
-/// Escapes a label value (backslash, double quote, newline).
-fn label(value: &str) -> String {
-    value
-        .replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
+fn step_labels(action: &str, target: &str) -> Vec<Label> {
+    vec![
+        Label::new("action", action.to_string()),
+        Label::new("target", target.to_string()),
+    ]
 }
 
 #[cfg(test)]
@@ -198,8 +229,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn counts_render_in_the_exposition_format() {
-        let metrics = Metrics::default();
+    fn steps_render_as_counters_histograms_and_gauges() {
+        let state = WorkerState::default();
+        let metrics = &state.metrics;
         metrics.step_started();
         metrics.step_finished(
             "backup",
@@ -218,13 +250,15 @@ mod tests {
         );
         metrics.step_started();
         metrics.dead_lettered("invalid_json");
-        let mut snapshot = metrics.snapshot();
-        snapshot.consuming = true;
-        let text = render(&snapshot);
+        state.consuming.store(true, Ordering::SeqCst);
+        let text = state.render();
         for expected in [
             "# TYPE crm_backup_steps_total counter",
             "crm_backup_steps_total{action=\"backup\",target=\"postgres\",outcome=\"completed\"} 1",
             "crm_backup_steps_total{action=\"backup\",target=\"postgres\",outcome=\"failed\"} 1",
+            "# TYPE crm_backup_step_duration_seconds histogram",
+            "crm_backup_step_duration_seconds_bucket{action=\"backup\",target=\"postgres\",le=\"1\"} 1",
+            "crm_backup_step_duration_seconds_bucket{action=\"backup\",target=\"postgres\",le=\"5\"} 2",
             "crm_backup_step_duration_seconds_sum{action=\"backup\",target=\"postgres\"} 2",
             "crm_backup_step_duration_seconds_count{action=\"backup\",target=\"postgres\"} 2",
             "crm_backup_last_stored_bytes{target=\"postgres\"} 42",
@@ -241,12 +275,30 @@ mod tests {
             .lines()
             .find(|l| l.starts_with("crm_backup_last_success_timestamp_seconds{"))
             .unwrap();
-        let at: i64 = success.rsplit(' ').next().unwrap().parse().unwrap();
-        assert!((Utc::now().timestamp() - at).abs() < 5);
+        let at: f64 = success.rsplit(' ').next().unwrap().parse().unwrap();
+        assert!((Utc::now().timestamp() as f64 - at).abs() < 5.0);
+    }
+
+    #[test]
+    fn a_seed_never_moves_the_last_success_backwards() {
+        let metrics = Metrics::new();
+        let early = DateTime::from_timestamp(1_000_000, 0).unwrap();
+        let late = DateTime::from_timestamp(2_000_000, 0).unwrap();
+        metrics.seed_last_success("drill", "redis", late);
+        metrics.seed_last_success("drill", "redis", early);
+        let text = metrics.handle.render();
+        assert!(
+            text.lines().any(|l| l
+                == "crm_backup_last_success_timestamp_seconds{action=\"drill\",target=\"redis\"} 2000000"),
+            "{text}"
+        );
     }
 
     #[test]
     fn label_values_are_escaped() {
-        assert_eq!(label("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+        let metrics = Metrics::new();
+        metrics.dead_lettered("a\"b\\c\nd");
+        let text = metrics.handle.render();
+        assert!(text.contains(r#"reason="a\"b\\c\nd""#), "{text}");
     }
 }

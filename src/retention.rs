@@ -14,7 +14,7 @@ use std::fmt;
 use chrono::{DateTime, Datelike, Duration, Utc};
 use serde::Serialize;
 
-use crate::storage::layout::TargetKind;
+use crate::model::TargetKind;
 
 /// How many of each calendar unit to keep (DESIGN §4).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -11,7 +11,8 @@ use chrono_tz::Tz;
 use croner::Cron;
 
 use crate::config::ScheduleSettings;
-use crate::messaging::command::{Action, Command, TargetSelector};
+use crate::messaging::command::Command;
+use crate::model::{Action, TargetSelector};
 
 /// Namespace of the UUIDv5 command ids of scheduled fires.
 const FIRE_NAMESPACE: uuid::Uuid = uuid::Uuid::from_u128(0x6b1f_62d5_2c4e_4a47_9c1d_4f0e_8b11_3c0e);

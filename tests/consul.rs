@@ -7,7 +7,7 @@ use common::consul_double::{ConsulDouble, ConsulState};
 use common::{Store, TestSetup};
 use crm_backup::jobs::backup::{BackupRequest, run_backup};
 use crm_backup::jobs::verify::verify_backup;
-use crm_backup::storage::layout::TargetKind;
+use crm_backup::model::TargetKind;
 use crm_backup::storage::manifest::Manifest;
 use crm_backup::targets::consul::ConsulFacts;
 use serde_json::json;

@@ -9,9 +9,10 @@ use std::time::Duration;
 use common::broker::TestVhost;
 use common::{Store, TestDatabase, TestSetup};
 use crm_backup::messaging::command::Command;
-use crm_backup::messaging::worker::{self, WorkerState};
+use crm_backup::messaging::worker;
+use crm_backup::metrics::WorkerState;
+use crm_backup::model::TargetKind;
 use crm_backup::storage::catalog;
-use crm_backup::storage::layout::TargetKind;
 use tokio_util::sync::CancellationToken;
 
 const README: &str = include_str!("../README.md");

@@ -10,8 +10,9 @@ use common::{Store, TestDatabase, TestSetup, psql, run_cli};
 use crm_backup::jobs::backup::{BackupRequest, run_backup};
 use crm_backup::jobs::prune::{PruneRequest, run_prune};
 use crm_backup::jobs::verify::verify_backup;
+use crm_backup::model::{BackupId, TargetKind};
 use crm_backup::storage::catalog;
-use crm_backup::storage::layout::{BackupId, TargetKind, artifact_key};
+use crm_backup::storage::layout::artifact_key;
 use crm_backup::storage::manifest::Manifest;
 use tokio_util::sync::CancellationToken;
 

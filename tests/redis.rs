@@ -12,7 +12,7 @@ use common::{Store, TestSetup};
 use crm_backup::jobs::JobError;
 use crm_backup::jobs::backup::{BackupRequest, run_backup};
 use crm_backup::jobs::verify::verify_backup;
-use crm_backup::storage::layout::TargetKind;
+use crm_backup::model::TargetKind;
 use crm_backup::storage::manifest::Manifest;
 use crm_backup::targets::redis::RedisFacts;
 use serde_json::json;

@@ -11,10 +11,12 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use common::broker::TestVhost;
 use common::{Store, TestDatabase, TestSetup};
-use crm_backup::messaging::worker::{self, WorkerState};
+use crm_backup::messaging::worker;
+use crm_backup::metrics::WorkerState;
+use crm_backup::model::TargetKind;
 use crm_backup::schedule::fire_id;
 use crm_backup::storage::catalog;
-use crm_backup::storage::layout::{TargetKind, command_marker_key};
+use crm_backup::storage::layout::command_marker_key;
 use tokio_util::sync::CancellationToken;
 
 const SCHEDULE: &str = "every-two-seconds";

@@ -12,9 +12,10 @@ use std::time::Duration;
 use chrono::Utc;
 use tokio_util::sync::CancellationToken;
 
+use backon::BackoffBuilder;
 use crm_backup::config::{SchedulerConfig, Settings};
 use crm_backup::messaging::publisher::Publisher;
-use crm_backup::messaging::{self, MessagingError};
+use crm_backup::messaging::{self, MessagingError, RECONNECT_MAX_PAUSE, reconnect_backoff};
 use crm_backup::schedule::{Schedule, next_fire};
 use crm_backup::telemetry;
 
@@ -87,18 +88,18 @@ async fn run(
     }
     let window = chrono::Duration::from_std(config.scheduler.missed_window.0).unwrap_or_default();
     let mut published_until = now - window;
-    let mut backoff = Duration::from_millis(500);
+    let mut pauses = reconnect_backoff(Duration::from_millis(500)).build();
     loop {
         match session(config, schedules, shutdown, &mut published_until).await {
             Ok(()) => return Ok(()),
             Err(err) if !err.retryable() => return Err(err),
             Err(err) => {
-                tracing::warn!(error = %err, retry_in = ?backoff, "broker unavailable; fires are kept and published on reconnect");
+                let pause = pauses.next().unwrap_or(RECONNECT_MAX_PAUSE);
+                tracing::warn!(error = %err, retry_in = ?pause, "broker unavailable; fires are kept and published on reconnect");
                 tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
+                    _ = tokio::time::sleep(pause) => {}
                     _ = shutdown.cancelled() => return Ok(()),
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(30));
             }
         }
     }

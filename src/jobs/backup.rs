@@ -4,8 +4,8 @@ use chrono::{DateTime, Utc};
 use tokio_util::sync::CancellationToken;
 
 use super::{JobContext, JobError};
+use crate::model::{BackupId, TargetKind};
 use crate::storage::catalog;
-use crate::storage::layout::{BackupId, TargetKind};
 use crate::storage::manifest::{MANIFEST_FORMAT, Manifest, ToolInfo};
 use crate::targets::ArtifactSink;
 
@@ -46,7 +46,12 @@ pub async fn run_backup(
     let started_at = Utc::now();
     let id = BackupId::generate(request.target, started_at);
     let codec = ctx.codec.for_target(request.target);
-    let mut sink = ArtifactSink::new(ctx.storage.clone(), codec, id.clone());
+    let previous = if target.needs_previous(&request.options) {
+        catalog::latest(&ctx.storage, request.target).await?
+    } else {
+        None
+    };
+    let mut sink = ArtifactSink::new(ctx.storage.clone(), codec, id.clone(), previous);
     tracing::info!(backup_id = %id, target = %request.target, "backup started");
     let facts = tokio::select! {
         facts = target.backup(&request.options, &mut sink) => facts.map_err(JobError::from),

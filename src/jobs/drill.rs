@@ -8,10 +8,10 @@ use serde::Serialize;
 
 use super::verify::{VerifyReport, verify_backup};
 use super::{JobContext, JobError};
+use crate::model::TargetKind;
 use crate::storage::catalog::{self, BackupRef};
-use crate::storage::layout::TargetKind;
 use crate::storage::manifest::Manifest;
-use crate::targets::{ArtifactSource, RestoreReport};
+use crate::targets::RestoreReport;
 
 #[derive(Debug, Clone)]
 pub struct DrillRequest {
@@ -39,12 +39,7 @@ pub async fn run_drill(
     if let Some(failure) = verify.failure() {
         return Err(JobError::VerifyFailed(failure));
     }
-    let source = ArtifactSource::new(
-        manifest.clone(),
-        ctx.storage.clone(),
-        ctx.keyring()?,
-        ctx.codec.chunk_size,
-    );
+    let source = ctx.source(&manifest, true).await?;
     let RestoreReport {
         destination,
         details,

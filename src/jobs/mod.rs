@@ -14,9 +14,14 @@ use std::sync::Arc;
 
 use crate::config::Settings;
 use crate::pipeline::{Codec, Keyring, PipelineError};
+use crate::storage::catalog;
 use crate::storage::catalog::CatalogError;
+use crate::storage::manifest::Manifest;
 use crate::storage::{Storage, StorageError};
-use crate::targets::{TargetError, Targets};
+use crate::targets::{ArtifactSource, TargetError, Targets};
+
+/// Most backups an incremental chain may have: a longer one (or a loop) is refused.
+const MAX_CHAIN: usize = 10_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum JobError {
@@ -88,6 +93,36 @@ impl JobContext {
             codec,
             targets,
         })
+    }
+
+    /// Where a target reads `manifest`'s artifacts from; with `ancestors`, the backups an
+    /// incremental builds on are resolved too (following `parent`, oldest first).
+    pub async fn source(
+        &self,
+        manifest: &Manifest,
+        ancestors: bool,
+    ) -> Result<ArtifactSource, JobError> {
+        let mut chain = Vec::new();
+        let mut parent = manifest.parent.clone().filter(|_| ancestors);
+        while let Some(id) = parent {
+            if chain.len() >= MAX_CHAIN || chain.iter().any(|m: &Manifest| m.id == id) {
+                return Err(JobError::Invalid(format!(
+                    "the parents of {} do not end within {MAX_CHAIN} backups",
+                    manifest.id
+                )));
+            }
+            let ancestor = catalog::get(&self.storage, &id).await?;
+            parent = ancestor.parent.clone();
+            chain.push(ancestor);
+        }
+        chain.reverse();
+        Ok(ArtifactSource::new(
+            manifest.clone(),
+            chain,
+            self.storage.clone(),
+            self.keyring()?,
+            self.codec.chunk_size,
+        ))
     }
 
     /// The age identities for decrypting, when an identity file is configured.

@@ -13,9 +13,10 @@ use chrono::{DateTime, Duration, Utc};
 use serde::Serialize;
 
 use super::{JobContext, JobError};
+use crate::model::TargetKind;
 use crate::retention::{self, Candidate, Decision, Policy};
 use crate::storage::catalog;
-use crate::storage::layout::{MANIFEST_NAME, TargetKind};
+use crate::storage::layout::MANIFEST_NAME;
 
 #[derive(Debug, Clone)]
 pub struct PruneRequest {

@@ -1,10 +1,10 @@
 //! Restore job: resolve the backup, then let its target restore it (beside the original by default).
 
 use super::{JobContext, JobError};
+use crate::model::TargetKind;
 use crate::storage::catalog::{self, BackupRef};
-use crate::storage::layout::TargetKind;
 use crate::storage::manifest::Manifest;
-use crate::targets::{ArtifactSource, RestoreReport};
+use crate::targets::RestoreReport;
 
 #[derive(Debug, Clone)]
 pub struct RestoreRequest {
@@ -19,12 +19,7 @@ pub async fn run_restore(
 ) -> Result<(Manifest, RestoreReport), JobError> {
     let target = ctx.targets.get(request.target)?;
     let manifest = catalog::resolve(&ctx.storage, request.target, &request.backup).await?;
-    let source = ArtifactSource::new(
-        manifest.clone(),
-        ctx.storage.clone(),
-        ctx.keyring()?,
-        ctx.codec.chunk_size,
-    );
+    let source = ctx.source(&manifest, true).await?;
     let report = target.restore(&source, &request.options).await?;
     Ok((manifest, report))
 }

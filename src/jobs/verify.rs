@@ -3,9 +3,8 @@
 use serde::Serialize;
 
 use super::{JobContext, JobError};
-use crate::storage::layout::BackupId;
+use crate::model::BackupId;
 use crate::storage::manifest::Manifest;
-use crate::targets::ArtifactSource;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct ArtifactCheck {
@@ -42,12 +41,7 @@ pub async fn verify_backup(
     manifest: &Manifest,
 ) -> Result<VerifyReport, JobError> {
     let target = ctx.targets.get(manifest.target)?;
-    let source = ArtifactSource::new(
-        manifest.clone(),
-        ctx.storage.clone(),
-        ctx.keyring()?,
-        ctx.codec.chunk_size,
-    );
+    let source = ctx.source(manifest, false).await?;
     let mut artifacts = Vec::new();
     for record in &manifest.artifacts {
         let decoded = match source.open(record).await {

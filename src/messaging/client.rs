@@ -9,9 +9,10 @@ use lapin::types::FieldTable;
 use lapin::{Channel, Connection, Consumer};
 
 use super::MessagingError;
-use super::command::{Command, TargetSelector};
+use super::command::Command;
 use super::event::{self, Event};
 use crate::config::MessagingSettings;
+use crate::model::TargetSelector;
 
 /// A private, auto-deleted queue bound to every backup event.
 pub struct EventSubscription {

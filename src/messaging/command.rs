@@ -3,92 +3,9 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::storage::layout::TargetKind;
+use crate::model::{Action, TargetKind, TargetSelector};
 
 pub const COMMAND_VERSION: u32 = 1;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Action {
-    Backup,
-    Restore,
-    Verify,
-    Drill,
-    Prune,
-}
-
-impl Action {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Action::Backup => "backup",
-            Action::Restore => "restore",
-            Action::Verify => "verify",
-            Action::Drill => "drill",
-            Action::Prune => "prune",
-        }
-    }
-}
-
-impl std::fmt::Display for Action {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl std::str::FromStr for Action {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        serde_json::from_value(serde_json::Value::String(s.to_string())).map_err(|_| {
-            format!("unknown action `{s}` (expected backup, restore, verify, drill or prune)")
-        })
-    }
-}
-
-/// A target or `all`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub enum TargetSelector {
-    One(TargetKind),
-    All,
-}
-
-impl TryFrom<String> for TargetSelector {
-    type Error = String;
-
-    fn try_from(s: String) -> Result<Self, Self::Error> {
-        s.parse()
-    }
-}
-
-impl std::str::FromStr for TargetSelector {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        if s == "all" {
-            Ok(TargetSelector::All)
-        } else {
-            s.parse::<TargetKind>()
-                .map(TargetSelector::One)
-                .map_err(|err| format!("{err} or all"))
-        }
-    }
-}
-
-impl From<TargetSelector> for String {
-    fn from(selector: TargetSelector) -> String {
-        selector.to_string()
-    }
-}
-
-impl std::fmt::Display for TargetSelector {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            TargetSelector::One(kind) => f.write_str(kind.as_str()),
-            TargetSelector::All => f.write_str("all"),
-        }
-    }
-}
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -196,9 +113,7 @@ impl Command {
         }
         if let Some(backup_id) = &self.backup_id
             && backup_id != "latest"
-            && backup_id
-                .parse::<crate::storage::layout::BackupId>()
-                .is_err()
+            && backup_id.parse::<crate::model::BackupId>().is_err()
         {
             return fail(format!(
                 "backup_id `{backup_id}` is neither a backup id nor \"latest\""
@@ -208,7 +123,7 @@ impl Command {
             return fail("restore needs one target, not all".into());
         }
         if let (TargetSelector::One(kind), Some(backup_id)) = (self.target, &self.backup_id)
-            && let Ok(id) = backup_id.parse::<crate::storage::layout::BackupId>()
+            && let Ok(id) = backup_id.parse::<crate::model::BackupId>()
             && id.target() != kind
         {
             return fail(format!(

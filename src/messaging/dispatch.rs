@@ -3,15 +3,16 @@
 
 use tokio_util::sync::CancellationToken;
 
-use super::command::{Action, Command, TargetSelector};
+use super::command::Command;
 use crate::jobs::backup::{BackupRequest, run_backup};
 use crate::jobs::drill::{DrillRequest, run_drill};
 use crate::jobs::prune::{PruneRequest, run_prune};
 use crate::jobs::restore::{RestoreRequest, run_restore};
 use crate::jobs::verify::verify_backup;
 use crate::jobs::{JobContext, JobError};
+use crate::model::TargetKind;
+use crate::model::{Action, TargetSelector};
 use crate::storage::catalog::{self, BackupRef};
-use crate::storage::layout::TargetKind;
 use crate::storage::manifest::Manifest;
 
 /// What a finished step reports in its `backup.completed` event.

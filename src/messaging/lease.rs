@@ -20,7 +20,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::{MessagingError, connect};
 use crate::config::RabbitmqSettings;
-use crate::storage::layout::TargetKind;
+use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+
+use crate::model::TargetKind;
 
 type LocalLocks = Arc<Mutex<HashMap<TargetKind, Arc<tokio::sync::Mutex<()>>>>>;
 
@@ -103,7 +105,7 @@ impl Leases {
             }
             Err(err) => {
                 let _ = connection.close(200, "lease not taken".into()).await;
-                if err.to_string().contains("RESOURCE_LOCKED") {
+                if is_resource_locked(&err) {
                     Ok(None)
                 } else {
                     Err(err.into())
@@ -138,4 +140,13 @@ impl Drop for Lease {
             });
         }
     }
+}
+
+/// The broker's answer when another connection holds the exclusive lease queue: 405.
+fn is_resource_locked(err: &lapin::Error) -> bool {
+    matches!(
+        err.kind(),
+        lapin::ErrorKind::ProtocolError(amqp)
+            if *amqp.kind() == AMQPErrorKind::Soft(AMQPSoftError::RESOURCELOCKED)
+    )
 }

@@ -50,6 +50,19 @@ impl From<lapin::Error> for MessagingError {
     }
 }
 
+/// The longest pause between two attempts to reach the broker.
+pub const RECONNECT_MAX_PAUSE: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Pauses between attempts to reach the broker again: doubling from `first` up to
+/// [`RECONNECT_MAX_PAUSE`], with jitter so that a fleet of workers does not reconnect in step.
+pub fn reconnect_backoff(first: std::time::Duration) -> backon::ExponentialBuilder {
+    backon::ExponentialBuilder::default()
+        .with_min_delay(first)
+        .with_max_delay(RECONNECT_MAX_PAUSE)
+        .with_jitter()
+        .without_max_times()
+}
+
 /// Opens a connection named `name` (shown in the management UI).
 pub async fn connect(
     settings: &RabbitmqSettings,

@@ -9,7 +9,7 @@
 //! - shutdown or broker loss mid-step → no ack: the broker redelivers it.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
@@ -22,34 +22,25 @@ use lapin::types::FieldTable;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use super::command::{Action, Command, TargetSelector};
+use super::command::Command;
 use super::dispatch::{StepOutcome, prune_step, run_step};
 use super::event::{self, Event, EventError};
 use super::lease::Leases;
 use super::publisher::Publisher;
 use super::retry::{Decision, RetryPolicy};
-use super::{MessagingError, amqp_user, connect, headers, topology};
+use super::{
+    MessagingError, RECONNECT_MAX_PAUSE, amqp_user, connect, headers, reconnect_backoff, topology,
+};
 use crate::jobs::{JobContext, JobError};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, WorkerState};
+use crate::model::TargetKind;
+use crate::model::{Action, TargetSelector};
 use crate::storage::catalog;
-use crate::storage::layout::{TargetKind, command_marker_key};
+use crate::storage::layout::command_marker_key;
+use backon::BackoffBuilder;
 
 /// `x-last-error` is cut to this many characters.
 const MAX_ERROR_HEADER: usize = 1000;
-
-/// Shared state the HTTP endpoints and tests can read.
-#[derive(Default)]
-pub struct WorkerState {
-    /// True while consuming from the broker.
-    pub consuming: AtomicBool,
-    pub metrics: Arc<Metrics>,
-}
-
-impl WorkerState {
-    pub fn is_consuming(&self) -> bool {
-        self.consuming.load(Ordering::SeqCst)
-    }
-}
 
 /// Runs the worker until `shutdown` fires, reconnecting whenever the broker goes away.
 pub async fn run(
@@ -57,7 +48,8 @@ pub async fn run(
     state: Arc<WorkerState>,
     shutdown: CancellationToken,
 ) -> Result<(), MessagingError> {
-    let mut backoff = Duration::from_millis(250);
+    let backoff = reconnect_backoff(Duration::from_millis(250));
+    let mut pauses = backoff.build();
     loop {
         let started = Instant::now();
         let result = session(&ctx, &state, &shutdown).await;
@@ -67,14 +59,14 @@ pub async fn run(
             Err(err) if !err.retryable() => return Err(err),
             Err(err) => {
                 if started.elapsed() > Duration::from_secs(30) {
-                    backoff = Duration::from_millis(250);
+                    pauses = backoff.build();
                 }
-                tracing::warn!(error = %err, retry_in = ?backoff, "broker session ended; reconnecting");
+                let pause = pauses.next().unwrap_or(RECONNECT_MAX_PAUSE);
+                tracing::warn!(error = %err, retry_in = ?pause, "broker session ended; reconnecting");
                 tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
+                    _ = tokio::time::sleep(pause) => {}
                     _ = shutdown.cancelled() => return Ok(()),
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(30));
             }
         }
     }

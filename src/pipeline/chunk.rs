@@ -46,35 +46,18 @@ impl ChunkSender {
 
     /// The chunk being filled, with room in it (a full one is sent first).
     pub(crate) fn room(&mut self) -> io::Result<&mut Chunk> {
-        self.room_with(|_| Ok(()))
-    }
-
-    /// [`ChunkSender::room`], sending a full chunk with [`ChunkSender::send_with`].
-    pub(crate) fn room_with(
-        &mut self,
-        tap: impl FnOnce(&Bytes) -> io::Result<()>,
-    ) -> io::Result<&mut Chunk> {
         if self.chunk.is_full() {
-            self.send_with(tap)?;
+            self.send()?;
         }
         Ok(&mut self.chunk)
     }
 
     /// Sends the chunk being filled, unless it is empty.
     pub(crate) fn send(&mut self) -> io::Result<()> {
-        self.send_with(|_| Ok(()))
-    }
-
-    /// [`ChunkSender::send`], handing the chunk to `tap` first (which may keep a clone).
-    pub(crate) fn send_with(
-        &mut self,
-        tap: impl FnOnce(&Bytes) -> io::Result<()>,
-    ) -> io::Result<()> {
         if self.chunk.is_empty() {
             return Ok(());
         }
         let chunk = std::mem::replace(&mut self.chunk, self.pool.take()).freeze();
-        tap(&chunk)?;
         let sent = match &self.tx {
             Some(tx) => tx.blocking_send(chunk).is_ok(),
             None => false,

@@ -10,7 +10,7 @@ use std::io::{self, Write};
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
-use zstd::zstd_safe::zstd_sys::ZSTD_EndDirective;
+use zstd_sys::ZSTD_EndDirective;
 
 use super::chunk::{ChunkPool, ChunkSender};
 use super::zstd_context::{ZstdContext, ZstdSettings};
@@ -78,9 +78,9 @@ impl Compressor {
         while self.step(&[], &mut 0, ZSTD_EndDirective::ZSTD_e_end)? > 0 {}
         let mut sink = match self.out {
             Layer::Plain(sink) => sink,
-            Layer::Age(writer, _) => writer.finish().map_err(PipelineError::Encode)?,
+            Layer::Age(writer, _) => writer.finish().map_err(stored_error)?,
         };
-        sink.out.send().map_err(PipelineError::Encode)?;
+        sink.out.send().map_err(stored_error)?;
         Ok(sink.tally.finish())
     }
 
@@ -93,7 +93,7 @@ impl Compressor {
     ) -> Result<usize, PipelineError> {
         match &mut self.out {
             Layer::Plain(sink) => {
-                let chunk = sink.out.room().map_err(PipelineError::Encode)?;
+                let chunk = sink.out.room().map_err(stored_error)?;
                 let spare = chunk.spare();
                 let (written, left) = self
                     .zstd
@@ -108,12 +108,19 @@ impl Compressor {
                     .zstd
                     .compress(input, consumed, buffer, directive)
                     .map_err(zstd_error)?;
-                writer
-                    .write_all(&buffer[..written])
-                    .map_err(PipelineError::Encode)?;
+                writer.write_all(&buffer[..written]).map_err(stored_error)?;
                 Ok(left)
             }
         }
+    }
+}
+
+/// A failed write of stored bytes: the upload stopped taking them, or age failed.
+fn stored_error(err: io::Error) -> PipelineError {
+    if err.kind() == io::ErrorKind::BrokenPipe {
+        PipelineError::UploadStopped
+    } else {
+        PipelineError::Encode(err)
     }
 }
 
@@ -143,24 +150,12 @@ impl Write for StoredSink {
 #[cfg(test)]
 mod tests {
     use std::io::Read;
-    use std::path::PathBuf;
 
     use sha2::Digest;
 
     use super::*;
-    use crate::config::PipelineSettings;
 
-    /// 1 KiB chunks: zstd's output keeps running into the end of a chunk.
-    fn codec(workers: u32, recipients: Vec<String>) -> Codec {
-        Codec::from_settings(&PipelineSettings {
-            zstd_level: 3,
-            zstd_level_by_target: Default::default(),
-            zstd_workers: workers,
-            chunk_kib: 1,
-            age_recipients: recipients,
-            age_identity_file: PathBuf::new(),
-        })
-    }
+    use crate::pipeline::tests::codec_with as codec;
 
     fn compress(codec: &Codec, input: &[u8]) -> (Vec<Bytes>, (String, u64)) {
         let (tx, mut rx) = mpsc::channel(100_000);

@@ -4,21 +4,22 @@
 //! backup:  source → SHA-256(raw) → zstd → (age) → SHA-256(stored) → multipart upload
 //! restore: download → SHA-256(stored) → (age -d) → zstd -d → SHA-256(raw) → consumer
 //! ```
-//! Compression, encryption and hashing run on a blocking thread, connected to the async
-//! side by small bounded channels: memory is bounded by the chunk size, the channel depth
-//! and the multipart part size, never by the size of the artifact.
+//! Reading, compression, encryption and hashing run on blocking threads of the pipeline,
+//! connected to storage by small bounded channels: memory is bounded by the chunk size, the
+//! channel depth and the multipart part size, never by the size of the artifact.
 //!
-//! Files: `encode` (the backup direction: [`ArtifactWriter`], [`BlockingSink`]), `compress`
-//! (zstd, age and the stored digest, writing into chunks), `decode` (the restore direction),
-//! `chunk` (chunks between stages), `zstd_context` (the compression context and its
-//! settings), [`sha256`] (the two-digest SHA-NI kernel for producers that hash what they
-//! write).
+//! Files: `encode` (the backup direction: [`stream`] a blocking source with an [`Inspect`]or
+//! into a [`PendingArtifact`]), `channel_source` (a source fed by async code), `compress` (zstd, age and the stored digest, writing into
+//! chunks), `decode` (the restore direction), `chunk` (chunks between stages),
+//! `zstd_context` (the compression context and its settings).
+//!
+//! SHA-256 is `sha2`'s, which uses the CPU's SHA extensions where it has them.
 
+mod channel_source;
 mod chunk;
 mod compress;
 mod decode;
 mod encode;
-pub mod sha256;
 mod zstd_context;
 
 use std::collections::BTreeMap;
@@ -27,12 +28,13 @@ use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 
+pub use channel_source::ChannelSource;
 pub use decode::{ArtifactReader, DecodedArtifact, Verification, open_artifact};
-pub use encode::{ArtifactWriter, BlockingSink, PendingAborts, RawDigest};
+pub use encode::{Inspect, PendingAborts, PendingArtifact, Streamed, stream};
 
 use crate::config::PipelineSettings;
+use crate::model::TargetKind;
 use crate::storage::StorageError;
-use crate::storage::layout::TargetKind;
 
 /// Chunks that may wait in each channel between stages.
 const CHANNEL_DEPTH: usize = 4;
@@ -71,6 +73,8 @@ pub enum PipelineError {
     Identity { path: String, reason: String },
     #[error("the upload was aborted")]
     Aborted,
+    #[error("the upload stopped taking data")]
+    UploadStopped,
     #[error("pipeline task failed: {0}")]
     Internal(String),
 }
@@ -237,5 +241,28 @@ impl Tally {
 
     fn finish(self) -> (String, u64) {
         (hex::encode(self.hasher.finalize()), self.bytes)
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+
+    /// A codec with 1 KiB chunks (stored bytes keep running into the end of a chunk).
+    pub(crate) fn codec_with(workers: u32, recipients: Vec<String>) -> Codec {
+        Codec::from_settings(&PipelineSettings {
+            zstd_level: 3,
+            zstd_level_by_target: Default::default(),
+            zstd_workers: workers,
+            chunk_kib: 1,
+            age_recipients: recipients,
+            age_identity_file: PathBuf::new(),
+        })
+    }
+
+    pub(crate) fn codec(workers: u32) -> Codec {
+        codec_with(workers, Vec::new())
     }
 }

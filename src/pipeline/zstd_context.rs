@@ -18,10 +18,14 @@
 
 use std::ptr::NonNull;
 
-use zstd::zstd_safe::zstd_sys::{self, ZSTD_EndDirective, ZSTD_cParameter};
+use zstd_sys::{ZSTD_EndDirective, ZSTD_cParameter};
 
-/// `ZSTD_c_blockSplitterLevel` (zstd.h names it only for static linking).
+/// `ZSTD_c_blockSplitterLevel` (zstd.h names it only for static linking). Experimental
+/// parameters are renumbered between releases: this number means the splitter in zstd 1.5.7,
+/// which `zstd-sys` is pinned to bundle; with any other zstd the setting is left alone.
 const BLOCK_SPLITTER_LEVEL: ZSTD_cParameter = ZSTD_cParameter::ZSTD_c_experimentalParam20;
+/// The zstd release whose experimental parameter 20 is the block splitter: 1.5.7.
+const SPLITTER_ZSTD_VERSION: u32 = 1_05_07;
 /// The splitter level that means "never split".
 const NO_SPLITTING: i32 = 1;
 
@@ -59,8 +63,10 @@ impl ZstdContext {
                 settings.level,
             ),
             ("checksumFlag", ZSTD_cParameter::ZSTD_c_checksumFlag, 1),
-            ("blockSplitterLevel", BLOCK_SPLITTER_LEVEL, NO_SPLITTING),
         ];
+        if linked_version() == SPLITTER_ZSTD_VERSION {
+            parameters.push(("blockSplitterLevel", BLOCK_SPLITTER_LEVEL, NO_SPLITTING));
+        }
         if workers > 0 {
             let job_size = i32::try_from(settings.job_size).map_err(|_| "zstd job too large")?;
             parameters.extend([
@@ -124,6 +130,12 @@ impl Drop for ZstdContext {
     }
 }
 
+/// The version of the zstd library linked in, as `major * 10000 + minor * 100 + patch`.
+fn linked_version() -> u32 {
+    // SAFETY: returns a constant.
+    unsafe { zstd_sys::ZSTD_versionNumber() }
+}
+
 /// zstd's result code, or the name of its error.
 fn check(code: usize) -> Result<usize, String> {
     // SAFETY: both functions only inspect the number.
@@ -162,6 +174,11 @@ mod tests {
         let code = unsafe { ZSTD_CCtx_getParameter(context.0.as_ptr(), parameter, &mut value) };
         check(code).unwrap();
         value
+    }
+
+    #[test]
+    fn the_linked_zstd_is_the_release_whose_parameter_20_is_the_block_splitter() {
+        assert_eq!(linked_version(), SPLITTER_ZSTD_VERSION);
     }
 
     #[test]

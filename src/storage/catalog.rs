@@ -2,9 +2,10 @@
 
 use bytes::Bytes;
 
-use super::layout::{BackupId, MANIFEST_NAME, TargetKind, manifest_key};
+use super::layout::{MANIFEST_NAME, manifest_key};
 use super::manifest::Manifest;
 use super::{Storage, StorageError};
+use crate::model::{BackupId, TargetKind};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CatalogError {
@@ -35,7 +36,7 @@ pub enum BackupRef {
 }
 
 impl std::str::FromStr for BackupRef {
-    type Err = super::layout::InvalidBackupId;
+    type Err = crate::model::InvalidBackupId;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         if s == "latest" {

@@ -6,7 +6,7 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use super::layout::{BackupId, TargetKind};
+use crate::model::{BackupId, TargetKind};
 
 pub const MANIFEST_FORMAT: u32 = 1;
 

@@ -10,7 +10,6 @@ use std::collections::BTreeSet;
 use async_trait::async_trait;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use bytes::Bytes;
 use chrono::Utc;
 use futures::StreamExt;
 use reqwest::{Method, StatusCode};
@@ -24,8 +23,8 @@ use super::{
     parse_options, read_limited,
 };
 use crate::config::ConsulSettings;
-use crate::pipeline::ArtifactReader;
-use crate::storage::layout::TargetKind;
+use crate::model::TargetKind;
+use crate::pipeline::{ArtifactReader, ChannelSource};
 use crate::storage::manifest::Facts;
 use crate::storage::manifest::{ArtifactRecord, Manifest};
 
@@ -171,16 +170,27 @@ impl Consul {
         }
         let response = client.expect_success(response, "GET /v1/snapshot").await?;
         let index = consul_index(&response);
-        let mut writer = sink.create(SNAPSHOT_ARTIFACT, SNAPSHOT_FORMAT).await?;
-        let mut body = response.bytes_stream();
-        while let Some(chunk) = body.next().await {
-            let chunk = chunk.map_err(|err| TargetError::Unreachable {
-                target: KIND,
-                message: format!("reading the snapshot: {err}"),
-            })?;
-            writer.write(chunk).await?;
-        }
-        sink.finish(writer).await?;
+        let (tx, source) = ChannelSource::new();
+        let download = async move {
+            let mut body = response.bytes_stream();
+            while let Some(chunk) = body.next().await {
+                let chunk = chunk.map_err(|err| TargetError::Unreachable {
+                    target: KIND,
+                    message: format!("reading the snapshot: {err}"),
+                })?;
+                if tx.send(chunk).await.is_err() {
+                    break; // the pipeline stopped: its own error says why
+                }
+            }
+            Ok::<_, TargetError>(())
+        };
+        let (downloaded, streamed) = tokio::join!(
+            download,
+            sink.stream(SNAPSHOT_ARTIFACT, SNAPSHOT_FORMAT, source, ())
+        );
+        let streamed = streamed?;
+        downloaded?;
+        sink.commit(streamed.artifact).await?;
         Ok(Ok(index))
     }
 
@@ -320,29 +330,12 @@ fn parse_kv(body: &[u8]) -> Result<Vec<KvEntry>, String> {
 
 #[async_trait]
 impl Target for Consul {
-    fn kind(&self) -> TargetKind {
-        KIND
-    }
-
-    async fn health(&self) -> Result<(), TargetError> {
-        let client = self.client()?;
-        let response = client
-            .send(Method::GET, "/v1/status/leader", |r| self.authorize(r))
-            .await?;
-        client
-            .expect_success(response, "GET /v1/status/leader")
-            .await?;
-        Ok(())
-    }
-
     async fn backup(&self, options: &Value, sink: &mut ArtifactSink) -> Result<Facts, TargetError> {
         let options: BackupOptions = parse_options(KIND, options)?;
         let client = self.client()?;
         let (entries, kv_index) = self.read_kv(&client).await?;
         let body = serde_json::to_vec(&entries).expect("entries serialize");
-        let mut writer = sink.create(KV_ARTIFACT, KV_FORMAT).await?;
-        writer.write(Bytes::from(body)).await?;
-        sink.finish(writer).await?;
+        sink.store(KV_ARTIFACT, KV_FORMAT, body).await?;
         let mut facts = ConsulFacts {
             key_count: entries.len(),
             kv_index,

@@ -3,10 +3,11 @@
 
 use std::time::Duration;
 
+use backon::{ExponentialBuilder, Retryable};
 use reqwest::{Method, RequestBuilder, Response, StatusCode};
 
 use super::TargetError;
-use crate::storage::layout::TargetKind;
+use crate::model::TargetKind;
 use crate::telemetry::redact_url;
 
 /// Attempts of one request when the server answers 5xx or the connection fails.
@@ -49,35 +50,43 @@ impl ApiClient {
         build: impl Fn(RequestBuilder) -> RequestBuilder,
     ) -> Result<Response, TargetError> {
         let url = self.url(path);
-        let mut pause = Duration::from_millis(200);
-        let mut last = String::new();
-        for attempt in 1..=ATTEMPTS {
+        let attempt = || async {
             match build(self.client.request(method.clone(), &url))
                 .send()
                 .await
             {
-                Ok(response) if !response.status().is_server_error() => return Ok(response),
-                Ok(response) => {
-                    last = format!("{} answered {}", self.shown(&url), response.status());
-                }
-                Err(err) if err.is_builder() => {
-                    return Err(TargetError::InvalidOptions {
-                        target: self.target,
-                        message: self.scrub(&format!("cannot request {}: {err}", self.shown(&url))),
-                    });
-                }
-                Err(err) => last = self.scrub(&format!("{}: {err}", self.shown(&url))),
+                Ok(response) if response.status().is_server_error() => Err(Failed::Transient(
+                    format!("{} answered {}", self.shown(&url), response.status()),
+                )),
+                Ok(response) => Ok(response),
+                Err(err) if err.is_builder() => Err(Failed::Request(
+                    self.scrub(&format!("cannot request {}: {err}", self.shown(&url))),
+                )),
+                Err(err) => Err(Failed::Transient(
+                    self.scrub(&format!("{}: {err}", self.shown(&url))),
+                )),
             }
-            if attempt < ATTEMPTS {
-                tracing::debug!(target = %self.target, attempt, error = %last, "retrying");
-                tokio::time::sleep(pause).await;
-                pause *= 2;
-            }
-        }
-        Err(TargetError::Unreachable {
-            target: self.target,
-            message: format!("{last} (after {ATTEMPTS} attempts)"),
-        })
+        };
+        let pauses = ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(200))
+            .with_max_times(ATTEMPTS as usize - 1);
+        attempt
+            .retry(pauses)
+            .when(|failed| matches!(failed, Failed::Transient(_)))
+            .notify(|failed, pause| {
+                tracing::debug!(target = %self.target, error = %failed.message(), ?pause, "retrying")
+            })
+            .await
+            .map_err(|failed| match failed {
+                Failed::Request(message) => TargetError::InvalidOptions {
+                    target: self.target,
+                    message,
+                },
+                Failed::Transient(last) => TargetError::Unreachable {
+                    target: self.target,
+                    message: format!("{last} (after {ATTEMPTS} attempts)"),
+                },
+            })
     }
 
     /// Turns a non-success answer into an error naming the request.
@@ -115,5 +124,21 @@ impl ApiClient {
     fn scrub(&self, text: &str) -> String {
         let secrets: Vec<&str> = self.secrets.iter().map(String::as_str).collect();
         crate::telemetry::scrub(text, &secrets)
+    }
+}
+
+/// Why one attempt of a request failed.
+enum Failed {
+    /// The request itself cannot be built: trying again cannot help.
+    Request(String),
+    /// A connection failure or a 5xx answer.
+    Transient(String),
+}
+
+impl Failed {
+    fn message(&self) -> &str {
+        match self {
+            Failed::Request(message) | Failed::Transient(message) => message,
+        }
     }
 }

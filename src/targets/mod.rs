@@ -18,12 +18,13 @@ use async_trait::async_trait;
 use serde::de::DeserializeOwned;
 
 use crate::config::Settings;
+use crate::model::{BackupId, TargetKind};
 use crate::pipeline::{
-    ArtifactReader, ArtifactWriter, BlockingSink, Codec, DecodedArtifact, Keyring, PendingAborts,
-    PipelineError, RawDigest, open_artifact,
+    ArtifactReader, Codec, DecodedArtifact, Inspect, Keyring, PendingAborts, PendingArtifact,
+    PipelineError, Streamed, open_artifact,
 };
 use crate::storage::Storage;
-use crate::storage::layout::{BackupId, TargetKind, artifact_key};
+use crate::storage::layout::artifact_key;
 use crate::storage::manifest::{ArtifactRecord, Facts, Manifest};
 
 #[derive(Debug, thiserror::Error)]
@@ -86,10 +87,11 @@ pub struct RestoreReport {
 
 #[async_trait]
 pub trait Target: Send + Sync {
-    fn kind(&self) -> TargetKind;
-
-    /// Cheap reachability check of the source.
-    async fn health(&self) -> Result<(), TargetError>;
+    /// Whether a backup with these options builds on the target's previous backup (an
+    /// incremental): the job then hands it to the sink ([`ArtifactSink::previous`]).
+    fn needs_previous(&self, _options: &serde_json::Value) -> bool {
+        false
+    }
 
     /// Streams the target's artifacts into `sink`; returns the source facts for the manifest.
     async fn backup(
@@ -184,17 +186,26 @@ pub struct ArtifactSink {
     backup_id: BackupId,
     pending: PendingAborts,
     records: Vec<ArtifactRecord>,
+    previous: Option<Manifest>,
     parent: Option<BackupId>,
 }
 
 impl ArtifactSink {
-    pub fn new(storage: Storage, codec: Codec, backup_id: BackupId) -> Self {
+    /// A sink for backup `backup_id`; `previous` is the target's latest backup before it,
+    /// when the target asked for it (see [`Target::needs_previous`]).
+    pub fn new(
+        storage: Storage,
+        codec: Codec,
+        backup_id: BackupId,
+        previous: Option<Manifest>,
+    ) -> Self {
         ArtifactSink {
             storage,
             codec,
             backup_id,
             pending: PendingAborts::default(),
             records: Vec::new(),
+            previous,
             parent: None,
         }
     }
@@ -203,9 +214,9 @@ impl ArtifactSink {
         &self.backup_id
     }
 
-    /// The storage the backup goes to (to read earlier backups, for incrementals).
-    pub fn storage(&self) -> &Storage {
-        &self.storage
+    /// The target's latest backup before this one (for incrementals).
+    pub fn previous(&self) -> Option<&Manifest> {
+        self.previous.as_ref()
     }
 
     /// An incremental backup names the backup it builds on.
@@ -217,66 +228,55 @@ impl ArtifactSink {
         self.parent.as_ref()
     }
 
-    /// Starts an artifact called `name` (stored as `name.zst[.age]`); `format` names the raw bytes.
-    pub async fn create(&self, name: &str, format: &str) -> Result<ArtifactWriter, TargetError> {
-        Ok(ArtifactWriter::create(
-            &self.storage,
-            &self.codec,
-            &self.pending,
-            self.key_of(name),
-            name.to_string(),
-            format,
-        )
-        .await?)
-    }
-
-    /// [`ArtifactSink::create`] for a producer on a blocking thread, which writes (and hashes)
-    /// the raw bytes through the returned sink: see [`ArtifactWriter::create_blocking`].
-    pub async fn create_blocking(
+    /// Streams `source` to its end into the artifact `name` (stored as `name.zst[.age]`;
+    /// `format` names the raw bytes), showing every raw chunk to `inspector`. The artifact is
+    /// uploaded but not committed: the target commits it with [`ArtifactSink::commit`] once
+    /// it knows the source was whole, or drops it to abort the upload.
+    pub async fn stream<R, I>(
         &self,
         name: &str,
         format: &str,
-    ) -> Result<(ArtifactWriter, BlockingSink), TargetError> {
-        Ok(ArtifactWriter::create_blocking(
+        source: R,
+        inspector: I,
+    ) -> Result<Streamed<R, I>, PipelineError>
+    where
+        R: std::io::Read + Send + 'static,
+        I: Inspect,
+    {
+        crate::pipeline::stream(
             &self.storage,
             &self.codec,
             &self.pending,
-            self.key_of(name),
+            artifact_key(&self.backup_id, &format!("{name}{}", self.codec.suffix())),
             name.to_string(),
             format,
+            source,
+            inspector,
         )
-        .await?)
+        .await
     }
 
-    /// Where artifact `name` is stored: `<backup dir>/name.zst[.age]`.
-    fn key_of(&self, name: &str) -> String {
-        artifact_key(&self.backup_id, &format!("{name}{}", self.codec.suffix()))
-    }
-
-    /// Completes an artifact and records it for the manifest.
-    pub async fn finish(&mut self, writer: ArtifactWriter) -> Result<(), TargetError> {
-        let record = writer.finish().await?;
-        self.records.push(record);
+    /// Completes an artifact's upload and records it for the manifest.
+    pub async fn commit(&mut self, artifact: PendingArtifact) -> Result<(), TargetError> {
+        self.records.push(artifact.commit().await?);
         Ok(())
     }
 
-    /// Completes an artifact made by [`ArtifactSink::create_blocking`], given its sink's digest.
-    pub async fn finish_blocking(
+    /// Stores a small artifact held in memory (definitions, a KV export).
+    pub async fn store(
         &mut self,
-        writer: ArtifactWriter,
-        raw: RawDigest,
+        name: &str,
+        format: &str,
+        body: Vec<u8>,
     ) -> Result<(), TargetError> {
-        let record = writer.finish_blocking(raw).await?;
-        self.records.push(record);
-        Ok(())
+        let streamed = self
+            .stream(name, format, std::io::Cursor::new(body), ())
+            .await?;
+        self.commit(streamed.artifact).await
     }
 
     pub fn records(&self) -> &[ArtifactRecord] {
         &self.records
-    }
-
-    pub fn into_records(self) -> Vec<ArtifactRecord> {
-        self.records
     }
 
     /// After a failure: waits for unfinished uploads to be aborted and deletes finished
@@ -294,33 +294,44 @@ impl ArtifactSink {
 /// Where a target reads the artifacts of one backup during restore or verify.
 pub struct ArtifactSource {
     pub manifest: Manifest,
+    /// The backups an incremental builds on, oldest first (resolved by the job).
+    ancestors: Vec<Manifest>,
     storage: Storage,
     keyring: Keyring,
     chunk_size: usize,
 }
 
 impl ArtifactSource {
-    pub fn new(manifest: Manifest, storage: Storage, keyring: Keyring, chunk_size: usize) -> Self {
+    pub fn new(
+        manifest: Manifest,
+        ancestors: Vec<Manifest>,
+        storage: Storage,
+        keyring: Keyring,
+        chunk_size: usize,
+    ) -> Self {
         ArtifactSource {
             manifest,
+            ancestors,
             storage,
             keyring,
             chunk_size,
         }
     }
 
-    /// The same storage and keys, for another backup (the ancestors of an incremental).
+    /// The same storage and keys, for another backup (an ancestor of an incremental).
     pub fn for_manifest(&self, manifest: Manifest) -> ArtifactSource {
         ArtifactSource::new(
             manifest,
+            Vec::new(),
             self.storage.clone(),
             self.keyring.clone(),
             self.chunk_size,
         )
     }
 
-    pub fn storage(&self) -> &Storage {
-        &self.storage
+    /// The backups this one builds on, oldest first; empty for a full backup.
+    pub fn ancestors(&self) -> &[Manifest] {
+        &self.ancestors
     }
 
     /// The manifest's facts as the target's type.

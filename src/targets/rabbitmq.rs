@@ -19,8 +19,8 @@ use super::{
     parse_options, read_limited,
 };
 use crate::config::RabbitmqDefinitionsSettings;
+use crate::model::TargetKind;
 use crate::pipeline::ArtifactReader;
-use crate::storage::layout::TargetKind;
 use crate::storage::manifest::ArtifactRecord;
 use crate::storage::manifest::Facts;
 
@@ -266,21 +266,6 @@ pub fn plan_import(
 
 #[async_trait]
 impl Target for Rabbitmq {
-    fn kind(&self) -> TargetKind {
-        KIND
-    }
-
-    async fn health(&self) -> Result<(), TargetError> {
-        let (client, user, password) = self.client(&self.base)?;
-        let response = client
-            .send(Method::GET, "api/overview", |r| {
-                r.basic_auth(&user, Some(password.expose_secret()))
-            })
-            .await?;
-        client.expect_success(response, "GET /api/overview").await?;
-        Ok(())
-    }
-
     async fn backup(&self, options: &Value, sink: &mut ArtifactSink) -> Result<Facts, TargetError> {
         let _: BackupOptions = parse_options(KIND, options)?;
         let body = self.get_definitions(&self.base).await?;
@@ -289,9 +274,7 @@ impl Target for Rabbitmq {
             message: format!("GET /api/definitions: {reason}"),
             retryable: false,
         })?;
-        let mut writer = sink.create(ARTIFACT, FORMAT).await?;
-        writer.write(body).await?;
-        sink.finish(writer).await?;
+        sink.store(ARTIFACT, FORMAT, body.to_vec()).await?;
         Ok(Facts::of(&facts_of(&definitions)))
     }
 

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio_util::io::SyncIoBridge;
 
-use self::archive::write_tree;
+use self::archive::TarStream;
 pub use self::archive::{EntryKind, IndexEntry, Skipped};
 use self::extract::unpack;
 use super::{
@@ -25,9 +25,8 @@ use super::{
     parse_options,
 };
 use crate::config::DocumentsSettings;
-use crate::pipeline::ArtifactReader;
-use crate::storage::catalog;
-use crate::storage::layout::TargetKind;
+use crate::model::TargetKind;
+use crate::pipeline::{ArtifactReader, PipelineError};
 use crate::storage::manifest::Facts;
 use crate::storage::manifest::{ArtifactRecord, Manifest};
 
@@ -146,35 +145,20 @@ fn prepare_destination(dest: &Path) -> Result<bool, TargetError> {
 
 #[async_trait]
 impl Target for Documents {
-    fn kind(&self) -> TargetKind {
-        KIND
-    }
-
-    async fn health(&self) -> Result<(), TargetError> {
-        self.check_root()
+    fn needs_previous(&self, options: &Value) -> bool {
+        parse_options::<BackupOptions>(KIND, options).is_ok_and(|options| options.incremental)
     }
 
     async fn backup(&self, options: &Value, sink: &mut ArtifactSink) -> Result<Facts, TargetError> {
         let options: BackupOptions = parse_options(KIND, options)?;
         self.check_root()?;
-        let (previous, parent_facts) = if options.incremental {
-            let latest = catalog::latest(sink.storage(), KIND).await.map_err(|err| {
-                TargetError::Unusable(format!("reading the previous backup: {err}"))
-            })?;
-            match latest {
-                Some(parent) => {
-                    let facts = facts_of(&parent)?;
-                    sink.set_parent(parent.id.clone());
-                    (Some(parent.id.to_string()), Some(facts))
-                }
-                None => (None, None),
-            }
-        } else {
-            (None, None)
+        let parent = match sink.previous() {
+            Some(parent) if options.incremental => Some((parent.id.clone(), facts_of(parent)?)),
+            _ => None,
         };
-        let previous_index: BTreeMap<String, IndexEntry> = parent_facts
+        let previous_index: BTreeMap<String, IndexEntry> = parent
             .as_ref()
-            .map(|facts| {
+            .map(|(_, facts)| {
                 facts
                     .index
                     .iter()
@@ -182,27 +166,31 @@ impl Target for Documents {
                     .collect()
             })
             .unwrap_or_default();
-        let (writer, out) = sink.create_blocking(ARTIFACT, FORMAT).await?;
-        let root = self.root.clone();
-        let this_backup = sink.backup_id().to_string();
-        let previous_for_walk = previous_index.clone();
-        let written = tokio::task::spawn_blocking(move || {
-            write_tree(&root, out, &previous_for_walk, &this_backup)
-        })
-        .await
-        .map_err(|err| TargetError::Unusable(format!("archiving task failed: {err}")))?;
-        let (report, raw) = match written {
-            Ok(written) => written,
-            Err(err) => {
-                drop(writer); // aborts the upload
-                return Err(TargetError::Tool {
+        let tree = TarStream::new(
+            &self.root,
+            previous_index.clone(),
+            sink.backup_id().as_str(),
+        );
+        let streamed = sink
+            .stream(ARTIFACT, FORMAT, tree, ())
+            .await
+            .map_err(|err| match err {
+                PipelineError::Source(err) => TargetError::Tool {
                     tool: "tar".into(),
                     message: format!("archiving {}: {err}", self.root.display()),
                     retryable: err.kind() != std::io::ErrorKind::PermissionDenied,
-                });
+                },
+                other => other.into(),
+            })?;
+        let report = streamed.source.into_report();
+        sink.commit(streamed.artifact).await?;
+        let (previous, parent_facts) = match parent {
+            Some((id, facts)) => {
+                sink.set_parent(id.clone());
+                (Some(id.to_string()), Some(facts))
             }
+            None => (None, None),
         };
-        sink.finish_blocking(writer, raw).await?;
         if !report.changed_during_backup.is_empty() {
             tracing::warn!(files = ?report.changed_during_backup, "documents changed while they were read");
         }
@@ -403,28 +391,35 @@ async fn restore_chain(
         .iter()
         .map(|e| (e.path.clone(), e.clone()))
         .collect();
-    let mut members = facts.chain.clone();
-    members.push(own.clone());
+    // The job resolved the ancestors from the manifests' `parent` links: they must be the
+    // chain this backup's index was built on.
+    let ancestors: Vec<String> = source
+        .ancestors()
+        .iter()
+        .map(|m| m.id.to_string())
+        .collect();
+    if ancestors != facts.chain {
+        return Err(TargetError::Unusable(format!(
+            "the chain of {own} is {:?}, its parents are {ancestors:?}",
+            facts.chain
+        )));
+    }
+    let mut members: Vec<ArtifactSource> = source
+        .ancestors()
+        .iter()
+        .map(|manifest| source.for_manifest(manifest.clone()))
+        .collect();
+    members.push(source.for_manifest(source.manifest.clone()));
     let mut hashes = BTreeMap::new();
-    for member in &members {
-        let member_source = if *member == own {
-            source.for_manifest(source.manifest.clone())
-        } else {
-            let id = member
-                .parse()
-                .map_err(|err| TargetError::Unusable(format!("chain of {own}: {err}")))?;
-            let manifest = catalog::get(source.storage(), &id)
-                .await
-                .map_err(|err| TargetError::Unusable(format!("chain of {own}: {err}")))?;
-            source.for_manifest(manifest)
-        };
+    for member_source in &members {
+        let member = member_source.manifest.id.to_string();
         let record = member_source.record(ARTIFACT)?.clone();
         let decoded = member_source.open(&record).await?;
         let reader = SyncIoBridge::new(decoded.reader);
         let dest_owned = dest.to_path_buf();
         let index_for_member = index.clone();
         let member_id = member.clone();
-        let last = *member == own;
+        let last = member == own;
         let unpacked = tokio::task::spawn_blocking(move || {
             let wanted = |path: &str, kind: EntryKind| match index_for_member.get(path) {
                 Some(entry) if entry.kind != kind => false,

@@ -15,13 +15,11 @@ use tokio_postgres::{Client, Config, NoTls};
 
 pub mod archive;
 
-use bytes::Bytes;
-
 use super::process::{Pump, ToolProcess, output, pump};
 use super::{ArtifactSink, ArtifactSource, RestoreReport, Target, TargetError, parse_options};
 use crate::config::PostgresSettings;
+use crate::model::TargetKind;
 use crate::pipeline::ArtifactReader;
-use crate::storage::layout::TargetKind;
 use crate::storage::manifest::ArtifactRecord;
 use crate::storage::manifest::Facts;
 
@@ -237,41 +235,29 @@ impl Postgres {
             &self.tool_env(database)?,
             Stdio::null(),
         )?;
-        let mut writer = sink
-            .create(&format!("{}.dump", key_safe(database)), DUMP_FORMAT)
-            .await?;
-        let mut stdout = writer.read_on_thread(stdout);
-        // The rows are counted from the archive as it streams past: the counts are those
-        // of exactly what was dumped, and the database is not scanned a second time.
-        let (tap, tapped) = tokio::sync::mpsc::channel::<Bytes>(16);
-        let counter =
-            tokio::task::spawn_blocking(move || archive::read_archive(TapReader::new(tapped)));
-        let copied = async {
-            let mut tapping = true;
-            while let Some(chunk) = stdout.recv().await {
-                let chunk = chunk.map_err(crate::pipeline::PipelineError::Source)?;
-                // A counter that gave up only means the fallback below counts instead.
-                tapping = tapping && tap.send(chunk.clone()).await.is_ok();
-                writer.write(chunk).await?;
-            }
-            Ok::<(), crate::pipeline::PipelineError>(())
-        }
-        .await;
-        drop(tap);
-        drop(stdout);
+        let streamed = sink
+            .stream(
+                &format!("{}.dump", key_safe(database)),
+                DUMP_FORMAT,
+                stdout,
+                archive::ArchiveCounter::default(),
+            )
+            .await;
         let secrets = self.secrets();
         let secrets: Vec<&str> = secrets.iter().map(String::as_str).collect();
-        if let Err(err) = copied {
-            // The writer is dropped unfinished: its upload is aborted.
-            process.kill().await;
-            return Err(err.into());
-        }
+        let streamed = match streamed {
+            Ok(streamed) => streamed,
+            Err(err) => {
+                // The artifact was never finished: its upload is aborted.
+                process.kill().await;
+                return Err(err.into());
+            }
+        };
         // Fail closed: only a pg_dump that exited 0 can produce an artifact.
         process.wait(&secrets).await?;
-        let counted = counter
-            .await
-            .map_err(|err| err.to_string())
-            .and_then(|r| r.map_err(|e| e.to_string()));
+        // The rows are counted from the archive as it streamed past: the counts are those
+        // of exactly what was dumped, and the database is not scanned a second time.
+        let counted = streamed.inspector.finish();
         let dumped = match counted {
             Ok(summary) => {
                 let counts = summary.rows;
@@ -305,7 +291,7 @@ impl Postgres {
                 }
             }
         };
-        sink.finish(writer).await?;
+        sink.commit(streamed.artifact).await?;
         Ok(dumped)
     }
 
@@ -320,16 +306,20 @@ impl Postgres {
             &self.tool_env(database)?,
             Stdio::null(),
         )?;
-        let mut writer = sink.create(GLOBALS_ARTIFACT, GLOBALS_FORMAT).await?;
-        let copied = writer.copy_from(stdout).await;
-        if let Err(err) = copied {
-            process.kill().await;
-            return Err(err.into());
-        }
+        let streamed = match sink
+            .stream(GLOBALS_ARTIFACT, GLOBALS_FORMAT, stdout, ())
+            .await
+        {
+            Ok(streamed) => streamed,
+            Err(err) => {
+                process.kill().await;
+                return Err(err.into());
+            }
+        };
         let secrets = self.secrets();
         let secrets: Vec<&str> = secrets.iter().map(String::as_str).collect();
         process.wait(&secrets).await?;
-        sink.finish(writer).await
+        sink.commit(streamed.artifact).await
     }
 
     /// Streams the dump into `pg_restore`; returns an error if either side failed.
@@ -382,19 +372,6 @@ impl Postgres {
 
 #[async_trait]
 impl Target for Postgres {
-    fn kind(&self) -> TargetKind {
-        KIND
-    }
-
-    async fn health(&self) -> Result<(), TargetError> {
-        let client = self.connect(None).await?;
-        client
-            .simple_query("SELECT 1")
-            .await
-            .map_err(|err| unreachable(&err))?;
-        Ok(())
-    }
-
     async fn backup(
         &self,
         options: &serde_json::Value,
@@ -863,54 +840,6 @@ fn key_safe(name: &str) -> String {
             }
         })
         .collect()
-}
-
-/// Blocking `Read` over the chunks tapped from the dump stream. Reads by offset into the
-/// current chunk: the archive reader asks for a few bytes at a time.
-struct TapReader {
-    rx: tokio::sync::mpsc::Receiver<Bytes>,
-    current: Bytes,
-    offset: usize,
-}
-
-impl TapReader {
-    fn new(rx: tokio::sync::mpsc::Receiver<Bytes>) -> Self {
-        TapReader {
-            rx,
-            current: Bytes::new(),
-            offset: 0,
-        }
-    }
-}
-
-impl std::io::Read for TapReader {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let available = std::io::BufRead::fill_buf(self)?;
-        let n = buf.len().min(available.len());
-        buf[..n].copy_from_slice(&available[..n]);
-        std::io::BufRead::consume(self, n);
-        Ok(n)
-    }
-}
-
-/// The chunk received last is the buffer: the archive reader looks at it in place.
-impl std::io::BufRead for TapReader {
-    fn fill_buf(&mut self) -> std::io::Result<&[u8]> {
-        while self.offset == self.current.len() {
-            match self.rx.blocking_recv() {
-                Some(chunk) => {
-                    self.current = chunk;
-                    self.offset = 0;
-                }
-                None => break,
-            }
-        }
-        Ok(&self.current[self.offset..])
-    }
-
-    fn consume(&mut self, n: usize) {
-        self.offset = (self.offset + n).min(self.current.len());
-    }
 }
 
 #[cfg(test)]

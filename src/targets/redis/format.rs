@@ -36,6 +36,13 @@ impl Default for RdbCheck {
     }
 }
 
+/// The pipeline shows the RDB to its check as it streams past.
+impl crate::pipeline::Inspect for RdbCheck {
+    fn inspect(&mut self, raw: &[u8]) {
+        self.update(raw);
+    }
+}
+
 impl RdbCheck {
     pub fn update(&mut self, data: &[u8]) {
         self.total += data.len() as u64;

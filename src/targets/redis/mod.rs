@@ -31,8 +31,8 @@ use self::payload::PayloadReader;
 use self::resp::{Connection, Reply, TlsSettings, parse_info};
 use super::{ArtifactSink, ArtifactSource, RestoreReport, Target, TargetError, parse_options};
 use crate::config::{RedisMode, RedisSettings};
-use crate::pipeline::ArtifactReader;
-use crate::storage::layout::TargetKind;
+use crate::model::TargetKind;
+use crate::pipeline::{ArtifactReader, ChannelSource, PipelineError};
 use crate::storage::manifest::ArtifactRecord;
 use crate::storage::manifest::Facts;
 
@@ -203,53 +203,74 @@ impl Redis {
             Ok(payload) => payload,
             Err(refusal) => return Ok(Err(refusal)),
         };
-        let reader = PayloadReader::new(payload, conn.into_reader(READ_TIMEOUT).map_err(lost)?);
-        let mut writer = sink.create(RDB_ARTIFACT, RDB_FORMAT).await?;
-        // Read on a thread of its own, in whole chunks (see `ArtifactWriter::read_on_thread`).
-        let mut chunks = writer.read_on_thread(reader);
-        let mut check = RdbCheck::default();
-        while let Some(chunk) = chunks.recv().await {
-            let chunk = chunk.map_err(|err| match err.kind() {
-                std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock => lost(timed_out()),
-                _ => lost(err),
+        // `_closer` shuts the connection when this future is dropped (a cancelled step), so
+        // the pipeline's thread stops reading at once.
+        let (reader, _closer) = conn.into_reader(READ_TIMEOUT).map_err(lost)?;
+        let streamed = sink
+            .stream(
+                RDB_ARTIFACT,
+                RDB_FORMAT,
+                PayloadReader::new(payload, reader),
+                RdbCheck::default(),
+            )
+            .await
+            .map_err(|err| match err {
+                PipelineError::Source(err) if err.kind() == std::io::ErrorKind::TimedOut => {
+                    lost(timed_out())
+                }
+                PipelineError::Source(err) => lost(err),
+                other => other.into(),
             })?;
-            check.update(&chunk);
-            writer.write(chunk).await?;
-        }
-        let version = check.finish().map_err(|reason| TargetError::Tool {
-            tool: "redis".into(),
-            message: format!("the RDB stream is invalid: {reason}"),
-            retryable: true,
-        })?;
-        sink.finish(writer).await?;
+        let version = streamed
+            .inspector
+            .finish()
+            .map_err(|reason| TargetError::Tool {
+                tool: "redis".into(),
+                message: format!("the RDB stream is invalid: {reason}"),
+                retryable: true,
+            })?;
+        sink.commit(streamed.artifact).await?;
         Ok(Ok(version))
     }
 
     /// SCAN + DUMP + PTTL of every database: not one point in time, but works everywhere.
     async fn backup_keys(&self, sink: &mut ArtifactSink, dbs: &[u32]) -> Result<u64, TargetError> {
         let mut conn = connect(&self.source()).await?;
-        let mut writer = sink.create(KEYS_ARTIFACT, KEYS_FORMAT).await?;
-        let mut out = keys_header();
-        let mut count = 0u64;
-        for &db in dbs {
-            expect_ok(
-                call(&mut conn, &[b"SELECT", db.to_string().as_bytes()]).await?,
-                "SELECT",
-            )?;
-            let mut scanner = Scanner::new(db);
-            while let Some(batch) = scanner.next_batch(&mut conn).await? {
-                for record in &batch {
-                    encode_record(record, &mut out);
-                    count += 1;
-                }
-                if out.len() >= 1 << 20 {
-                    writer.write(Bytes::from(std::mem::take(&mut out))).await?;
+        let (tx, source) = ChannelSource::new();
+        let scan = async move {
+            let mut out = keys_header();
+            let mut count = 0u64;
+            for &db in dbs {
+                expect_ok(
+                    call(&mut conn, &[b"SELECT", db.to_string().as_bytes()]).await?,
+                    "SELECT",
+                )?;
+                let mut scanner = Scanner::new(db);
+                while let Some(batch) = scanner.next_batch(&mut conn).await? {
+                    for record in &batch {
+                        encode_record(record, &mut out);
+                        count += 1;
+                    }
+                    // A closed channel: the pipeline stopped, and its error says why.
+                    if out.len() >= 1 << 20
+                        && tx
+                            .send(Bytes::from(std::mem::take(&mut out)))
+                            .await
+                            .is_err()
+                    {
+                        return Ok(count);
+                    }
                 }
             }
-        }
-        encode_end(count, &mut out);
-        writer.write(Bytes::from(out)).await?;
-        sink.finish(writer).await?;
+            encode_end(count, &mut out);
+            let _ = tx.send(Bytes::from(out)).await;
+            Ok::<_, TargetError>(count)
+        };
+        let (scanned, streamed) =
+            tokio::join!(scan, sink.stream(KEYS_ARTIFACT, KEYS_FORMAT, source, ()));
+        let streamed = streamed?;
+        let count = scanned?;
+        sink.commit(streamed.artifact).await?;
         Ok(count)
     }
 
@@ -855,16 +876,6 @@ impl ScratchServer {
 
 #[async_trait]
 impl Target for Redis {
-    fn kind(&self) -> TargetKind {
-        KIND
-    }
-
-    async fn health(&self) -> Result<(), TargetError> {
-        let mut conn = connect(&self.source()).await?;
-        expect_ok(call(&mut conn, &[b"PING"]).await?, "PING")?;
-        Ok(())
-    }
-
     async fn backup(&self, options: &Value, sink: &mut ArtifactSink) -> Result<Facts, TargetError> {
         let options: BackupOptions = parse_options(KIND, options)?;
         let mut conn = connect(&self.source()).await?;

@@ -47,34 +47,75 @@ trait Stream: AsyncRead + AsyncWrite + Unpin + Send {
     /// The connection for blocking reads on a thread of its own, each failing after
     /// `timeout` without data. A plain socket leaves the runtime's `epoll`, which wakes
     /// its watcher for every segment that arrives; TLS stays async, read by blocking on it.
-    fn into_blocking(self: Box<Self>, timeout: Duration) -> io::Result<Box<dyn Read + Send>>;
+    fn into_blocking(
+        self: Box<Self>,
+        timeout: Duration,
+    ) -> io::Result<(Box<dyn Read + Send>, Closer)>;
 }
 
 impl Stream for TcpStream {
-    fn into_blocking(self: Box<Self>, timeout: Duration) -> io::Result<Box<dyn Read + Send>> {
+    fn into_blocking(
+        self: Box<Self>,
+        timeout: Duration,
+    ) -> io::Result<(Box<dyn Read + Send>, Closer)> {
         let socket = self.into_std()?;
         socket.set_nonblocking(false)?;
         socket.set_read_timeout(Some(timeout))?;
-        Ok(Box::new(socket))
+        let handle = socket.try_clone()?;
+        let closer = Closer::new(move || {
+            let _ = handle.shutdown(std::net::Shutdown::Both);
+        });
+        Ok((Box::new(socket), closer))
     }
 }
 
 impl Stream for UnixStream {
-    fn into_blocking(self: Box<Self>, timeout: Duration) -> io::Result<Box<dyn Read + Send>> {
+    fn into_blocking(
+        self: Box<Self>,
+        timeout: Duration,
+    ) -> io::Result<(Box<dyn Read + Send>, Closer)> {
         let socket = self.into_std()?;
         socket.set_nonblocking(false)?;
         socket.set_read_timeout(Some(timeout))?;
-        Ok(Box::new(socket))
+        let handle = socket.try_clone()?;
+        let closer = Closer::new(move || {
+            let _ = handle.shutdown(std::net::Shutdown::Both);
+        });
+        Ok((Box::new(socket), closer))
     }
 }
 
 impl Stream for tokio_rustls::client::TlsStream<TcpStream> {
-    fn into_blocking(self: Box<Self>, timeout: Duration) -> io::Result<Box<dyn Read + Send>> {
-        Ok(Box::new(BlockOn {
+    fn into_blocking(
+        self: Box<Self>,
+        timeout: Duration,
+    ) -> io::Result<(Box<dyn Read + Send>, Closer)> {
+        let closed = tokio_util::sync::CancellationToken::new();
+        let reader = BlockOn {
             stream: self,
             runtime: tokio::runtime::Handle::current(),
             timeout,
-        }))
+            closed: closed.clone(),
+        };
+        Ok((Box::new(reader), Closer::new(move || closed.cancel())))
+    }
+}
+
+/// Closes a connection handed to a blocking reader when dropped, so that the reader's
+/// thread stops at once instead of at its read timeout.
+pub struct Closer(Option<Box<dyn FnOnce() + Send>>);
+
+impl Closer {
+    fn new(close: impl FnOnce() + Send + 'static) -> Self {
+        Closer(Some(Box::new(close)))
+    }
+}
+
+impl Drop for Closer {
+    fn drop(&mut self) {
+        if let Some(close) = self.0.take() {
+            close();
+        }
     }
 }
 
@@ -83,14 +124,22 @@ struct BlockOn<S> {
     stream: S,
     runtime: tokio::runtime::Handle,
     timeout: Duration,
+    closed: tokio_util::sync::CancellationToken,
 }
 
 impl<S: AsyncRead + Unpin> Read for BlockOn<S> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let read = tokio::time::timeout(self.timeout, self.stream.read(buf));
-        self.runtime
-            .block_on(read)
-            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no data from Redis"))?
+        let (stream, closed, timeout) = (&mut self.stream, &self.closed, self.timeout);
+        self.runtime.block_on(async move {
+            tokio::select! {
+                read = tokio::time::timeout(timeout, stream.read(buf)) => read
+                    .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no data from Redis"))?,
+                _ = closed.cancelled() => Err(io::Error::new(
+                    io::ErrorKind::ConnectionAborted,
+                    "the connection was closed",
+                )),
+            }
+        })
     }
 }
 
@@ -290,11 +339,12 @@ impl Connection {
     }
 
     /// The rest of the input (the RDB payload after the header), for blocking reads that
-    /// fail after `timeout` without data; the connection cannot send any more.
-    pub fn into_reader(self, timeout: Duration) -> io::Result<Box<dyn Read + Send>> {
+    /// fail after `timeout` without data; the connection cannot send any more. Dropping the
+    /// [`Closer`] closes it, which ends a read in progress.
+    pub fn into_reader(self, timeout: Duration) -> io::Result<(Box<dyn Read + Send>, Closer)> {
         let buffered = io::Cursor::new(self.stream.buffer().to_vec());
-        let rest = self.stream.into_inner().into_blocking(timeout)?;
-        Ok(Box::new(Read::chain(buffered, rest)))
+        let (rest, closer) = self.stream.into_inner().into_blocking(timeout)?;
+        Ok((Box::new(Read::chain(buffered, rest)), closer))
     }
 }
 
