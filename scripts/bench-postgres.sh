@@ -3,6 +3,8 @@
 #
 #   scripts/bench-postgres.sh            # scale 50 (~750 MB), 3 rounds, plus RSS at scale 200
 #   BENCH_LARGE_SCALE=0 scripts/bench-postgres.sh   # skip the 4x database
+#   BENCH_BASELINE_BIN=/path/to/old/crm-backup scripts/bench-postgres.sh
+#       # also runs that binary in the same rotation: an A/B of two builds in one run
 #
 # Prints medians of wall time, peak RSS (/usr/bin/time) and the whole machine's CPU time (see
 # scripts/bench-common.sh), and the ratios the targets use: crm-backup <= 1.05x pg_dump alone,
@@ -24,6 +26,7 @@ command -v zstd >/dev/null || apt-get install -y -q zstd >/dev/null
 eval "$(./scripts/garage.sh)"
 cargo build --release --locked -q
 BIN=$PWD/target/release/crm-backup
+BASE=${BENCH_BASELINE_BIN:-}
 
 ensure_db() { # <scale>
   local db=crm_bench_$1
@@ -49,12 +52,15 @@ pg_run() { # <label>: one command of a round
     pg_dump) measure pg_dump pg_dump -Fc -Z0 -d "$PG/$DB" ;;
     shell) measure shell sh -c "pg_dump -Fc -Z0 -d '$PG/$DB' | zstd -3 -T0 -q > '$WORK/dump.zst'" ;;
     crm) measure crm env DATABASE_URL="$PG/$DB" "$BIN" run postgres ;;
+    crm_base) measure crm_base env DATABASE_URL="$PG/$DB" "$BASE" run postgres ;;
   esac
   rm -f "$WORK/dump.zst"
 }
+PG_COMMANDS=(pg_dump shell crm)
+[ -n "$BASE" ] && PG_COMMANDS+=(crm_base)
 for round in $(seq 1 "$ROUNDS"); do
   echo "round $round/$ROUNDS" >&2
-  run_rotated "$round" pg_run pg_dump shell crm
+  run_rotated "$round" pg_run "${PG_COMMANDS[@]}"
 done
 
 printf '\nPostgreSQL backup, database %s (%s), median of %s rounds, storage: Garage on loopback\n\n' "$DB" "$SIZE" "$ROUNDS"
@@ -62,8 +68,9 @@ table_head pg_dump
 row '`pg_dump -Fc -Z0 > /dev/null`' pg_dump pg_dump
 row '`pg_dump -Fc -Z0 | zstd -3 -T0 > file`' shell pg_dump
 row '`crm-backup run postgres` (to Garage)' crm pg_dump
+[ -n "$BASE" ] && row "baseline \`$BASE run postgres\` (to Garage)" crm_base pg_dump
 printf '\nseconds of each round:\n'
-rounds pg_dump shell crm
+rounds pg_dump shell crm crm_base
 
 if [ "$LARGE_SCALE" != 0 ]; then
   LARGE=$(ensure_db "$LARGE_SCALE")

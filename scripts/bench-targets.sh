@@ -12,6 +12,8 @@
 #
 #   BENCH_ROUNDS=3 BENCH_REDIS_MB=1024 BENCH_DOCS_MB=2048 BENCH_DOCS_FILES=20000 scripts/bench-targets.sh
 #   BENCH_TARGETS=documents scripts/bench-targets.sh     # only one of: redis documents
+#   BENCH_BASELINE_BIN=/path/to/old/crm-backup scripts/bench-targets.sh
+#       # also runs that binary (to the local directory) in the same rotation: an A/B in one run
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
@@ -34,6 +36,7 @@ trap cleanup EXIT
 eval "$(./scripts/garage.sh)"
 cargo build --release --locked -q --bin crm-backup
 BIN=$PWD/target/release/crm-backup
+BASE=${BENCH_BASELINE_BIN:-}
 export BACKUP_S3_ENDPOINT="$BACKUP_TEST_S3_ENDPOINT" BACKUP_S3_BUCKET="$BACKUP_TEST_S3_BUCKET" \
   BACKUP_S3_REGION="$BACKUP_TEST_S3_REGION" BACKUP_S3_ACCESS_KEY="$BACKUP_TEST_S3_ACCESS_KEY" \
   BACKUP_S3_SECRET_KEY="$BACKUP_TEST_S3_SECRET_KEY" BACKUP_STORAGE_PREFIX="bench/$(date +%s)" \
@@ -74,12 +77,15 @@ redis_run() { # <label>: one Redis command; each leaves nothing behind for the n
     redis_cli) measure redis_cli redis-cli -p "$REDIS_PORT" --rdb "$WORK/dump.rdb" ;;
     redis_local) measure redis_local env "${LOCAL[@]}" REDIS_PORT="$REDIS_PORT" "$BIN" run redis ;;
     redis_crm) measure redis_crm env REDIS_PORT="$REDIS_PORT" "$BIN" run redis ;;
+    redis_base) measure redis_base env "${LOCAL[@]}" REDIS_PORT="$REDIS_PORT" "$BASE" run redis ;;
   esac
   rm -rf "$WORK/dump.rdb" "$WORK/local"
 }
+REDIS_COMMANDS=(redis_cli redis_local redis_crm)
+[ -n "$BASE" ] && REDIS_COMMANDS+=(redis_base)
 for round in $(seq 1 "$ROUNDS"); do
   echo "redis round $round/$ROUNDS" >&2
-  run_rotated "$round" redis_run redis_cli redis_local redis_crm
+  run_rotated "$round" redis_run "${REDIS_COMMANDS[@]}"
 done
 fi
 
@@ -117,6 +123,8 @@ docs_run() {
       measure docs_local env "${LOCAL[@]}" DOCUMENTS_STORAGE_ROOT="$DOCS" BACKUP__DOCUMENTS__ENABLED=true "$BIN" run documents ;;
     docs_crm)
       measure docs_crm env DOCUMENTS_STORAGE_ROOT="$DOCS" BACKUP__DOCUMENTS__ENABLED=true "$BIN" run documents ;;
+    docs_base)
+      measure docs_base env "${LOCAL[@]}" DOCUMENTS_STORAGE_ROOT="$DOCS" BACKUP__DOCUMENTS__ENABLED=true "$BASE" run documents ;;
     restic)
       # A full backup into a fresh repository each time (into the same one, every round
       # after the first would skip the unchanged files); the repository's creation, with
@@ -127,6 +135,7 @@ docs_run() {
   rm -rf "$WORK/docs.tar.zst" "$WORK/local" "$WORK/restic-repository"
 }
 DOCS_COMMANDS=(tar_zstd docs_local tar_zstd_sync docs_crm)
+[ -n "$BASE" ] && DOCS_COMMANDS+=(docs_base)
 if command -v restic >/dev/null; then
   DOCS_COMMANDS+=(restic)
   export RESTIC_PASSWORD=bench RESTIC_REPOSITORY="$WORK/restic-repository" RESTIC_CACHE_DIR="$WORK/restic-cache"
@@ -143,15 +152,17 @@ if [[ $TARGETS == *" redis "* ]]; then
   row "\`redis-cli --rdb file\` (${REDIS_MEM} in Redis)" redis_cli redis_cli
   row '`crm-backup run redis` (local directory)' redis_local redis_cli
   row '`crm-backup run redis` (to Garage)' redis_crm redis_cli
+  [ -n "$BASE" ] && row "baseline \`$BASE run redis\` (local directory)" redis_base redis_cli
 fi
 if [[ $TARGETS == *" documents "* ]]; then
   row "\`tar -cf - | zstd -3 -T0 > file\` ($DOCS_FILES files, $DOCS_SIZE)" tar_zstd tar_zstd
   row '`crm-backup run documents` (local directory)' docs_local tar_zstd
   row '`crm-backup run documents` (to Garage)' docs_crm tar_zstd
+  [ -n "$BASE" ] && row "baseline \`$BASE run documents\` (local directory)" docs_base tar_zstd
   row '`tar -cf - | zstd -3 -T0 > file && sync -d file` (durable, as crm-backup)' tar_zstd_sync tar_zstd
   printf '| `crm-backup run documents` (local directory) vs the durable reference | | | %sx | | |\n' \
     "$(div "$(col docs_local 1)" "$(col tar_zstd_sync 1)")"
 fi
 [ -f "$WORK/restic" ] && row "\`restic backup\` (restic $(restic version | cut -d' ' -f2), a new repository each round)" restic tar_zstd
 printf '\nmedians of %s rounds; seconds of each round:\n' "$ROUNDS"
-rounds redis_cli redis_local redis_crm tar_zstd tar_zstd_sync docs_local docs_crm restic
+rounds redis_cli redis_local redis_crm redis_base tar_zstd tar_zstd_sync docs_local docs_crm docs_base restic

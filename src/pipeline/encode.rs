@@ -103,16 +103,22 @@ impl PendingAborts {
     }
 }
 
-/// Streams `source` to its end into a new object `key`: raw bytes hashed and shown to
-/// `inspector`, compressed, encrypted when the codec says so, hashed again, uploaded.
-/// `name` and `format` go into the artifact's record.
+/// Where an artifact goes and what its record says of it.
+pub struct ArtifactSpec {
+    /// The object's key in storage.
+    pub key: String,
+    pub name: String,
+    /// What the raw bytes are (`pg_dump-custom`, `rdb`, `tar`, …).
+    pub format: String,
+}
+
+/// Streams `source` to its end into a new object: raw bytes hashed and shown to `inspector`,
+/// compressed, encrypted when the codec says so, hashed again, uploaded.
 pub async fn stream<R, I>(
     storage: &Storage,
     codec: &Codec,
     pending: &PendingAborts,
-    key: String,
-    name: String,
-    format: &str,
+    spec: ArtifactSpec,
     source: R,
     inspector: I,
 ) -> Result<Streamed<R, I>, PipelineError>
@@ -120,6 +126,7 @@ where
     R: Read + Send + 'static,
     I: Inspect,
 {
+    let ArtifactSpec { key, name, format } = spec;
     let upload = storage.start_upload(&key).await?;
     let (stored_tx, stored_rx) = mpsc::channel::<Bytes>(CHANNEL_DEPTH);
     let (verdict_tx, verdict_rx) = oneshot::channel();
@@ -143,7 +150,7 @@ where
     let record = ArtifactRecord {
         name,
         key,
-        format: format.to_string(),
+        format,
         raw_sha256: encoded.raw.0,
         raw_size: encoded.raw.1,
         stored_sha256: encoded.stored.0,

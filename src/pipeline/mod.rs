@@ -30,7 +30,7 @@ use sha2::{Digest, Sha256};
 
 pub use channel_source::ChannelSource;
 pub use decode::{ArtifactReader, DecodedArtifact, Verification, open_artifact};
-pub use encode::{Inspect, PendingAborts, PendingArtifact, Streamed, stream};
+pub use encode::{ArtifactSpec, Inspect, PendingAborts, PendingArtifact, Streamed, stream};
 
 use crate::config::PipelineSettings;
 use crate::model::TargetKind;

@@ -20,8 +20,8 @@ use serde::de::DeserializeOwned;
 use crate::config::Settings;
 use crate::model::{BackupId, TargetKind};
 use crate::pipeline::{
-    ArtifactReader, Codec, DecodedArtifact, Inspect, Keyring, PendingAborts, PendingArtifact,
-    PipelineError, Streamed, open_artifact,
+    ArtifactReader, ArtifactSpec, Codec, DecodedArtifact, Inspect, Keyring, PendingAborts,
+    PendingArtifact, PipelineError, Streamed, open_artifact,
 };
 use crate::storage::Storage;
 use crate::storage::layout::artifact_key;
@@ -247,9 +247,11 @@ impl ArtifactSink {
             &self.storage,
             &self.codec,
             &self.pending,
-            artifact_key(&self.backup_id, &format!("{name}{}", self.codec.suffix())),
-            name.to_string(),
-            format,
+            ArtifactSpec {
+                key: artifact_key(&self.backup_id, &format!("{name}{}", self.codec.suffix())),
+                name: name.to_string(),
+                format: format.to_string(),
+            },
             source,
             inspector,
         )

@@ -4,7 +4,7 @@
 
 use std::io::{self, Read};
 
-use super::resp::SyncPayload;
+use super::replication::SyncPayload;
 
 pub struct PayloadReader<R> {
     inner: R,

@@ -1,0 +1,245 @@
+//! Redis restores: the RDB to a file (for a file swap), or live onto a running Redis with
+//! a policy for keys that exist (an RDB through a private `redis-server`, a key stream
+//! directly).
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::format::RdbCheck;
+use super::keys::{Applier, KeyStream, Scanner};
+use super::scratch::ScratchServer;
+use super::{
+    Address, Endpoint, KEYS_ARTIFACT, KIND, RDB_ARTIFACT, Redis, RedisFacts, command_error, connect,
+};
+use crate::storage::manifest::ArtifactRecord;
+use crate::targets::{ArtifactSource, RestoreReport, TargetError};
+
+/// `options` of a redis restore command.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RestoreOptions {
+    /// Write the RDB to this path (for a file-swap restore); it must not exist.
+    to_file: Option<PathBuf>,
+    /// The Redis to restore into (beside the original). Credentials default to the
+    /// configured ones; `password_env` names an environment variable holding another.
+    host: Option<String>,
+    port: Option<u16>,
+    username: Option<String>,
+    password_env: Option<String>,
+    /// TLS to that Redis (default: as configured for the source).
+    tls: Option<bool>,
+    /// Restore into the configured (original) Redis.
+    #[serde(default)]
+    in_place: bool,
+    /// What to do with keys that exist in the target. Unset: refuse a non-empty target.
+    existing: Option<ExistingKeys>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+enum ExistingKeys {
+    Replace,
+    Skip,
+    FlushFirst,
+}
+
+pub(super) async fn run(
+    redis: &Redis,
+    source: &ArtifactSource,
+    options: &RestoreOptions,
+) -> Result<RestoreReport, TargetError> {
+    match &options.to_file {
+        Some(path) => to_file(source, path).await,
+        None => live(redis, source, options).await,
+    }
+}
+
+/// Where a live restore writes.
+fn destination(redis: &Redis, options: &RestoreOptions) -> Result<Endpoint, TargetError> {
+    match (&options.host, options.in_place) {
+        (Some(host), false) => {
+            let password = match &options.password_env {
+                Some(name) => std::env::var(name).map_err(|_| TargetError::InvalidOptions {
+                    target: KIND,
+                    message: format!("password_env `{name}` is not set on the worker"),
+                })?,
+                None => redis.source().password,
+            };
+            Ok(Endpoint {
+                address: Address::Tcp {
+                    host: host.clone(),
+                    port: options.port.unwrap_or(6379),
+                    tls: options.tls.unwrap_or(redis.tls),
+                },
+                username: options
+                    .username
+                    .clone()
+                    .unwrap_or_else(|| redis.username.clone()),
+                password,
+                tls_ca_file: redis.tls_ca_file.clone(),
+            })
+        }
+        (None, true) => Ok(redis.source()),
+        (Some(_), true) => Err(TargetError::InvalidOptions {
+            target: KIND,
+            message: "host and in_place exclude each other".into(),
+        }),
+        (None, false) => Err(TargetError::InvalidOptions {
+            target: KIND,
+            message: "say where to restore: to_file, host (+port) of another Redis, or in_place"
+                .into(),
+        }),
+    }
+}
+
+/// Writes the RDB of the backup to `path`.
+async fn to_file(source: &ArtifactSource, path: &Path) -> Result<RestoreReport, TargetError> {
+    let record = source.record(super::RDB_ARTIFACT).map_err(|_| {
+        TargetError::Unusable(
+            "this backup is a key stream (keys mode): it restores live only".into(),
+        )
+    })?;
+    let bytes = write_rdb(source, record, path).await?;
+    Ok(RestoreReport {
+        destination: format!("RDB file {}", path.display()),
+        details: json!({ "file": path, "bytes": bytes }),
+    })
+}
+
+async fn live(
+    redis: &Redis,
+    source: &ArtifactSource,
+    options: &RestoreOptions,
+) -> Result<RestoreReport, TargetError> {
+    let target = destination(redis, options)?;
+    let facts: RedisFacts = source.facts()?;
+    let dbs = facts.databases()?;
+    match options.existing {
+        None => {
+            for &db in &dbs {
+                let mut conn = connect(&target, db).await?;
+                let size: u64 = redis::cmd("DBSIZE")
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(|err| command_error("DBSIZE", err))?;
+                if size > 0 {
+                    return Err(TargetError::Refused(format!(
+                        "the target Redis has {size} keys in db{db}; choose what to do with \
+                         existing keys: existing = replace, skip or flush-first"
+                    )));
+                }
+            }
+        }
+        Some(ExistingKeys::FlushFirst) => {
+            for &db in &dbs {
+                let mut conn = connect(&target, db).await?;
+                redis::cmd("FLUSHDB")
+                    .query_async::<()>(&mut conn)
+                    .await
+                    .map_err(|err| command_error("FLUSHDB", err))?;
+            }
+        }
+        Some(_) => {}
+    }
+    let replace = options.existing == Some(ExistingKeys::Replace);
+    let mut applier = Applier::new(&target, replace);
+    if let Ok(record) = source.record(KEYS_ARTIFACT) {
+        let decoded = source.open(record).await?;
+        let mut stream = KeyStream::new(decoded.reader);
+        while let Some(record) = stream.next().await? {
+            applier.push(record).await?;
+        }
+        let ended = stream.declared();
+        drop(stream);
+        decoded.verification.result().await?;
+        ended?;
+    } else {
+        let record = source.record(RDB_ARTIFACT)?;
+        let scratch = tempfile::tempdir()
+            .map_err(|err| TargetError::Unusable(format!("scratch directory: {err}")))?;
+        write_rdb(source, record, &scratch.path().join("dump.rdb")).await?;
+        let mut server = ScratchServer::start(&redis.server_binary, scratch.path()).await?;
+        let copied = async {
+            let loaded = server.loaded().await?;
+            for &db in &dbs {
+                let mut scanner = Scanner::new(connect(&loaded, db).await?, db);
+                while let Some(batch) = scanner.next_batch().await? {
+                    for record in batch {
+                        applier.push(record).await?;
+                    }
+                }
+            }
+            Ok::<_, TargetError>(())
+        }
+        .await;
+        server.stop().await;
+        copied?;
+    }
+    let counts = applier.finish().await?;
+    let (host, port) = match &target.address {
+        Address::Tcp { host, port, .. } => (host.clone(), *port),
+        Address::Unix(_) => (target.shown(), 0),
+    };
+    Ok(RestoreReport {
+        destination: format!("Redis {}", target.shown()),
+        details: json!({
+            "host": host,
+            "port": port,
+            "restored": counts.restored,
+            "skipped_existing": counts.skipped,
+            "existing": options.existing,
+        }),
+    })
+}
+
+/// Streams the decoded RDB of `record` into a new file at `path`, checked on the way.
+pub(super) async fn write_rdb(
+    source: &ArtifactSource,
+    record: &ArtifactRecord,
+    path: &Path,
+) -> Result<u64, TargetError> {
+    let mut file = tokio::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .await
+        .map_err(|err| TargetError::Refused(format!("cannot create {}: {err}", path.display())))?;
+    let decoded = source.open(record).await?;
+    let mut reader = decoded.reader;
+    let mut check = RdbCheck::default();
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut total = 0u64;
+    let written = async {
+        loop {
+            let n = reader.read(&mut buf).await?;
+            if n == 0 {
+                break;
+            }
+            check.update(&buf[..n]);
+            file.write_all(&buf[..n]).await?;
+            total += n as u64;
+        }
+        file.sync_all().await
+    }
+    .await;
+    drop(reader);
+    let verified = decoded.verification.result().await;
+    let outcome = match (verified, written) {
+        (Err(err), _) => Err(err.into()),
+        (Ok(()), Err(err)) => Err(TargetError::Refused(format!(
+            "writing {}: {err}",
+            path.display()
+        ))),
+        (Ok(()), Ok(())) => check
+            .finish()
+            .map(|_| total)
+            .map_err(|reason| TargetError::Unusable(format!("{}: {reason}", record.name))),
+    };
+    if outcome.is_err() {
+        let _ = tokio::fs::remove_file(path).await;
+    }
+    outcome
+}
