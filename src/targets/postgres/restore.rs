@@ -1,0 +1,257 @@
+//! PostgreSQL restores: `pg_restore` into a new database (beside the original), row counts
+//! compared with the manifest, and for an in-place restore a swap of names; the drill
+//! restores into a scratch database and drops it; the structure check is `pg_restore --list`.
+
+use std::process::Stdio;
+
+use serde::Deserialize;
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+use super::sql::{
+    compare_counts, count_rows, database_owner, derived_name, drop_database, quote_ident, swap_in,
+};
+use super::{DUMP_FORMAT, KIND, Postgres, PostgresFacts};
+use crate::pipeline::ArtifactReader;
+use crate::storage::manifest::ArtifactRecord;
+use crate::targets::process::{Pump, ToolProcess, pump};
+use crate::targets::{ArtifactSource, RestoreReport, TargetError};
+
+/// `options` of a postgres restore command.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RestoreOptions {
+    /// Database to restore into (beside the original: it must not exist yet).
+    into: Option<String>,
+    /// Replace the original database (or `into`): restored beside it, checked, then
+    /// swapped in by renaming; the replaced database is kept as `<name>_replaced_<time>`.
+    #[serde(default)]
+    in_place: bool,
+    /// Skip ownership commands (for a server without the original roles).
+    #[serde(default)]
+    no_owner: bool,
+}
+
+impl Postgres {
+    /// Restores into a new database, or in place by a swap of names.
+    pub(super) async fn restore_into(
+        &self,
+        source: &ArtifactSource,
+        options: RestoreOptions,
+    ) -> Result<RestoreReport, TargetError> {
+        let facts: PostgresFacts = source.facts()?;
+        let record = source
+            .manifest
+            .artifacts
+            .iter()
+            .find(|a| a.format == DUMP_FORMAT)
+            .ok_or_else(|| TargetError::Unusable("the backup has no pg_dump artifact".into()))?;
+        // In place means: restore beside, check, then swap names. The database being
+        // replaced is kept (renamed), so nothing is lost if the backup was the wrong one.
+        let replaced = options.in_place.then(|| {
+            options
+                .into
+                .clone()
+                .unwrap_or_else(|| facts.database.clone())
+        });
+        let database = match (&replaced, &options.into) {
+            (Some(original), _) => derived_name(original, "restore"),
+            (None, Some(name)) => name.clone(),
+            (None, None) => derived_name(&facts.database, "restore"),
+        };
+        if database.is_empty() || database.len() > 63 || database.contains('\0') {
+            return Err(TargetError::InvalidOptions {
+                target: KIND,
+                message: format!("`{database}` is not a usable database name (1 to 63 bytes)"),
+            });
+        }
+        let admin = self.connect(Some(&self.maintenance_database)).await?;
+        if database_owner(&admin, &database).await?.is_some() {
+            return Err(TargetError::Refused(format!(
+                "database `{database}` already exists; restore into a new name, \
+                 or restore in place explicitly (in_place)"
+            )));
+        }
+        let owner = match &replaced {
+            Some(original) => database_owner(&admin, original).await?,
+            None => None,
+        };
+        let owner_clause = owner
+            .map(|owner| format!(" OWNER {}", quote_ident(&owner)))
+            .unwrap_or_default();
+        admin
+            .batch_execute(&format!(
+                "CREATE DATABASE {} TEMPLATE template0{owner_clause}",
+                quote_ident(&database)
+            ))
+            .await
+            .map_err(|err| TargetError::Refused(format!("cannot create `{database}`: {err}")))?;
+        let outcome = async {
+            self.pg_restore(source, record, &database, &options).await?;
+            let restored = self.connect(Some(&database)).await?;
+            let scope_tables = facts
+                .tables
+                .iter()
+                .map(|t| (t.schema.clone(), t.name.clone()))
+                .collect::<Vec<_>>();
+            let counts = count_rows(&restored, &scope_tables).await?;
+            compare_counts(&facts.tables, &counts)
+        }
+        .await;
+        if let Err(err) = outcome {
+            // A half-restored new database is worse than none.
+            drop_database(&admin, &database).await;
+            return Err(err);
+        }
+        let mut details = serde_json::json!({
+            "database": database,
+            "in_place": options.in_place,
+            "tables": facts.table_count,
+            "rows": facts.row_count,
+            "globals_skipped": facts.globals,
+        });
+        if let Some(original) = replaced {
+            let previous = swap_in(&admin, &database, &original).await?;
+            details["database"] = serde_json::json!(original);
+            details["previous_database"] = serde_json::json!(previous);
+            return Ok(RestoreReport {
+                destination: format!(
+                    "postgres database {original} (the replaced database was renamed to {previous})"
+                ),
+                details,
+            });
+        }
+        Ok(RestoreReport {
+            destination: format!("postgres database {database}"),
+            details,
+        })
+    }
+
+    /// Streams the dump into `pg_restore`; returns an error if either side failed.
+    async fn pg_restore(
+        &self,
+        source: &ArtifactSource,
+        record: &ArtifactRecord,
+        database: &str,
+        options: &RestoreOptions,
+    ) -> Result<(), TargetError> {
+        let mut args = vec![
+            "--no-password",
+            "--exit-on-error",
+            "--single-transaction",
+            "--dbname",
+            database,
+        ];
+        if options.no_owner {
+            args.push("--no-owner");
+        }
+        let mut process = ToolProcess::spawn(
+            &self.tool("pg_restore"),
+            &args,
+            &self.tool_env(database)?,
+            Stdio::piped(),
+            Stdio::null(),
+        )?;
+        let mut stdin = process.take_stdin()?;
+        let decoded = source.open(record).await?;
+        let mut reader = decoded.reader;
+        let pumped = pump(&mut reader, &mut stdin).await;
+        drop(stdin);
+        if let Pump::ReaderFailed(err) = pumped {
+            // Corrupt or unreadable backup: stop pg_restore before it can commit.
+            process.kill().await;
+            drop(reader);
+            return Err(match decoded.verification.result().await {
+                Err(verify_err) => verify_err.into(),
+                Ok(()) => TargetError::Unusable(format!("{}: {err}", record.name)),
+            });
+        }
+        drop(reader);
+        let secrets = self.secrets();
+        let secrets: Vec<&str> = secrets.iter().map(String::as_str).collect();
+        let restored = process.wait(&secrets).await;
+        decoded.verification.result().await?;
+        restored.map(|_| ())
+    }
+
+    /// Restores into a scratch database (the restore compares the counts), then drops it.
+    pub(super) async fn drill_into_scratch(
+        &self,
+        source: &ArtifactSource,
+    ) -> Result<RestoreReport, TargetError> {
+        let facts: PostgresFacts = source.facts()?;
+        let scratch = derived_name(&facts.database, "drill");
+        // The restore itself compares every table's row count with the manifest.
+        let options = RestoreOptions {
+            into: Some(scratch.clone()),
+            ..RestoreOptions::default()
+        };
+        let restored = self.restore_into(source, options).await;
+        match self.connect(Some(&self.maintenance_database)).await {
+            Ok(admin) => drop_database(&admin, &scratch).await,
+            Err(err) => {
+                tracing::warn!(database = %scratch, error = %err, "could not drop the drill database")
+            }
+        }
+        let mut report = restored?;
+        report.destination = format!("scratch database {scratch} (dropped)");
+        Ok(report)
+    }
+
+    /// `pg_restore --list` of a dump; other artifacts are only read through.
+    pub(super) async fn check_dump(
+        &self,
+        record: &ArtifactRecord,
+        mut reader: ArtifactReader,
+    ) -> Result<String, TargetError> {
+        if record.format != DUMP_FORMAT {
+            let bytes = tokio::io::copy(&mut reader, &mut tokio::io::sink())
+                .await
+                .map_err(|err| TargetError::Unusable(format!("{}: {err}", record.name)))?;
+            return Ok(format!("{bytes} bytes of {}", record.format));
+        }
+        let mut process = ToolProcess::spawn(
+            &self.tool("pg_restore"),
+            ["--list"],
+            &[],
+            Stdio::piped(),
+            Stdio::piped(),
+        )?;
+        let mut stdin = process.take_stdin()?;
+        let stdout = process.take_stdout()?;
+        // pg_restore stops reading after the table of contents; that is fine.
+        let feed = pump(&mut reader, &mut stdin);
+        let list = async {
+            let mut entries = 0usize;
+            let mut table_data = 0usize;
+            let mut custom_format = false;
+            let mut lines = BufReader::new(stdout).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                if line.starts_with(";     Format: CUSTOM") {
+                    custom_format = true;
+                } else if !line.starts_with(';') && !line.trim().is_empty() {
+                    entries += 1;
+                    if line.contains(" TABLE DATA ") {
+                        table_data += 1;
+                    }
+                }
+            }
+            (custom_format, entries, table_data)
+        };
+        let (fed, (custom_format, entries, table_data)) = tokio::join!(feed, list);
+        drop(stdin);
+        if let Pump::ReaderFailed(err) = fed {
+            process.kill().await;
+            return Err(TargetError::Unusable(format!("{}: {err}", record.name)));
+        }
+        process.wait(&[]).await?;
+        if !custom_format {
+            return Err(TargetError::Unusable(format!(
+                "{}: pg_restore --list does not see a custom-format archive",
+                record.name
+            )));
+        }
+        Ok(format!(
+            "pg_restore --list: {entries} entries, {table_data} with table data"
+        ))
+    }
+}
