@@ -150,6 +150,14 @@ pub struct SchedulerConfig {
     pub scheduler: SchedulerSettings,
 }
 
+/// What the broker-only commands read (`setup`, `enqueue`, `dlq`): the broker, nothing else,
+/// so that a bad `DATABASE_URL` does not stop an operator from listing dead letters.
+#[derive(Debug, Clone, Deserialize)]
+pub struct BrokerConfig {
+    pub rabbitmq: RabbitmqSettings,
+    pub messaging: MessagingSettings,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RabbitmqSettings {
@@ -329,15 +337,63 @@ impl Settings {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
-        let invalid = |key: &'static str, reason: String| Err(ConfigError::Invalid { key, reason });
-        let p = &self.pipeline;
-        if !(1..=19).contains(&p.zstd_level) {
+        self.pipeline.validate()?;
+        self.storage.validate()?;
+        self.messaging.validate()?;
+        self.rabbitmq.validate()?;
+        self.postgres.validate()?;
+        self.redis.validate()?;
+        check_http_url(
+            "rabbitmq_definitions.management_url",
+            &self.rabbitmq_definitions.management_url,
+        )?;
+        check_http_url("consul.address", &self.consul.address)
+    }
+
+    /// Loads what the scheduler needs; other sections are ignored.
+    pub fn scheduler(env: &HashMap<String, String>) -> Result<SchedulerConfig, ConfigError> {
+        let config: SchedulerConfig = layered(env)?.try_deserialize()?;
+        config.rabbitmq.validate()?;
+        config.messaging.validate()?;
+        Ok(config)
+    }
+
+    /// Loads what the broker-only commands need; other sections are ignored.
+    pub fn broker(env: &HashMap<String, String>) -> Result<BrokerConfig, ConfigError> {
+        let config: BrokerConfig = layered(env)?.try_deserialize()?;
+        config.rabbitmq.validate()?;
+        config.messaging.validate()?;
+        Ok(config)
+    }
+
+    /// The age identity file, when one is configured.
+    pub fn identity_file(&self) -> Option<&Path> {
+        let path = self.pipeline.age_identity_file.as_path();
+        (!path.as_os_str().is_empty()).then_some(path)
+    }
+}
+
+/// A `ConfigError::Invalid` for `key`.
+fn invalid(key: &'static str, reason: String) -> Result<(), ConfigError> {
+    Err(ConfigError::Invalid { key, reason })
+}
+
+fn check_http_url(key: &'static str, url: &str) -> Result<(), ConfigError> {
+    match url::Url::parse(url) {
+        Ok(parsed) if matches!(parsed.scheme(), "http" | "https") => Ok(()),
+        _ => invalid(key, format!("`{}` is not an http(s) URL", redact_url(url))),
+    }
+}
+
+impl PipelineSettings {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if !(1..=19).contains(&self.zstd_level) {
             return invalid(
                 "pipeline.zstd_level",
-                format!("{} is outside 1..=19", p.zstd_level),
+                format!("{} is outside 1..=19", self.zstd_level),
             );
         }
-        for (target, level) in &p.zstd_level_by_target {
+        for (target, level) in &self.zstd_level_by_target {
             if let Err(unknown) = target.parse::<TargetKind>() {
                 return invalid("pipeline.zstd_level_by_target", unknown.to_string());
             }
@@ -348,19 +404,19 @@ impl Settings {
                 );
             }
         }
-        if p.zstd_workers > 64 {
+        if self.zstd_workers > 64 {
             return invalid(
                 "pipeline.zstd_workers",
-                format!("{} is more than 64", p.zstd_workers),
+                format!("{} is more than 64", self.zstd_workers),
             );
         }
-        if !(16..=16 * 1024).contains(&p.chunk_kib) {
+        if !(16..=16 * 1024).contains(&self.chunk_kib) {
             return invalid(
                 "pipeline.chunk_kib",
-                format!("{} is outside 16..=16384", p.chunk_kib),
+                format!("{} is outside 16..=16384", self.chunk_kib),
             );
         }
-        for recipient in &p.age_recipients {
+        for recipient in &self.age_recipients {
             if recipient.parse::<age::x25519::Recipient>().is_err() {
                 return invalid(
                     "pipeline.age_recipients",
@@ -368,124 +424,114 @@ impl Settings {
                 );
             }
         }
-        let s = &self.storage;
-        if !(5..=4096).contains(&s.part_size_mib) {
+        Ok(())
+    }
+}
+
+impl StorageSettings {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if !(5..=4096).contains(&self.part_size_mib) {
             return invalid(
                 "storage.part_size_mib",
                 format!(
                     "{} is outside 5..=4096 (S3 parts are at least 5 MiB)",
-                    s.part_size_mib
+                    self.part_size_mib
                 ),
             );
         }
-        if !(1..=64).contains(&s.parts_in_flight) {
+        if !(1..=64).contains(&self.parts_in_flight) {
             return invalid(
                 "storage.parts_in_flight",
-                format!("{} is outside 1..=64", s.parts_in_flight),
+                format!("{} is outside 1..=64", self.parts_in_flight),
             );
         }
         let second = std::time::Duration::from_secs(1);
         for (key, value, most) in [
-            ("storage.connect_timeout", s.connect_timeout, 300),
-            ("storage.request_timeout", s.request_timeout, 3600),
+            ("storage.connect_timeout", self.connect_timeout, 300),
+            ("storage.request_timeout", self.request_timeout, 3600),
             // object_store signs a request once and retries it as signed: keep its
             // retries well inside a signature's 15-minute validity.
-            ("storage.retry_timeout", s.retry_timeout, 600),
+            ("storage.retry_timeout", self.retry_timeout, 600),
         ] {
             if value.0 < second || value.0 > most * second {
                 return invalid(key, format!("{value} is outside 1s..={most}s"));
             }
         }
-        if s.max_retries > 100 {
+        if self.max_retries > 100 {
             return invalid(
                 "storage.max_retries",
-                format!("{} is outside 0..=100", s.max_retries),
+                format!("{} is outside 0..=100", self.max_retries),
             );
         }
-        if !s.s3_bucket.is_empty() {
-            if !s.s3_endpoint.is_empty()
-                && let Err(err) = url::Url::parse(&s.s3_endpoint)
+        if !self.s3_bucket.is_empty() {
+            if !self.s3_endpoint.is_empty()
+                && let Err(err) = url::Url::parse(&self.s3_endpoint)
             {
                 return invalid(
                     "storage.s3_endpoint",
-                    format!("`{}` is not a URL: {err}", redact_url(&s.s3_endpoint)),
+                    format!("`{}` is not a URL: {err}", redact_url(&self.s3_endpoint)),
                 );
             }
-            if s.s3_access_key.is_empty() != s.s3_secret_key.expose_secret().is_empty() {
+            if self.s3_access_key.is_empty() != self.s3_secret_key.expose_secret().is_empty() {
                 return invalid(
                     "storage.s3_access_key",
                     "set both BACKUP_S3_ACCESS_KEY and BACKUP_S3_SECRET_KEY, or neither".into(),
                 );
             }
-        } else if s.local_dir.as_os_str().is_empty() {
+        } else if self.local_dir.as_os_str().is_empty() {
             return invalid(
                 "storage.local_dir",
                 "empty, and no S3 bucket is configured".into(),
             );
         }
-        if s.prefix.starts_with('/') || s.prefix.split('/').any(|part| part == "..") {
+        if self.prefix.starts_with('/') || self.prefix.split('/').any(|part| part == "..") {
             return invalid(
                 "storage.prefix",
-                format!("`{}` must be a relative key prefix", s.prefix),
+                format!("`{}` must be a relative key prefix", self.prefix),
             );
         }
-        self.messaging.validate()?;
-        for (key, url) in [
-            (
-                "rabbitmq_definitions.management_url",
-                &self.rabbitmq_definitions.management_url,
-            ),
-            ("consul.address", &self.consul.address),
-        ] {
-            match url::Url::parse(url) {
-                Ok(parsed) if matches!(parsed.scheme(), "http" | "https") => {}
-                _ => {
-                    return invalid(key, format!("`{}` is not an http(s) URL", redact_url(url)));
-                }
-            }
+        Ok(())
+    }
+}
+
+impl RabbitmqSettings {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.concurrency == 0 {
+            return invalid("rabbitmq.concurrency", "must be at least 1".into());
         }
-        if self.redis.host.is_empty() {
+        Ok(())
+    }
+}
+
+impl PostgresSettings {
+    fn validate(&self) -> Result<(), ConfigError> {
+        match url::Url::parse(self.database_url.expose_secret()) {
+            Ok(url) if matches!(url.scheme(), "postgres" | "postgresql") => Ok(()),
+            Ok(url) => invalid(
+                "postgres.database_url",
+                format!(
+                    "scheme `{}` is not postgres:// or postgresql://",
+                    url.scheme()
+                ),
+            ),
+            Err(err) => invalid("postgres.database_url", format!("not a URL: {err}")),
+        }
+    }
+}
+
+impl RedisSettings {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.host.is_empty() {
             return invalid("redis.host", "is empty".into());
         }
-        let ca = &self.redis.tls_ca_file;
-        if self.redis.tls && !ca.as_os_str().is_empty() && !ca.is_file() {
+        let ca = &self.tls_ca_file;
+        if self.tls && !ca.as_os_str().is_empty() && !ca.is_file() {
             return invalid(
                 "redis.tls_ca_file",
                 format!("{} is not a file", ca.display()),
             );
         }
-        if self.rabbitmq.concurrency == 0 {
-            return invalid("rabbitmq.concurrency", "must be at least 1".into());
-        }
-        match url::Url::parse(self.postgres.database_url.expose_secret()) {
-            Ok(url) if matches!(url.scheme(), "postgres" | "postgresql") => {}
-            Ok(url) => {
-                return invalid(
-                    "postgres.database_url",
-                    format!(
-                        "scheme `{}` is not postgres:// or postgresql://",
-                        url.scheme()
-                    ),
-                );
-            }
-            Err(err) => {
-                return invalid("postgres.database_url", format!("not a URL: {err}"));
-            }
-        }
         Ok(())
-    }
-
-    /// Loads what the scheduler needs; other sections are ignored.
-    pub fn scheduler(env: &HashMap<String, String>) -> Result<SchedulerConfig, ConfigError> {
-        let config: SchedulerConfig = layered(env)?.try_deserialize()?;
-        config.messaging.validate()?;
-        Ok(config)
-    }
-
-    /// The age identity file, when one is configured.
-    pub fn identity_file(&self) -> Option<&Path> {
-        let path = self.pipeline.age_identity_file.as_path();
-        (!path.as_os_str().is_empty()).then_some(path)
     }
 }
 
@@ -548,7 +594,6 @@ fn environment_source(vars: HashMap<String, String>) -> Environment {
 
 impl MessagingSettings {
     fn validate(&self) -> Result<(), ConfigError> {
-        let invalid = |key: &'static str, reason: String| Err(ConfigError::Invalid { key, reason });
         if self.retry_delays.is_empty() {
             return invalid("messaging.retry_delays", "needs at least one delay".into());
         }
@@ -746,6 +791,20 @@ mod tests {
     fn unknown_keys_are_rejected() {
         let message = error_of(&[("BACKUP__PIPELINE__ZSTD_LEVL", "3")]);
         assert!(message.contains("zstd_levl"), "{message}");
+    }
+
+    #[test]
+    fn broker_commands_load_without_the_other_sections_being_valid() {
+        let env = env(&[
+            ("DATABASE_URL", "mysql://x@y/z"),
+            ("BACKUP__PIPELINE__ZSTD_LEVEL", "99"),
+        ]);
+        assert!(Settings::load(&env).is_err());
+        let broker = Settings::broker(&env).unwrap();
+        assert_eq!(broker.messaging.commands_queue, "backup.commands");
+        let env = self::env(&[("BACKUP__RABBITMQ__CONCURRENCY", "0")]);
+        let err = Settings::broker(&env).unwrap_err().to_string();
+        assert!(err.contains("rabbitmq.concurrency"), "{err}");
     }
 
     #[test]

@@ -41,6 +41,7 @@ pub mod jobs;
 pub mod messaging;
 pub mod metrics;
 pub mod model;
+pub mod options;
 pub mod pipeline;
 pub mod retention;
 pub mod schedule;

@@ -92,17 +92,39 @@ fn run_prints_one_line_per_target_and_list_shows_it() {
     assert_eq!(rows[0]["reason"], "before migration 0042");
 
     let id = rows[1]["backup_id"].as_str().unwrap();
-    let (ok, stdout, _) = run_cli(&setup.env, &["show", id]);
+    let (ok, stdout, _) = run_cli(&setup.env, &["show", "--backup", id, "--json"]);
     assert!(ok);
     let manifest: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(manifest["source"]["tables"][0]["rows"], 1000);
+    // The latest backup of a target, as a summary for people.
+    let (ok, stdout, _) = run_cli(&setup.env, &["show", "postgres"]);
+    assert!(ok);
+    assert!(
+        stdout.starts_with(&format!("backup     {id}\n")),
+        "{stdout}"
+    );
+    assert!(stdout.contains("artifact   "), "{stdout}");
 
-    let (ok, _, stderr) = run_cli(&setup.env, &["show", "20200101T000000Z-postgres-abcd"]);
+    let (ok, _, stderr) = run_cli(
+        &setup.env,
+        &["show", "--backup", "20200101T000000Z-postgres-abcd"],
+    );
     assert!(!ok);
     assert!(stderr.contains("not found"), "{stderr}");
     let (ok, _, stderr) = run_cli(&setup.env, &["run", "mysql"]);
     assert!(!ok);
-    assert!(stderr.contains("unknown target `mysql`"), "{stderr}");
+    assert!(stderr.contains("invalid value 'mysql'"), "{stderr}");
+    assert!(
+        stderr.contains("possible values: postgres, redis"),
+        "{stderr}"
+    );
+    // Option values are typed by the option.
+    let (ok, _, stderr) = run_cli(&setup.env, &["run", "postgres", "--option", "globals=yes"]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("option `globals` takes true or false"),
+        "{stderr}"
+    );
 }
 
 #[test]

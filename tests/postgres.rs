@@ -545,7 +545,7 @@ async fn a_flipped_byte_fails_verify_and_restore() {
     let manifest = backup(&setup, json!(null)).await;
     let key = manifest.artifacts[0].key.clone();
 
-    let (ok, stdout, _) = run_cli(&setup.env, &["verify", manifest.id.as_str()]);
+    let (ok, stdout, _) = run_cli(&setup.env, &["verify", "--backup", manifest.id.as_str()]);
     assert!(ok, "{stdout}");
 
     let path = setup.storage_path().join(&key);
@@ -554,7 +554,7 @@ async fn a_flipped_byte_fails_verify_and_restore() {
     bytes[middle] ^= 0x01;
     std::fs::write(&path, bytes).unwrap();
 
-    let (ok, stdout, stderr) = run_cli(&setup.env, &["verify", manifest.id.as_str()]);
+    let (ok, stdout, stderr) = run_cli(&setup.env, &["verify", "--backup", manifest.id.as_str()]);
     assert!(!ok, "verify must fail: {stdout}");
     assert!(stderr.contains(&key), "stderr names the artifact: {stderr}");
     assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
@@ -605,7 +605,10 @@ async fn restore_never_overwrites_unless_in_place() {
     assert_same(&fingerprint(&beside.name), &before);
 
     // The CLI asks for confirmation before an in-place restore.
-    let (ok, _, stderr) = run_cli(&setup.env, &["restore", manifest.id.as_str(), "--in-place"]);
+    let (ok, _, stderr) = run_cli(
+        &setup.env,
+        &["restore", "--backup", manifest.id.as_str(), "--in-place"],
+    );
     assert!(!ok);
     assert!(stderr.contains("--yes"), "{stderr}");
 
@@ -631,6 +634,7 @@ async fn restore_never_overwrites_unless_in_place() {
         &setup.env,
         &[
             "restore",
+            "--backup",
             manifest.id.as_str(),
             "--in-place",
             "--yes",

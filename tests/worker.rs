@@ -829,7 +829,7 @@ async fn enqueue_wait_exits_with_the_commands_result() {
                 "enqueue",
                 "verify",
                 "postgres",
-                "--backup-id",
+                "--backup",
                 "20200101T000000Z-postgres-abcd",
                 "--wait",
                 "--timeout",
@@ -849,7 +849,11 @@ async fn enqueue_wait_exits_with_the_commands_result() {
     .await
     .unwrap();
     assert!(!ok);
-    assert!(stderr.contains("unknown action `explode`"), "{stderr}");
+    assert!(stderr.contains("invalid value 'explode'"), "{stderr}");
+    assert!(
+        stderr.contains("possible values: backup, restore"),
+        "{stderr}"
+    );
     h.stop_workers().await;
 }
 

@@ -498,6 +498,14 @@ mod tests {
     }
 
     #[test]
+    fn the_options_structs_accept_what_the_options_table_lists() {
+        use crate::model::Action;
+        use crate::targets::tests::accepts_listed_options;
+        accepts_listed_options::<BackupOptions>(Action::Backup, KIND);
+        accepts_listed_options::<RestoreOptions>(Action::Restore, KIND);
+    }
+
+    #[test]
     fn restore_plans_set_every_key_under_the_prefix() {
         let plan = plan_kv_restore(
             &[entry("a"), entry("b/c")],

@@ -436,3 +436,21 @@ impl Targets {
         self.targets.keys().copied().collect()
     }
 }
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use serde::de::DeserializeOwned;
+
+    use crate::model::{Action, TargetKind};
+
+    /// A target's options struct accepts every option `crate::options` lists for it.
+    pub(crate) fn accepts_listed_options<T: DeserializeOwned + Default>(
+        action: Action,
+        target: TargetKind,
+    ) {
+        let sample = crate::options::sample_options(action, target);
+        if let Err(err) = super::parse_options::<T>(target, &sample) {
+            panic!("{action} {target}: {sample} is refused: {err}");
+        }
+    }
+}

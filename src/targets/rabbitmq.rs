@@ -425,6 +425,14 @@ mod tests {
     }
 
     #[test]
+    fn the_options_structs_accept_what_the_options_table_lists() {
+        use crate::model::Action;
+        use crate::targets::tests::accepts_listed_options;
+        accepts_listed_options::<BackupOptions>(Action::Backup, KIND);
+        accepts_listed_options::<RestoreOptions>(Action::Restore, KIND);
+    }
+
+    #[test]
     fn in_place_import_keeps_everything() {
         let plan = plan_import(&sample(), None, None, &BTreeSet::new());
         assert_eq!(count(&plan, "users"), 2);

@@ -483,3 +483,16 @@ fn finish_tree(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_options_structs_accept_what_the_options_table_lists() {
+        use crate::model::Action;
+        use crate::targets::tests::accepts_listed_options;
+        accepts_listed_options::<BackupOptions>(Action::Backup, KIND);
+        accepts_listed_options::<RestoreOptions>(Action::Restore, KIND);
+    }
+}

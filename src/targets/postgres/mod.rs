@@ -223,3 +223,16 @@ fn unreachable(err: &tokio_postgres::Error) -> TargetError {
         message: err.to_string(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_options_structs_accept_what_the_options_table_lists() {
+        use crate::model::Action;
+        use crate::targets::tests::accepts_listed_options;
+        accepts_listed_options::<dump::BackupOptions>(Action::Backup, KIND);
+        accepts_listed_options::<restore::RestoreOptions>(Action::Restore, KIND);
+    }
+}

@@ -326,6 +326,14 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_options_structs_accept_what_the_options_table_lists() {
+        use crate::model::Action;
+        use crate::targets::tests::accepts_listed_options;
+        accepts_listed_options::<backup::BackupOptions>(Action::Backup, KIND);
+        accepts_listed_options::<restore::RestoreOptions>(Action::Restore, KIND);
+    }
+
+    #[test]
     fn info_and_keyspace_lines_parse() {
         let info = parse_info(
             "# Keyspace\r\ndb0:keys=3,expires=1,avg_ttl=0\r\n\r\ndb12:keys=7,expires=0\r\n",

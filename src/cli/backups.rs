@@ -1,0 +1,342 @@
+//! The commands that work on storage: run, list, show, restore, verify, drill, prune.
+
+use std::process::ExitCode;
+
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use super::{Failure, output, requester};
+use crm_backup::jobs::JobContext;
+use crm_backup::jobs::backup::{BackupRequest, run_backup};
+use crm_backup::jobs::drill::{DrillRequest, run_drill};
+use crm_backup::jobs::prune::{PruneRequest, run_prune};
+use crm_backup::jobs::restore::{RestoreRequest, run_restore};
+use crm_backup::jobs::verify::verify_backup;
+use crm_backup::model::{TargetKind, TargetSelector};
+use crm_backup::storage::catalog::{self, BackupRef};
+use crm_backup::storage::manifest::Manifest;
+
+type Options = serde_json::Map<String, serde_json::Value>;
+
+/// Backs up one target or every enabled one; a target that fails does not stop the others.
+pub async fn run(
+    ctx: &JobContext,
+    target: TargetSelector,
+    options: Options,
+    reason: Option<String>,
+    json: bool,
+) -> Result<ExitCode, Failure> {
+    let (kinds, set_id) = match target {
+        TargetSelector::All => (
+            ctx.targets.enabled(),
+            Some(uuid::Uuid::new_v4().to_string()),
+        ),
+        TargetSelector::One(kind) => (vec![kind], None),
+    };
+    let cancel = CancellationToken::new();
+    let mut failed = Vec::new();
+    for kind in kinds {
+        let mut request = BackupRequest::new(kind, &requester());
+        request.reason = reason.clone();
+        request.set_id = set_id.clone();
+        request.options = options_for(kind, &options, target == TargetSelector::All);
+        match run_backup(ctx, &request, &cancel).await {
+            Ok(manifest) => output::backup(&ctx.storage, &manifest, json),
+            Err(err) => {
+                output::failure(kind, &err, json);
+                failed.push(format!("{kind}: {err}"));
+            }
+        }
+    }
+    all_succeeded(failed, "targets failed")
+}
+
+/// The options of one target: all of them for a single target; with `all`, those prefixed
+/// `<target>.`, without the prefix.
+fn options_for(kind: TargetKind, options: &Options, all: bool) -> serde_json::Value {
+    if !all {
+        return serde_json::Value::Object(options.clone());
+    }
+    let prefix = format!("{kind}.");
+    let own: Options = options
+        .iter()
+        .filter_map(|(key, value)| Some((key.strip_prefix(&prefix)?.to_string(), value.clone())))
+        .collect();
+    serde_json::Value::Object(own)
+}
+
+pub async fn list(
+    ctx: &JobContext,
+    target: Option<TargetSelector>,
+    json: bool,
+) -> Result<ExitCode, Failure> {
+    let listing = match target {
+        Some(TargetSelector::One(kind)) => catalog::list(&ctx.storage, kind).await?,
+        None | Some(TargetSelector::All) => catalog::list_all(&ctx.storage).await?,
+    };
+    for (key, reason) in &listing.unreadable {
+        tracing::warn!(%key, %reason, "skipping an unreadable manifest");
+    }
+    if json {
+        let rows: Vec<_> = listing
+            .manifests
+            .iter()
+            .map(|m| {
+                json!({
+                    "backup_id": m.id, "target": m.target, "set_id": m.set_id,
+                    "started_at": m.started_at, "finished_at": m.finished_at,
+                    "size_bytes": m.stored_size(), "raw_size_bytes": m.raw_size(),
+                    "requested_by": m.requested_by, "reason": m.reason,
+                    "retain_until": m.retain_until,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else if listing.manifests.is_empty() {
+        println!("no backups in {}", ctx.storage.location_of(""));
+    } else {
+        for manifest in &listing.manifests {
+            println!("{}", output::listed(manifest));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn show(
+    ctx: &JobContext,
+    target: Option<TargetSelector>,
+    backup: &str,
+    json: bool,
+) -> Result<ExitCode, Failure> {
+    let (kind, backup) = one_backup(target, backup)?;
+    let manifest = catalog::resolve(&ctx.storage, kind, &backup).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&manifest)?);
+    } else {
+        println!("{}", output::manifest(&manifest));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn restore(
+    ctx: &JobContext,
+    target: Option<TargetSelector>,
+    backup: &str,
+    options: Options,
+    json: bool,
+) -> Result<ExitCode, Failure> {
+    let (target, backup) = one_backup(target, backup)?;
+    let request = RestoreRequest {
+        target,
+        backup,
+        options: serde_json::Value::Object(options),
+    };
+    let (manifest, report) = run_restore(ctx, &request).await?;
+    if json {
+        println!(
+            "{}",
+            json!({"backup_id": manifest.id, "target": manifest.target,
+                   "destination": report.destination, "details": report.details})
+        );
+    } else {
+        println!("restored {} into {}", manifest.id, report.destination);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn verify(
+    ctx: &JobContext,
+    target: Option<TargetSelector>,
+    backup: &str,
+    json: bool,
+) -> Result<ExitCode, Failure> {
+    let manifests = chosen_backups(ctx, target, backup).await?;
+    let mut failures = Vec::new();
+    for manifest in &manifests {
+        let report = verify_backup(ctx, manifest).await?;
+        if json {
+            println!(
+                "{}",
+                json!({"backup_id": report.backup_id, "ok": report.ok(), "artifacts": report.artifacts})
+            );
+        } else {
+            for check in &report.artifacts {
+                println!(
+                    "{} {}: {}",
+                    if check.ok { "ok  " } else { "FAIL" },
+                    check.key,
+                    check.detail
+                );
+            }
+        }
+        if let Some(failure) = report.failure() {
+            failures.push(failure);
+        }
+    }
+    match failures.as_slice() {
+        [] => Ok(ExitCode::SUCCESS),
+        [one] => Err(Failure(format!("verify failed: {one}"))),
+        [first, ..] => Err(Failure(format!(
+            "verify failed for {} artifacts; first: {first}",
+            failures.len()
+        ))),
+    }
+}
+
+pub async fn drill(
+    ctx: &JobContext,
+    target: Option<TargetSelector>,
+    backup: &str,
+    json: bool,
+) -> Result<ExitCode, Failure> {
+    let targets = match (target, backup) {
+        (None | Some(TargetSelector::All), "latest") => ctx.targets.enabled(),
+        _ => vec![one_backup(target, backup)?.0],
+    };
+    let mut failed = Vec::new();
+    for kind in targets {
+        let request = DrillRequest {
+            target: kind,
+            backup: backup.parse()?,
+        };
+        match run_drill(ctx, &request).await {
+            Ok((_, report)) if json => println!("{}", serde_json::to_string(&report)?),
+            Ok((_, report)) => println!(
+                "drill passed: {} verified ({} artifacts) and restored into {}",
+                report.backup_id,
+                report.verify.artifacts.len(),
+                report.scratch
+            ),
+            Err(err) => {
+                output::failure(kind, &err, json);
+                failed.push(format!("{kind}: {err}"));
+            }
+        }
+    }
+    all_succeeded(failed, "drills failed")
+}
+
+pub async fn prune(
+    ctx: &JobContext,
+    target: Option<TargetSelector>,
+    dry_run: bool,
+    json: bool,
+) -> Result<ExitCode, Failure> {
+    let targets = match target {
+        Some(TargetSelector::One(kind)) => vec![kind],
+        None | Some(TargetSelector::All) => TargetKind::ALL.to_vec(),
+    };
+    let request = PruneRequest { targets, dry_run };
+    let report = run_prune(ctx, &request, chrono::Utc::now()).await?;
+    if json {
+        println!("{}", serde_json::to_string(&report)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let deleted = if dry_run { "would delete" } else { "deleted" };
+    for decision in &report.decisions {
+        let why = if decision.keep {
+            decision
+                .reasons
+                .iter()
+                .map(|r| r.to_string())
+                .collect::<Vec<_>>()
+                .join("; ")
+        } else {
+            "no rule keeps it".to_string()
+        };
+        println!(
+            "{:<12} {:<9} {}  {}",
+            if decision.keep { "keep" } else { deleted },
+            decision.target,
+            decision.id,
+            why
+        );
+    }
+    for debris in &report.debris {
+        println!(
+            "{:<12} {:<9} {}  unfinished backup: {} objects, {}, last written {}",
+            deleted,
+            "debris",
+            debris.dir,
+            debris.objects,
+            output::human_bytes(debris.bytes),
+            debris.last_written.format("%Y-%m-%d %H:%M:%SZ")
+        );
+    }
+    for unreadable in &report.unreadable {
+        println!("{:<12} {:<9} {}", "keep", "unreadable", unreadable);
+    }
+    println!(
+        "{} kept, {} {}, {} debris director{} {}",
+        report.kept(),
+        report.deleted.len(),
+        deleted,
+        report.debris.len(),
+        if report.debris.len() == 1 { "y" } else { "ies" },
+        if dry_run {
+            "would be removed"
+        } else {
+            "removed"
+        }
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// One backup: an id (its target from the id, which `target` must not contradict) or
+/// `latest` of one target.
+fn one_backup(
+    target: Option<TargetSelector>,
+    backup: &str,
+) -> Result<(TargetKind, BackupRef), Failure> {
+    let backup: BackupRef = backup
+        .parse()
+        .map_err(|err| Failure(format!("{err}, `latest` or (for verify) `all`")))?;
+    match (&backup, target) {
+        (BackupRef::Id(id), Some(TargetSelector::One(kind))) if id.target() != kind => {
+            Err(Failure(format!(
+                "backup {id} is a {} backup, not {kind}",
+                id.target()
+            )))
+        }
+        (BackupRef::Id(id), _) => Ok((id.target(), backup)),
+        (BackupRef::Latest, Some(TargetSelector::One(kind))) => Ok((kind, backup)),
+        (BackupRef::Latest, _) => Err(Failure("`latest` of which target? name one".into())),
+    }
+}
+
+/// The backups `verify` checks: every backup (`--backup all`) or the latest of each target
+/// with `all`, or one.
+async fn chosen_backups(
+    ctx: &JobContext,
+    target: Option<TargetSelector>,
+    backup: &str,
+) -> Result<Vec<Manifest>, Failure> {
+    Ok(match (target, backup) {
+        (Some(TargetSelector::One(kind)), "all") => {
+            catalog::list(&ctx.storage, kind).await?.manifests
+        }
+        (None | Some(TargetSelector::All), "all") => {
+            catalog::list_all(&ctx.storage).await?.manifests
+        }
+        (Some(TargetSelector::All), "latest") => {
+            let mut latest = Vec::new();
+            for kind in ctx.targets.enabled() {
+                latest.extend(catalog::latest(&ctx.storage, kind).await?);
+            }
+            latest
+        }
+        _ => {
+            let (kind, backup) = one_backup(target, backup)?;
+            vec![catalog::resolve(&ctx.storage, kind, &backup).await?]
+        }
+    })
+}
+
+/// Exit 0 when nothing failed; else one line naming the first failure.
+fn all_succeeded(mut failures: Vec<String>, what: &str) -> Result<ExitCode, Failure> {
+    match failures.len() {
+        0 => Ok(ExitCode::SUCCESS),
+        1 => Err(Failure(failures.remove(0))),
+        n => Err(Failure(format!("{n} {what}: {}", failures.join("; ")))),
+    }
+}

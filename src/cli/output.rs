@@ -1,0 +1,145 @@
+//! How the CLI prints results: human-readable lines, or one JSON document per result.
+
+use serde_json::json;
+
+use crm_backup::jobs::JobError;
+use crm_backup::model::TargetKind;
+use crm_backup::storage::Storage;
+use crm_backup::storage::manifest::Manifest;
+
+/// `1.5 GiB`.
+pub fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+/// A finished backup: id, sizes, duration and throughput.
+pub fn backup(storage: &Storage, manifest: &Manifest, json: bool) {
+    let duration = manifest.duration();
+    let seconds = duration.as_secs_f64().max(0.001);
+    let throughput = manifest.raw_size() as f64 / seconds;
+    if json {
+        println!(
+            "{}",
+            json!({
+                "target": manifest.target,
+                "backup_id": manifest.id,
+                "ok": true,
+                "raw_size_bytes": manifest.raw_size(),
+                "size_bytes": manifest.stored_size(),
+                "duration_ms": duration.as_millis() as u64,
+                "throughput_bytes_per_s": throughput as u64,
+                "location": storage.location_of(&format!("{}/{}/", manifest.target, manifest.id)),
+            })
+        );
+    } else {
+        println!(
+            "{:<10} {}  raw {:>10}  stored {:>10}  {:>7.1} s  {}/s",
+            manifest.target.as_str(),
+            manifest.id,
+            human_bytes(manifest.raw_size()),
+            human_bytes(manifest.stored_size()),
+            seconds,
+            human_bytes(throughput as u64),
+        );
+    }
+}
+
+/// A step of `target` that failed (the others of an `all` still run).
+pub fn failure(target: TargetKind, err: &JobError, json: bool) {
+    if json {
+        println!(
+            "{}",
+            json!({"target": target, "ok": false,
+                   "error": {"kind": err.kind(), "message": err.to_string(), "retryable": err.retryable()}})
+        );
+    } else {
+        println!("{:<10} FAILED: {err}", target.as_str());
+    }
+}
+
+/// One line of `list`.
+pub fn listed(manifest: &Manifest) -> String {
+    format!(
+        "{:<44} {:<10} {}  {:>10}  {:>10}  {}{}",
+        manifest.id.as_str(),
+        manifest.target.as_str(),
+        manifest.finished_at.format("%Y-%m-%d %H:%M:%SZ"),
+        human_bytes(manifest.stored_size()),
+        human_bytes(manifest.raw_size()),
+        manifest.requested_by,
+        manifest
+            .reason
+            .as_deref()
+            .map(|r| format!(" ({r})"))
+            .unwrap_or_default(),
+    )
+}
+
+/// The summary of one manifest that `show` prints without `--json`.
+pub fn manifest(manifest: &Manifest) -> String {
+    let mut lines = vec![
+        format!("backup     {}", manifest.id),
+        format!("target     {}", manifest.target),
+        format!(
+            "taken      {} to {} ({:.1} s)",
+            manifest.started_at.format("%Y-%m-%d %H:%M:%SZ"),
+            manifest.finished_at.format("%Y-%m-%d %H:%M:%SZ"),
+            manifest.duration().as_secs_f64()
+        ),
+        format!(
+            "by         {}{}",
+            manifest.requested_by,
+            manifest
+                .reason
+                .as_deref()
+                .map(|r| format!(" ({r})"))
+                .unwrap_or_default()
+        ),
+    ];
+    if let Some(parent) = &manifest.parent {
+        lines.push(format!("parent     {parent}"));
+    }
+    if let Some(until) = manifest.retain_until {
+        lines.push(format!("kept until {}", until.format("%Y-%m-%d %H:%M:%SZ")));
+    }
+    for artifact in &manifest.artifacts {
+        lines.push(format!(
+            "artifact   {}  raw {} (sha256 {})  stored {} (sha256 {}){}",
+            artifact.name,
+            human_bytes(artifact.raw_size),
+            artifact.raw_sha256,
+            human_bytes(artifact.stored_size),
+            artifact.stored_sha256,
+            if artifact.encryption.is_some() {
+                ", encrypted"
+            } else {
+                ""
+            }
+        ));
+    }
+    lines.join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_print_in_binary_units() {
+        assert_eq!(human_bytes(0), "0 B");
+        assert_eq!(human_bytes(1023), "1023 B");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes(5 << 30), "5.0 GiB");
+    }
+}
