@@ -1,10 +1,10 @@
 //! Backup direction: a blocking source in, a stored artifact out.
 //!
-//! One thread reads the source in chunks, shows each chunk to the target's inspector (a row
-//! counter, a checksum: whatever the target learns from its own bytes), hands it to a second
-//! thread that hashes the raw bytes, and compresses (and encrypts) it into stored chunks; an
-//! upload task sends those to storage. No chunk passes through the target or the async
-//! runtime on its way there.
+//! One thread reads the source in chunks and compresses (and encrypts) them into stored chunks,
+//! which an upload task sends to storage; a second thread hashes the raw chunks and shows them
+//! to the target's inspector (a row counter, a checksum, per-file digests: whatever the target
+//! learns from its own bytes). No chunk passes through the target or the async runtime on its
+//! way to storage.
 //!
 //! Nothing becomes visible in storage until the target commits the artifact, which it does
 //! once it knows the source was whole (a child process that exited 0, say): a
@@ -23,7 +23,8 @@ use tokio::task::JoinHandle;
 
 use super::chunk::{Chunk, ChunkPool};
 use super::compress::Compressor;
-use super::{CHANNEL_DEPTH, Codec, POOLED_CHUNKS, PipelineError, TallyThread};
+use super::sha256::Sha256;
+use super::{CHANNEL_DEPTH, Codec, POOLED_CHUNKS, PipelineError};
 use crate::storage::manifest::{ArtifactRecord, Compression, Encryption};
 use crate::storage::{Storage, Upload};
 
@@ -34,9 +35,16 @@ const SHORT_READ: usize = 64 * 1024;
 /// gather, so a fast source is read in large pieces and a slow one at most every pause.
 const REFILL_PAUSE: std::time::Duration = std::time::Duration::from_micros(500);
 
-/// Sees every chunk of an artifact's raw bytes, in order, on the pipeline's thread.
+/// Sees every chunk of an artifact's raw bytes, in order, on the pipeline's hashing thread.
 pub trait Inspect: Send + 'static {
     fn inspect(&mut self, raw: &[u8]);
+
+    /// Hashes `raw` into the stream's digest and inspects it. An inspector that hashes some of
+    /// the same bytes itself does both in one pass (see [`super::sha256::update_both`]).
+    fn hash_and_inspect(&mut self, raw: &[u8], stream: &mut Sha256) {
+        stream.update(raw);
+        self.inspect(raw);
+    }
 }
 
 /// No inspection.
@@ -254,10 +262,11 @@ struct Encoded<R, I> {
     stored: (String, u64),
 }
 
-/// The pipeline thread: read, inspect, hash (on a thread of its own), compress, encrypt.
+/// The pipeline thread: read, compress, encrypt; hashing and inspection on a thread of their
+/// own, from the same chunks (`Bytes` clones, not copies).
 fn encode<R: Read, I: Inspect>(
     mut source: R,
-    mut inspector: I,
+    inspector: I,
     out: mpsc::Sender<Bytes>,
     codec: &Codec,
     stop: &AtomicBool,
@@ -265,7 +274,7 @@ fn encode<R: Read, I: Inspect>(
     let chunks = ChunkPool::new(codec.chunk_size, POOLED_CHUNKS);
     let mut compressor = Compressor::new(codec, out)?;
     std::thread::scope(|scope| {
-        let raw = TallyThread::spawn(scope);
+        let raw = HashThread::spawn(scope, inspector);
         loop {
             if stop.load(Ordering::SeqCst) {
                 return Err(PipelineError::Aborted);
@@ -273,8 +282,7 @@ fn encode<R: Read, I: Inspect>(
             let (chunk, ended) = fill(&mut source, chunks.take()).map_err(PipelineError::Source)?;
             if !chunk.is_empty() {
                 let chunk = chunk.freeze();
-                inspector.inspect(&chunk);
-                raw.update(&chunk)?;
+                raw.send(&chunk)?;
                 compressor.write_all(&chunk)?;
             }
             if ended {
@@ -282,7 +290,7 @@ fn encode<R: Read, I: Inspect>(
             }
         }
         let stored = compressor.finish()?;
-        let raw = raw.finish()?;
+        let (raw, inspector) = raw.finish()?;
         Ok(Encoded {
             source,
             inspector,
@@ -290,6 +298,41 @@ fn encode<R: Read, I: Inspect>(
             stored,
         })
     })
+}
+
+/// The hashing thread: the raw bytes' SHA-256 and size, and the inspector.
+struct HashThread<'scope, I> {
+    tx: std::sync::mpsc::SyncSender<Bytes>,
+    thread: std::thread::ScopedJoinHandle<'scope, ((String, u64), I)>,
+}
+
+impl<'scope, I: Inspect> HashThread<'scope, I> {
+    fn spawn<'env>(scope: &'scope std::thread::Scope<'scope, 'env>, mut inspector: I) -> Self {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Bytes>(CHANNEL_DEPTH);
+        let thread = scope.spawn(move || {
+            let mut stream = Sha256::new();
+            let mut bytes = 0u64;
+            for chunk in rx {
+                inspector.hash_and_inspect(&chunk, &mut stream);
+                bytes += chunk.len() as u64;
+            }
+            ((stream.finish_hex(), bytes), inspector)
+        });
+        HashThread { tx, thread }
+    }
+
+    fn send(&self, chunk: &Bytes) -> Result<(), PipelineError> {
+        self.tx
+            .send(chunk.clone())
+            .map_err(|_| PipelineError::Internal("the hashing thread stopped".into()))
+    }
+
+    fn finish(self) -> Result<((String, u64), I), PipelineError> {
+        drop(self.tx);
+        self.thread
+            .join()
+            .map_err(|_| PipelineError::Internal("the hashing thread panicked".into()))
+    }
 }
 
 /// Fills `chunk` from `source` until it is full or the source ends (then `true`).
@@ -393,7 +436,7 @@ mod tests {
         .unwrap();
         assert!(encoded.inspector.0 == data);
         assert_eq!(encoded.raw.1, data.len() as u64);
-        use sha2::Digest;
+        use sha2::Digest as _;
         assert_eq!(encoded.raw.0, hex::encode(sha2::Sha256::digest(&data)));
         let mut stored = Vec::new();
         while let Ok(chunk) = rx.try_recv() {

@@ -12,14 +12,16 @@
 //! into a [`PendingArtifact`]), `channel_source` (a source fed by async code), `compress` (zstd, age and the stored digest, writing into
 //! chunks), `decode` (the restore direction), `chunk` (chunks between stages),
 //! `zstd_context` (the compression context and its settings).
-//!
-//! SHA-256 is `sha2`'s, which uses the CPU's SHA extensions where it has them.
+//! [`sha256`] is SHA-256 that can hash the same bytes into two digests at once (an inspector
+//! that hashes part of the stream, such as the documents' per-file digests, shares the work
+//! with the stream's own digest).
 
 mod channel_source;
 mod chunk;
 mod compress;
 mod decode;
 mod encode;
+pub mod sha256;
 mod zstd_context;
 
 use std::collections::BTreeMap;
@@ -191,45 +193,10 @@ impl Keyring {
     }
 }
 
-/// A [`Tally`] computed on a thread of its own, so that hashing overlaps compression:
-/// chunks are shared (`Bytes` clones), not copied.
-struct TallyThread<'scope> {
-    tx: std::sync::mpsc::SyncSender<bytes::Bytes>,
-    thread: std::thread::ScopedJoinHandle<'scope, Tally>,
-}
-
-impl<'scope> TallyThread<'scope> {
-    fn spawn<'env>(scope: &'scope std::thread::Scope<'scope, 'env>) -> Self {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<bytes::Bytes>(CHANNEL_DEPTH);
-        let thread = scope.spawn(move || {
-            let mut tally = Tally::default();
-            for chunk in rx {
-                tally.update(&chunk);
-            }
-            tally
-        });
-        TallyThread { tx, thread }
-    }
-
-    fn update(&self, chunk: &bytes::Bytes) -> Result<(), PipelineError> {
-        self.tx
-            .send(chunk.clone())
-            .map_err(|_| PipelineError::Internal("the hashing thread stopped".into()))
-    }
-
-    fn finish(self) -> Result<(String, u64), PipelineError> {
-        drop(self.tx);
-        self.thread
-            .join()
-            .map(Tally::finish)
-            .map_err(|_| PipelineError::Internal("the hashing thread panicked".into()))
-    }
-}
-
 /// SHA-256 and byte count of everything that passes one point of the pipeline.
 #[derive(Default)]
 struct Tally {
-    hasher: Sha256,
+    hasher: sha256::Sha256,
     bytes: u64,
 }
 
@@ -240,7 +207,7 @@ impl Tally {
     }
 
     fn finish(self) -> (String, u64) {
-        (hex::encode(self.hasher.finalize()), self.bytes)
+        (self.hasher.finish_hex(), self.bytes)
     }
 }
 

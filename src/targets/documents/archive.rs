@@ -2,8 +2,9 @@
 //! blocking `Read`), with a per-file index (path, size, mode, mtime, SHA-256).
 //!
 //! The tree is walked as the stream is read, one directory listing at a time; a file's
-//! content is read straight into the pipeline's buffer and hashed there, with no copy in
-//! between. Symlinks are stored as links and never followed; special files are skipped and
+//! content is read straight into the pipeline's buffer, with no copy in between. Each stored
+//! file's SHA-256 is computed from the stream by the pipeline's hashing thread
+//! (`super::digests`); [`ArchiveReport::stored`] says which index entries they belong to. Symlinks are stored as links and never followed; special files are skipped and
 //! listed; a file whose size or mtime changes while it is read is stored as read, padded or
 //! cut to the size announced in its header, and reported.
 
@@ -14,7 +15,6 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 /// One entry of the index in the manifest.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -63,12 +63,32 @@ pub struct ArchiveReport {
     pub changed_during_backup: Vec<String>,
     pub stored_files: u64,
     pub stored_bytes: u64,
+    /// The index positions of the files stored in the stream, in stream order.
+    #[serde(skip)]
+    pub stored: Vec<usize>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Skipped {
     pub path: String,
     pub reason: String,
+}
+
+impl ArchiveReport {
+    /// Puts the digests of the stored files, in stream order, into their index entries.
+    pub fn fill_digests(&mut self, digests: Vec<String>) -> Result<(), String> {
+        if digests.len() != self.stored.len() {
+            return Err(format!(
+                "{} files were stored and {} hashed",
+                self.stored.len(),
+                digests.len()
+            ));
+        }
+        for (&position, digest) in self.stored.iter().zip(digests) {
+            self.index[position].sha256 = Some(digest);
+        }
+        Ok(())
+    }
 }
 
 /// The tree under a root as a tar stream: see the module documentation. Files whose index
@@ -100,7 +120,6 @@ struct OpenFile {
     remaining: u64,
     /// It ended before its announced size: the rest is zeros.
     short: bool,
-    hasher: Sha256,
 }
 
 /// tar's record size: every entry's content is padded to a multiple of it.
@@ -262,13 +281,13 @@ impl TarStream {
             .append_data(&mut header, &index.path, io::empty())?;
         index.stored_in = Some(self.this_backup.clone());
         self.report.index.push(index);
+        self.report.stored.push(self.report.index.len() - 1);
         self.file = Some(OpenFile {
             file,
             remaining: meta.len(),
             meta,
             position: self.report.index.len() - 1,
             short: false,
-            hasher: Sha256::new(),
         });
         Ok(())
     }
@@ -294,17 +313,15 @@ impl TarStream {
                 Err(err) => return Err(err),
             }
         };
-        file.hasher.update(&buf[..n]);
         file.remaining -= n as u64;
         Ok(n)
     }
 
-    /// The open file is read whole: its hash goes into the index, its padding into the stream.
+    /// The open file is read whole: its padding goes into the stream.
     fn close_file(&mut self, file: OpenFile) -> io::Result<()> {
         let size = file.meta.len();
         let after = file.file.metadata()?;
-        let entry = &mut self.report.index[file.position];
-        entry.sha256 = Some(hex::encode(file.hasher.finalize()));
+        let entry = &self.report.index[file.position];
         let changed = file.short
             || after.len() != size
             || after.mtime() != file.meta.mtime()
@@ -377,7 +394,22 @@ fn padding(size: u64) -> usize {
 
 #[cfg(test)]
 mod tests {
+    use sha2::{Digest, Sha256};
+
     use super::*;
+    use crate::pipeline::Inspect;
+    use crate::targets::documents::digests::FileDigests;
+
+    /// The stream read whole, and its report with the files' digests as the pipeline's
+    /// hashing thread computes them.
+    fn archive(mut stream: TarStream, piece: usize) -> (Vec<u8>, ArchiveReport) {
+        let tar = read_all(&mut stream, piece);
+        let mut digests = FileDigests::default();
+        digests.inspect(&tar);
+        let mut report = stream.into_report();
+        report.fill_digests(digests.finish().unwrap()).unwrap();
+        (tar, report)
+    }
 
     fn read_all(stream: &mut TarStream, piece: usize) -> Vec<u8> {
         let mut all = Vec::new();
@@ -417,10 +449,8 @@ mod tests {
         std::os::unix::fs::symlink("one", root.join("a/link")).unwrap();
         std::os::unix::fs::symlink("/etc/passwd", root.join("escape")).unwrap();
         for piece in [1000, 4096, 1 << 20] {
-            let mut stream = TarStream::new(root, BTreeMap::new(), "b1");
-            let tar = read_all(&mut stream, piece);
+            let (tar, report) = archive(TarStream::new(root, BTreeMap::new(), "b1"), piece);
             assert_eq!(tar.len() % BLOCK, 0);
-            let report = stream.into_report();
             let mut archive = tar::Archive::new(tar.as_slice());
             let mut found = BTreeMap::new();
             for entry in archive.entries().unwrap() {
@@ -461,18 +491,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         fs::write(dir.path().join("same"), b"same").unwrap();
         fs::write(dir.path().join("new"), b"new").unwrap();
-        let mut first = TarStream::new(dir.path(), BTreeMap::new(), "b1");
-        read_all(&mut first, 4096);
+        let (_, first) = archive(TarStream::new(dir.path(), BTreeMap::new(), "b1"), 4096);
         let previous: BTreeMap<String, IndexEntry> = first
-            .into_report()
             .index
             .into_iter()
             .filter(|e| e.path == "same")
             .map(|e| (e.path.clone(), e))
             .collect();
-        let mut second = TarStream::new(dir.path(), previous, "b2");
-        let tar = read_all(&mut second, 4096);
-        let report = second.into_report();
+        let (tar, report) = archive(TarStream::new(dir.path(), previous, "b2"), 4096);
         let stored_in: Vec<_> = report
             .index
             .iter()
@@ -510,7 +536,10 @@ mod tests {
             .unwrap();
         let mut tar = first;
         tar.extend(read_all(&mut stream, 4096));
-        let report = stream.into_report();
+        let mut digests = FileDigests::default();
+        digests.inspect(&tar);
+        let mut report = stream.into_report();
+        report.fill_digests(digests.finish().unwrap()).unwrap();
 
         let mut expected = original[..70_000].to_vec();
         expected.resize(original.len(), 0);

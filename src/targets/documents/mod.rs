@@ -6,6 +6,7 @@
 //! from the right backup of the chain and nothing that was deleted comes back.
 
 mod archive;
+mod digests;
 pub mod extract;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -19,6 +20,7 @@ use tokio_util::io::SyncIoBridge;
 
 use self::archive::TarStream;
 pub use self::archive::{EntryKind, IndexEntry, Skipped};
+use self::digests::FileDigests;
 use self::extract::unpack;
 use super::{
     ArtifactSink, ArtifactSource, RestoreReport, Target, TargetError, exclusive_options,
@@ -172,7 +174,7 @@ impl Target for Documents {
             sink.backup_id().as_str(),
         );
         let streamed = sink
-            .stream(ARTIFACT, FORMAT, tree, ())
+            .stream(ARTIFACT, FORMAT, tree, FileDigests::default())
             .await
             .map_err(|err| match err {
                 PipelineError::Source(err) => TargetError::Tool {
@@ -182,7 +184,16 @@ impl Target for Documents {
                 },
                 other => other.into(),
             })?;
-        let report = streamed.source.into_report();
+        let mut report = streamed.source.into_report();
+        streamed
+            .inspector
+            .finish()
+            .and_then(|digests| report.fill_digests(digests))
+            .map_err(|reason| TargetError::Tool {
+                tool: "tar".into(),
+                message: format!("hashing the files of {}: {reason}", self.root.display()),
+                retryable: false,
+            })?;
         sink.commit(streamed.artifact).await?;
         let (previous, parent_facts) = match parent {
             Some((id, facts)) => {
