@@ -1,4 +1,4 @@
-//! The README's examples are part of the contract: they must match the schemas and work.
+//! The examples of docs/contract.md are part of the contract: they must match the schemas and work.
 
 mod common;
 
@@ -15,12 +15,12 @@ use crm_backup::model::TargetKind;
 use crm_backup::storage::catalog;
 use tokio_util::sync::CancellationToken;
 
-const README: &str = include_str!("../README.md");
+const CONTRACT: &str = include_str!("../docs/contract.md");
 
 /// The fenced block after each `<!-- marker -->` line.
 fn blocks_after(marker: &str) -> Vec<String> {
     let mut blocks = Vec::new();
-    let mut lines = README.lines();
+    let mut lines = CONTRACT.lines();
     while let Some(line) = lines.next() {
         if line.trim() != format!("<!-- {marker} -->") {
             continue;
@@ -69,7 +69,7 @@ fn readme_commands_match_the_schema_and_parse() {
 async fn the_readme_python_snippet_requests_a_backup_and_gets_its_result() {
     let snippet = blocks_after("pika example")
         .pop()
-        .expect("the README has a pika example");
+        .expect("the contract has a pika example");
     let vhost = TestVhost::create("pika");
     let db = TestDatabase::create("pika");
     let url = vhost.url();

@@ -262,8 +262,9 @@ struct Encoded<R, I> {
     stored: (String, u64),
 }
 
-/// The pipeline thread: read, compress, encrypt; hashing and inspection on a thread of their
-/// own, from the same chunks (`Bytes` clones, not copies).
+/// The pipeline's threads: this one reads; one compresses and encrypts, one hashes and
+/// inspects, both from the same chunks (`Bytes` clones, not copies). Reading on a thread of its
+/// own keeps the source flowing while zstd waits for its worker.
 fn encode<R: Read, I: Inspect>(
     mut source: R,
     inspector: I,
@@ -272,10 +273,18 @@ fn encode<R: Read, I: Inspect>(
     stop: &AtomicBool,
 ) -> Result<Encoded<R, I>, PipelineError> {
     let chunks = ChunkPool::new(codec.chunk_size, POOLED_CHUNKS);
-    let mut compressor = Compressor::new(codec, out)?;
+    let compressor = Compressor::new(codec, out)?;
     std::thread::scope(|scope| {
         let raw = HashThread::spawn(scope, inspector);
-        loop {
+        let (to_compressor, compressed) = std::sync::mpsc::sync_channel::<Bytes>(CHANNEL_DEPTH);
+        let compressing = scope.spawn(move || {
+            let mut compressor = compressor;
+            for chunk in compressed {
+                compressor.write_all(&chunk)?;
+            }
+            compressor.finish()
+        });
+        let read = (|| loop {
             if stop.load(Ordering::SeqCst) {
                 return Err(PipelineError::Aborted);
             }
@@ -283,13 +292,20 @@ fn encode<R: Read, I: Inspect>(
             if !chunk.is_empty() {
                 let chunk = chunk.freeze();
                 raw.send(&chunk)?;
-                compressor.write_all(&chunk)?;
+                if to_compressor.send(chunk).is_err() {
+                    return Ok(()); // the compressor stopped: its result says why
+                }
             }
             if ended {
-                break;
+                return Ok(());
             }
-        }
-        let stored = compressor.finish()?;
+        })();
+        drop(to_compressor);
+        let stored = compressing
+            .join()
+            .map_err(|_| PipelineError::Internal("the compressing thread panicked".into()))?;
+        read?;
+        let stored = stored?;
         let (raw, inspector) = raw.finish()?;
         Ok(Encoded {
             source,

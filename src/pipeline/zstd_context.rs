@@ -3,16 +3,13 @@
 //!
 //! Two settings differ from zstd's defaults, both for CPU next to production:
 //! - The pre-block splitter is off. It looks for a place inside every 128 KiB block where
-//!   the content changes and cuts the block there; on the documents benchmark's files (half
-//!   random, half text) it made compression cost about a third more CPU (`zstd -3`, one
-//!   worker, the 2.2 GB tar: 2.0 → 1.4 s user) for 1% smaller output (1082 → 1093 MB).
-//!   zstd 1.5.6 and earlier (the `zstd` command of most distributions) never split blocks
-//!   this way.
+//!   the content changes and cuts the block there; on mixed content (documents that are half
+//!   random, half text) it costs about a third more compression CPU for about 1% smaller
+//!   output. zstd 1.5.6 and earlier (the `zstd` command of most distributions) never split
+//!   blocks this way.
 //! - With workers, a job does not reload the tail of the previous job as history (zstd's
-//!   default reloads an eighth of the window into the match tables of every 2 MiB job). On
-//!   the same tar: 1.37–1.68 → 1.17–1.48 s user and no larger output; the documents backup
-//!   to the local directory 3.31 → 3.13 s (A/B, 7 alternating rounds); the pgbench dump
-//!   compresses to 4.8 MiB instead of 4.7.
+//!   default reloads an eighth of the window into the match tables of every job): less CPU
+//!   per job for output of the same size.
 //!
 //! The output is an ordinary zstd frame either way: `zstd -d` reads it.
 

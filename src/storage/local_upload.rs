@@ -8,9 +8,8 @@
 //! page) are written with `O_DIRECT` where the file system allows it (Linux): they go from
 //! the pipeline's chunks, which are page-aligned buffers, straight to the disk. A backup then
 //! neither evicts the database's cached pages for a gigabyte it will not read again nor pays
-//! for copying it into the cache: on the documents benchmark that copy was 12–21% of the
-//! backup's CPU time, and `dd` put 1 GiB on this disk in 0.8 s with `oflag=direct` (256 KiB
-//! writes) against 3.1 s through the cache with `conv=fdatasync`. What cannot go direct is
+//! for copying it into the cache (a large share of a documents backup's CPU time), and the
+//! disk takes large direct writes faster than a cache flush at the end. What cannot go direct is
 //! written through the cache and handed to the disk at once (`sync_file_range` with
 //! `SYNC_FILE_RANGE_WRITE`, as PostgreSQL's `*_flush_after` settings do). Either way the final
 //! `fdatasync` finds little left to do.
