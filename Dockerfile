@@ -12,6 +12,12 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 COPY --from=build /src/target/release/crm-backup /src/target/release/crm-backup-scheduler /usr/local/bin/
 COPY config /app/config
+# Not root: a restore writes only where this user may (documents beside /data/documents,
+# Redis files under /app/restores).
+RUN useradd --system --uid 10001 --home-dir /app --shell /usr/sbin/nologin crm-backup \
+ && mkdir -p /data/documents /app/restores /app/backups \
+ && chown crm-backup:crm-backup /data /data/documents /app/restores /app/backups
+USER crm-backup
 WORKDIR /app
 ENV BACKUP_CONFIG_DIR=/app/config BACKUP_ENV=production BACKUP_LOG_FORMAT=json
 ENTRYPOINT ["crm-backup"]

@@ -49,6 +49,7 @@ const SEED_NAMES: &[(&str, &str)] = &[
     ("CONSUL_HTTP_ADDR", "consul.address"),
     ("CONSUL_HTTP_TOKEN", "consul.token"),
     ("DOCUMENTS_STORAGE_ROOT", "documents.root"),
+    ("BACKUP_SCHEDULER_ID_SALT", "scheduler.id_salt"),
 ];
 
 /// Settings whose environment value is a comma-separated list.
@@ -56,7 +57,10 @@ const LIST_KEYS: &[&str] = &[
     "pipeline.age_recipients",
     "postgres.schemas",
     "postgres.exclude_schemas",
-    "restore.allowed_users",
+    "authorization.grants",
+    "authorization.anonymous",
+    "restore.allowed_destinations",
+    "restore.password_envs",
     "messaging.retry_delays",
 ];
 
@@ -80,6 +84,7 @@ pub struct Settings {
     pub rabbitmq: RabbitmqSettings,
     pub http: HttpSettings,
     pub messaging: MessagingSettings,
+    pub authorization: AuthorizationSettings,
     pub restore: RestoreSettings,
     pub scheduler: SchedulerSettings,
     pub redis: RedisSettings,
@@ -156,6 +161,8 @@ pub struct SchedulerConfig {
 pub struct BrokerConfig {
     pub rabbitmq: RabbitmqSettings,
     pub messaging: MessagingSettings,
+    /// `dlq replay` checks each letter's original sender again.
+    pub authorization: AuthorizationSettings,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -182,16 +189,46 @@ pub struct MessagingSettings {
     pub shutdown_timeout: HumanDuration,
 }
 
+/// Who may ask for what: see [`crate::authorization`].
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthorizationSettings {
+    /// `<user>=<grant>` entries.
+    pub grants: Vec<String>,
+    /// The grants of a command without a `user_id`.
+    pub anonymous: Vec<String>,
+}
+
+impl AuthorizationSettings {
+    pub fn policy(&self) -> Result<crate::authorization::Policy, ConfigError> {
+        crate::authorization::Policy::new(&self.grants, &self.anonymous).map_err(|reason| {
+            ConfigError::Invalid {
+                key: "authorization.grants",
+                reason,
+            }
+        })
+    }
+}
+
+/// Where restores may send data and write files.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RestoreSettings {
-    pub allowed_users: Vec<String>,
+    /// `host` or `host:port` of destinations other than the configured sources.
+    pub allowed_destinations: Vec<String>,
+    /// Environment variables a restore may name in `password_env`.
+    pub password_envs: Vec<String>,
+    /// Directory under which file restores land; empty: beside the documents root, and
+    /// `restores/` for Redis files.
+    pub root: PathBuf,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SchedulerSettings {
     pub missed_window: HumanDuration,
+    /// The secret scheduled command ids are derived from.
+    pub id_salt: SecretString,
     #[serde(default)]
     pub schedules: Vec<ScheduleSettings>,
 }
@@ -303,6 +340,10 @@ pub struct RetentionSettings {
     pub yearly: u32,
     /// Objects of a backup without a manifest are debris once they are this old.
     pub debris_grace: HumanDuration,
+    /// Days a partial backup (a schema filter) is kept.
+    pub partial_days: u32,
+    /// The furthest `retain_until` may reach.
+    pub max_retain: HumanDuration,
 }
 
 impl Settings {
@@ -326,7 +367,10 @@ impl Settings {
             &mut self.pipeline.age_recipients,
             &mut self.postgres.schemas,
             &mut self.postgres.exclude_schemas,
-            &mut self.restore.allowed_users,
+            &mut self.authorization.grants,
+            &mut self.authorization.anonymous,
+            &mut self.restore.allowed_destinations,
+            &mut self.restore.password_envs,
         ] {
             *list = list
                 .iter()
@@ -341,6 +385,7 @@ impl Settings {
         self.storage.validate()?;
         self.messaging.validate()?;
         self.rabbitmq.validate()?;
+        self.authorization.policy()?;
         self.postgres.validate()?;
         self.redis.validate()?;
         check_http_url(
@@ -355,6 +400,14 @@ impl Settings {
         let config: SchedulerConfig = layered(env)?.try_deserialize()?;
         config.rabbitmq.validate()?;
         config.messaging.validate()?;
+        if config.scheduler.id_salt.expose_secret().len() < 16 {
+            invalid(
+                "scheduler.id_salt",
+                "set a secret of at least 16 characters (BACKUP_SCHEDULER_ID_SALT): scheduled \
+                 command ids are derived from it, so that nobody can claim them in advance"
+                    .into(),
+            )?;
+        }
         Ok(config)
     }
 
@@ -363,6 +416,7 @@ impl Settings {
         let config: BrokerConfig = layered(env)?.try_deserialize()?;
         config.rabbitmq.validate()?;
         config.messaging.validate()?;
+        config.authorization.policy()?;
         Ok(config)
     }
 

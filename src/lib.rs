@@ -34,6 +34,7 @@
 //! `crm-backup-scheduler` (`src/bin/`: publishes scheduled commands; no storage,
 //! database or Redis code linked in).
 
+pub mod authorization;
 mod buffers;
 pub mod config;
 pub mod endpoint;

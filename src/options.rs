@@ -3,7 +3,7 @@
 //! `schemas/command.schema.json` follows. Each target still parses its options into a typed
 //! struct of its own (unknown keys refused); a test checks that the two agree.
 
-use crate::model::{Action, TargetKind};
+use crate::model::{Action, TargetKind, TargetSelector};
 
 /// The JSON type of an option's value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,6 +50,8 @@ const OPTIONS: &[(Action, Option<TargetKind>, &str, OptionType)] = {
         (Restore, Some(Rabbitmq), "vhost_prefix", Text),
         (Restore, Some(Rabbitmq), "in_place", Bool),
         (Restore, Some(Rabbitmq), "management_url", Text),
+        (Restore, Some(Rabbitmq), "user", Text),
+        (Restore, Some(Rabbitmq), "password_env", Text),
         (Restore, Some(Consul), "prefix", Text),
         (Restore, Some(Consul), "in_place", Bool),
         (Restore, Some(Consul), "delete_absent", Bool),
@@ -75,6 +77,72 @@ pub fn option_names(action: Action, target: Option<TargetKind>) -> Vec<&'static 
         .filter(|(a, t, _, _)| *a == action && (t.is_none() || *t == target))
         .map(|(_, _, name, _)| *name)
         .collect()
+}
+
+/// Checks a command's `options` object against the table: every key an option of `action` on
+/// `target` (with `all`, `<target>.<option>` or an option of every target), every value of
+/// its type. Strings are at most [`MAX_TEXT`] bytes.
+pub fn check_options(
+    action: Action,
+    target: TargetSelector,
+    options: &serde_json::Value,
+) -> Result<(), String> {
+    let Some(object) = options.as_object() else {
+        return Ok(()); // null: no options
+    };
+    for (key, value) in object {
+        let (on, name) = match (target, key.split_once('.')) {
+            (TargetSelector::One(kind), _) => (Some(kind), key.as_str()),
+            (TargetSelector::All, Some((kind, name))) => (
+                Some(kind.parse::<TargetKind>().map_err(|err| err.to_string())?),
+                name,
+            ),
+            (TargetSelector::All, None) => (None, key.as_str()),
+        };
+        let Some(kind) = option_type(action, on, name) else {
+            let valid = option_names(action, on);
+            let on = on.map_or_else(String::new, |t| format!(" on {t}"));
+            return Err(format!(
+                "`{key}` is not an option of {action}{on} (options: {})",
+                if valid.is_empty() {
+                    "none".to_string()
+                } else {
+                    valid.join(", ")
+                }
+            ));
+        };
+        check_value(kind, value).map_err(|expected| format!("option `{key}` takes {expected}"))?;
+    }
+    Ok(())
+}
+
+/// Longest string an option may hold.
+pub const MAX_TEXT: usize = 4096;
+
+/// Whether `value` is of type `kind`; the error says what was expected.
+fn check_value(kind: OptionType, value: &serde_json::Value) -> Result<(), String> {
+    fn text(value: &serde_json::Value) -> Option<&str> {
+        value.as_str().filter(|s| s.len() <= MAX_TEXT)
+    }
+    let ok = match kind {
+        OptionType::Bool => value.is_boolean(),
+        OptionType::Text => text(value).is_some(),
+        OptionType::Integer => value.is_i64(),
+        OptionType::Choice(choices) => text(value).is_some_and(|s| choices.contains(&s)),
+        OptionType::TextList => value.as_array().is_some_and(|items| {
+            items.len() <= 1000 && items.iter().all(|item| text(item).is_some())
+        }),
+    };
+    if ok {
+        return Ok(());
+    }
+    Err(match kind {
+        OptionType::Bool => "true or false".to_string(),
+        OptionType::Text => format!("a string of at most {MAX_TEXT} bytes"),
+        OptionType::Integer => "a whole number".to_string(),
+        OptionType::Choice(choices) => format!("one of {}", choices.join(", ")),
+        OptionType::TextList => "a list of strings".to_string(),
+    })
 }
 
 /// `value` of option `name` as its JSON value, typed by the table above.
@@ -170,6 +238,68 @@ mod tests {
         assert_eq!(
             typed_value(Action::Prune, Some(TargetKind::Consul), "dry_run", "false"),
             Ok(json!(false))
+        );
+    }
+
+    #[test]
+    fn command_options_are_checked_against_the_table() {
+        let one = |target: TargetKind| TargetSelector::One(target);
+        let check =
+            |action, target, options: serde_json::Value| check_options(action, target, &options);
+        assert!(
+            check(
+                Action::Backup,
+                one(TargetKind::Postgres),
+                json!({"schemas": ["crm"]})
+            )
+            .is_ok()
+        );
+        assert!(check(Action::Backup, one(TargetKind::Postgres), json!(null)).is_ok());
+        assert!(check(Action::Prune, TargetSelector::All, json!({"dry_run": true})).is_ok());
+        assert!(
+            check(
+                Action::Backup,
+                TargetSelector::All,
+                json!({"documents.incremental": true})
+            )
+            .is_ok()
+        );
+        let err = check(
+            Action::Backup,
+            one(TargetKind::Postgres),
+            json!({"schemas": "crm"}),
+        )
+        .unwrap_err();
+        assert!(err.contains("`schemas` takes a list of strings"), "{err}");
+        let err = check(
+            Action::Restore,
+            one(TargetKind::Redis),
+            json!({"port": "6379"}),
+        )
+        .unwrap_err();
+        assert!(err.contains("a whole number"), "{err}");
+        let err = check(
+            Action::Verify,
+            one(TargetKind::Redis),
+            json!({"deep": true}),
+        )
+        .unwrap_err();
+        assert!(err.contains("options: none"), "{err}");
+        let err = check(
+            Action::Backup,
+            TargetSelector::All,
+            json!({"schemas": ["crm"]}),
+        )
+        .unwrap_err();
+        assert!(err.contains("not an option of backup"), "{err}");
+        let long = "x".repeat(MAX_TEXT + 1);
+        assert!(
+            check(
+                Action::Restore,
+                one(TargetKind::Postgres),
+                json!({"into": long})
+            )
+            .is_err()
         );
     }
 

@@ -7,6 +7,10 @@
 //! than `within_days`, anything with `retain_until` in the future, the newest backup of every
 //! target, and the whole chain of every kept incremental backup. A backup kept for several
 //! reasons lists them all; a backup no rule keeps is deleted.
+//!
+//! Only full backups count towards the calendar slots and "newest": a partial backup (a
+//! PostgreSQL schema filter) never displaces a full one. Partial backups are kept for
+//! `partial_days`, or by their `retain_until`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -26,6 +30,8 @@ pub struct Policy {
     pub yearly: u32,
     /// Also keep everything newer than this many days (`0` = off).
     pub within_days: u32,
+    /// Keep partial backups this many days.
+    pub partial_days: u32,
 }
 
 /// What retention needs to know about one finished backup.
@@ -37,6 +43,8 @@ pub struct Candidate {
     pub retain_until: Option<DateTime<Utc>>,
     /// The backup an incremental backup builds on.
     pub parent: Option<String>,
+    /// A backup of part of the source (it does not count towards the slots).
+    pub partial: bool,
 }
 
 /// Why a backup is kept.
@@ -55,6 +63,8 @@ pub enum Reason {
     RetainUntil(DateTime<Utc>),
     /// An incremental backup that is kept needs this one.
     ChainOf(String),
+    /// A partial backup newer than `partial_days`.
+    Partial(u32),
 }
 
 impl fmt::Display for Reason {
@@ -68,6 +78,7 @@ impl fmt::Display for Reason {
             Reason::Within(days) => write!(f, "within {days} days"),
             Reason::RetainUntil(until) => write!(f, "retain_until {}", until.to_rfc3339()),
             Reason::ChainOf(child) => write!(f, "parent of kept {child}"),
+            Reason::Partial(days) => write!(f, "partial backup within {days} days"),
         }
     }
 }
@@ -148,7 +159,11 @@ fn plan_target(backups: &[&Candidate], policy: &Policy, now: DateTime<Utc>) -> V
     for rule in &rules {
         let mut left = rule.count;
         let mut last: Option<String> = None;
-        for decision in decisions.iter_mut() {
+        for (decision, _) in decisions
+            .iter_mut()
+            .zip(backups)
+            .filter(|(_, backup)| !backup.partial)
+        {
             if left == Some(0) {
                 break;
             }
@@ -160,11 +175,15 @@ fn plan_target(backups: &[&Candidate], policy: &Policy, now: DateTime<Utc>) -> V
             }
         }
     }
+    let partial_limit = now - Duration::days(policy.partial_days.into());
     for (decision, backup) in decisions.iter_mut().zip(backups) {
         if let Some(limit) = within
             && backup.time > limit
         {
             decision.reasons.push(Reason::Within(policy.within_days));
+        }
+        if backup.partial && backup.time > partial_limit {
+            decision.reasons.push(Reason::Partial(policy.partial_days));
         }
         if let Some(until) = backup.retain_until
             && until > now
@@ -172,8 +191,13 @@ fn plan_target(backups: &[&Candidate], policy: &Policy, now: DateTime<Utc>) -> V
             decision.reasons.push(Reason::RetainUntil(until));
         }
     }
-    if let Some(newest) = decisions.first_mut() {
-        newest.reasons.insert(0, Reason::Newest);
+    // The newest full backup; a target with only partial ones keeps its newest.
+    let newest = backups
+        .iter()
+        .position(|backup| !backup.partial)
+        .or((!backups.is_empty()).then_some(0));
+    if let Some(newest) = newest {
+        decisions[newest].reasons.insert(0, Reason::Newest);
     }
     keep_chains(&mut decisions, backups);
     for decision in &mut decisions {
@@ -223,6 +247,7 @@ mod tests {
             time,
             retain_until: None,
             parent: None,
+            partial: false,
         }
     }
 
@@ -233,6 +258,7 @@ mod tests {
             monthly,
             yearly,
             within_days: 0,
+            partial_days: 7,
         }
     }
 
@@ -435,5 +461,55 @@ mod tests {
     #[test]
     fn an_empty_catalog_plans_nothing() {
         assert!(plan(&[], &policy(7, 4, 12, 0), at(2026, 1, 1, 0)).is_empty());
+    }
+
+    #[test]
+    fn partial_backups_never_displace_full_ones() {
+        let now = at(2026, 11, 30, 12);
+        // A full nightly every day at 02:00, a partial (one schema) every day at 23:00: the
+        // partial one is each day's newest.
+        let mut backups = Vec::new();
+        for day in 1..=30 {
+            backups.push(backup(&format!("full-{day:02}"), at(2026, 11, day, 2)));
+            let mut partial = backup(&format!("part-{day:02}"), at(2026, 11, day, 23));
+            partial.partial = true;
+            backups.push(partial);
+        }
+        let decisions = plan(&backups, &policy(7, 4, 12, 0), now);
+        let kept = kept(&decisions);
+        // Every day's full backup the daily rule names is kept, and the newest of all.
+        for day in 24..=30 {
+            let id = format!("full-{day:02}");
+            assert!(kept.contains(&id.as_str()), "{id} kept: {kept:?}");
+        }
+        assert_eq!(reasons(&decisions, "full-30")[0], Reason::Newest);
+        assert!(reasons(&decisions, "full-30").contains(&Reason::Daily("2026-11-30".into())));
+        // Partial backups are kept by their own rule only: the last 7 days.
+        for day in 1..=30 {
+            let id = format!("part-{day:02}");
+            let expected = day >= 23; // 23:00 on the 23rd is within 7 days of the 30th, noon
+            assert_eq!(kept.contains(&id.as_str()), expected, "{id}");
+            if expected {
+                assert_eq!(reasons(&decisions, &id), [Reason::Partial(7)]);
+            }
+        }
+        // The same plan without the partial backups keeps the same full ones.
+        let full: Vec<Candidate> = backups.iter().filter(|b| !b.partial).cloned().collect();
+        let alone = plan(&full, &policy(7, 4, 12, 0), now);
+        let full_kept: Vec<&str> = kept
+            .iter()
+            .copied()
+            .filter(|id| id.starts_with("full"))
+            .collect();
+        assert_eq!(full_kept, super::tests::kept(&alone));
+    }
+
+    #[test]
+    fn a_target_with_only_partial_backups_keeps_its_newest() {
+        let now = at(2026, 11, 30, 12);
+        let mut old = backup("part-old", at(2026, 1, 1, 2));
+        old.partial = true;
+        let decisions = plan(&[old], &policy(7, 4, 12, 0), now);
+        assert_eq!(decisions[0].reasons, [Reason::Newest]);
     }
 }

@@ -60,7 +60,7 @@ impl Schedule {
             options: settings.options.clone(),
         };
         // The command it publishes must itself be valid.
-        Command::parse(&schedule.command_for(Utc::now()).to_json())
+        Command::parse(&schedule.command_for(Utc::now(), "").to_json())
             .map_err(|err| error(err.to_string()))?;
         Ok(schedule)
     }
@@ -87,14 +87,14 @@ impl Schedule {
         fires
     }
 
-    /// The command of the fire at `fire`, with an id derived from (name, fire time).
-    pub fn command_for(&self, fire: DateTime<Utc>) -> Command {
+    /// The command of the fire at `fire`, with an id derived from (salt, name, fire time).
+    pub fn command_for(&self, fire: DateTime<Utc>, salt: &str) -> Command {
         let mut command = Command::new(
             self.action,
             self.target,
             &format!("scheduler:{}", self.name),
         );
-        command.id = fire_id(&self.name, fire);
+        command.id = fire_id(salt, &self.name, fire);
         command.options = self.options.clone();
         if matches!(self.action, Action::Verify | Action::Restore) {
             command.backup_id = Some("latest".into());
@@ -104,13 +104,16 @@ impl Schedule {
     }
 }
 
-/// `uuidv5(namespace, "<name>@<fire time, RFC 3339 UTC>")`.
-pub fn fire_id(name: &str, fire: DateTime<Utc>) -> String {
+/// `uuidv5(uuidv5(namespace, salt), "<name>@<fire time, RFC 3339 UTC>")`: every replica of
+/// the scheduler derives the same id, and without the installation's secret salt nobody can
+/// tell a future fire's id (and publish something else under it first).
+pub fn fire_id(salt: &str, name: &str, fire: DateTime<Utc>) -> String {
+    let installation = uuid::Uuid::new_v5(&FIRE_NAMESPACE, salt.as_bytes());
     let key = format!(
         "{name}@{}",
         fire.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
     );
-    uuid::Uuid::new_v5(&FIRE_NAMESPACE, key.as_bytes()).to_string()
+    uuid::Uuid::new_v5(&installation, key.as_bytes()).to_string()
 }
 
 /// The earliest next fire over all schedules after `now`, with every schedule due then.
@@ -239,11 +242,14 @@ mod tests {
     #[test]
     fn fire_ids_are_deterministic_and_distinct() {
         let s = schedule("30 2 * * *", "UTC");
-        let a = s.command_for(utc(2026, 11, 26, 2, 30, 0));
-        let b = s.command_for(utc(2026, 11, 26, 2, 30, 0));
-        let c = s.command_for(utc(2026, 11, 27, 2, 30, 0));
+        let salt = "a secret of this installation";
+        let a = s.command_for(utc(2026, 11, 26, 2, 30, 0), salt);
+        let b = s.command_for(utc(2026, 11, 26, 2, 30, 0), salt);
+        let c = s.command_for(utc(2026, 11, 27, 2, 30, 0), salt);
+        let other = s.command_for(utc(2026, 11, 26, 2, 30, 0), "another installation's");
         assert_eq!(a.id, b.id);
         assert_ne!(a.id, c.id);
+        assert_ne!(a.id, other.id, "the salt changes every id");
         assert_eq!(a.requested_by, "scheduler:nightly");
         assert!(Command::parse(&a.to_json()).is_ok());
     }

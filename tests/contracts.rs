@@ -63,6 +63,62 @@ fn readme_commands_match_the_schema_and_parse() {
     restore_all["target"] = "all".into();
     assert!(!validator.is_valid(&restore_all));
     assert!(Command::parse(restore_all.to_string().as_bytes()).is_err());
+    // Options: per action and target, typed; the schema and the worker agree.
+    let with_options = |action: &str, target: &str, options: serde_json::Value| {
+        let mut command: serde_json::Value = serde_json::from_str(&examples[0]).unwrap();
+        command["action"] = action.into();
+        command["target"] = target.into();
+        command["options"] = options;
+        command["backup_id"] = if matches!(action, "backup" | "prune") {
+            serde_json::Value::Null
+        } else {
+            "latest".into()
+        };
+        let schema_ok = validator.is_valid(&command);
+        let worker_ok = Command::parse(command.to_string().as_bytes()).is_ok();
+        assert_eq!(schema_ok, worker_ok, "{command}");
+        schema_ok
+    };
+    use serde_json::json;
+    assert!(with_options(
+        "backup",
+        "postgres",
+        json!({"schemas": ["crm"], "globals": true})
+    ));
+    assert!(with_options(
+        "restore",
+        "redis",
+        json!({"host": "10.0.0.7", "port": 6380})
+    ));
+    assert!(with_options(
+        "restore",
+        "redis",
+        json!({"existing": "skip", "in_place": true})
+    ));
+    assert!(with_options("prune", "all", json!({"dry_run": true})));
+    assert!(with_options(
+        "backup",
+        "all",
+        json!({"documents.incremental": true})
+    ));
+    assert!(!with_options(
+        "backup",
+        "postgres",
+        json!({"schemas": "crm"})
+    ));
+    assert!(!with_options("restore", "redis", json!({"port": "6380"})));
+    assert!(!with_options(
+        "restore",
+        "redis",
+        json!({"existing": "merge"})
+    ));
+    assert!(!with_options(
+        "restore",
+        "postgres",
+        json!({"vhost": "crm"})
+    ));
+    assert!(!with_options("verify", "postgres", json!({"deep": true})));
+    assert!(!with_options("backup", "all", json!({"incremental": true})));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

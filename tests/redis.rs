@@ -242,7 +242,15 @@ fn setup_for(server: &RedisServer, extra: &[(&str, &str)]) -> TestSetup {
 /// Settings for a Redis on `127.0.0.1:<port>` (a server, or a proxy in front of one).
 fn setup_on_port(port: u16, extra: &[(&str, &str)]) -> TestSetup {
     let port = port.to_string();
-    let mut env = vec![("REDIS_HOST", "127.0.0.1"), ("REDIS_PORT", port.as_str())];
+    let tmp = std::env::temp_dir().display().to_string();
+    // The test's other Redis servers listen on 127.0.0.1; RDB files go to temporary
+    // directories.
+    let mut env = vec![
+        ("REDIS_HOST", "127.0.0.1"),
+        ("REDIS_PORT", port.as_str()),
+        ("BACKUP__RESTORE__ALLOWED_DESTINATIONS", "127.0.0.1"),
+        ("BACKUP__RESTORE__ROOT", tmp.as_str()),
+    ];
     env.extend_from_slice(extra);
     TestSetup::new("postgres", Store::Local, &env)
 }

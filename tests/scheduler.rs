@@ -112,7 +112,12 @@ async fn two_schedulers_cause_one_run_per_fire_and_catch_up_missed_fires() {
         .map(|s| started_at + chrono::Duration::seconds(s))
         .map(|t| t.with_timezone(&Utc))
         .map(|t| DateTime::from_timestamp(t.timestamp(), 0).unwrap())
-        .map(|t| (fire_id(SCHEDULE, t), t))
+        .map(|t| {
+            (
+                fire_id(&setup.env["BACKUP_SCHEDULER_ID_SALT"], SCHEDULE, t),
+                t,
+            )
+        })
         .collect();
     assert!(
         first

@@ -329,7 +329,7 @@ async fn malformed_commands_are_dead_lettered_with_a_reason() {
             .contains("unknown target `mysql`")
     );
 
-    let letters = dlq::list(&client.connection, client.publisher.names())
+    let letters = dlq::list(&client.connection, client.publisher.names(), "guest")
         .await
         .unwrap();
     let ids: Vec<&str> = letters.iter().map(|l| l.id.as_str()).collect();
@@ -344,7 +344,7 @@ async fn malformed_commands_are_dead_lettered_with_a_reason() {
     );
     // Listing removes nothing.
     assert_eq!(
-        dlq::list(&client.connection, client.publisher.names())
+        dlq::list(&client.connection, client.publisher.names(), "guest")
             .await
             .unwrap()
             .len(),
@@ -439,7 +439,9 @@ async fn exhausted_attempts_dead_letter_and_replay_completes() {
         [Some(true), Some(true), Some(false)]
     );
     let names_of = client.publisher.names().clone();
-    let letters = dlq::list(&client.connection, &names_of).await.unwrap();
+    let letters = dlq::list(&client.connection, &names_of, "guest")
+        .await
+        .unwrap();
     assert_eq!(letters.len(), 1);
     assert_eq!(letters[0].id, command.id);
     assert_eq!(letters[0].attempts, 3);
@@ -448,12 +450,25 @@ async fn exhausted_attempts_dead_letter_and_replay_completes() {
 
     // The cause is fixed; a dry run changes nothing, a replay runs it from attempt 1.
     std::fs::remove_file(&broken).unwrap();
-    let planned = dlq::replay(&client.connection, &client.publisher, &Selection::All, true)
-        .await
-        .unwrap();
+    let permissions = h.setup.settings.authorization.policy().unwrap();
+    let rules = dlq::ReplayRules {
+        permissions: &permissions,
+        include_restores: false,
+        replayed_by: "cli:tester",
+    };
+    let planned = dlq::replay(
+        &client.connection,
+        &client.publisher,
+        &Selection::All,
+        &rules,
+        true,
+    )
+    .await
+    .unwrap();
+    assert_eq!(planned[0].skipped, None);
     assert_eq!(planned.len(), 1);
     assert_eq!(
-        dlq::list(&client.connection, &names_of)
+        dlq::list(&client.connection, &names_of, "guest")
             .await
             .unwrap()
             .len(),
@@ -463,18 +478,20 @@ async fn exhausted_attempts_dead_letter_and_replay_completes() {
         &client.connection,
         &client.publisher,
         &Selection::Ids(vec![command.id.clone()]),
+        &rules,
         false,
     )
     .await
     .unwrap();
     assert_eq!(replayed.len(), 1);
+    assert_eq!(replayed[0].letter.sender.as_deref(), Some("guest"));
     let events = client.follow(&command).await;
     assert_eq!(
         names(&events),
         [("backup.started".into(), 1), ("backup.completed".into(), 1)]
     );
     assert!(
-        dlq::list(&client.connection, &names_of)
+        dlq::list(&client.connection, &names_of, "guest")
             .await
             .unwrap()
             .is_empty()
@@ -561,13 +578,16 @@ async fn a_lost_broker_connection_is_recovered() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn restores_are_accepted_only_from_allowed_users() {
+async fn restores_are_accepted_only_from_users_granted_them() {
     let mut h = Harness::new("w_restore", &[]);
     let (ops, ops_url) = h.vhost.user("ops");
     let (_, intruder_url) = h.vhost.user("intruder");
-    // Settings are read at start: rebuild the context with ops allowed.
+    // Settings are read at start: rebuild the context with ops granted restores.
     let mut env = h.setup.env.clone();
-    env.insert("BACKUP__RESTORE__ALLOWED_USERS".into(), ops.clone());
+    env.insert(
+        "BACKUP__AUTHORIZATION__GRANTS".into(),
+        format!("guest=*,{ops}=restore"),
+    );
     h.setup.settings = crm_backup::config::Settings::load(&env).unwrap();
     h.setup.ctx = crm_backup::jobs::JobContext::new(h.setup.settings.clone()).unwrap();
     h.start_worker().await;
@@ -875,7 +895,9 @@ async fn a_command_that_keeps_killing_workers_is_stopped_by_the_delivery_limit()
     let names = client.publisher.names().clone();
     let mut crashes = 0;
     let letters = loop {
-        let letters = dlq::list(&client.connection, &names).await.unwrap();
+        let letters = dlq::list(&client.connection, &names, "guest")
+            .await
+            .unwrap();
         if !letters.is_empty() || crashes == 6 {
             break letters;
         }

@@ -10,6 +10,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use chrono::Utc;
+use secrecy::ExposeSecret;
 use tokio_util::sync::CancellationToken;
 
 use backon::BackoffBuilder;
@@ -128,7 +129,7 @@ async fn session(
             .collect();
         due.sort_by_key(|(fire, _)| *fire);
         for (fire, schedule) in due {
-            let command = schedule.command_for(fire);
+            let command = schedule.command_for(fire, config.scheduler.id_salt.expose_secret());
             publisher
                 .command(&command, Some(&command.id), Default::default())
                 .await?;

@@ -161,6 +161,9 @@ pub enum DlqCommand {
         ids: Vec<String>,
         #[arg(long, conflicts_with = "ids")]
         all: bool,
+        /// Also replay restores (never those refused as unauthorized).
+        #[arg(long)]
+        include_restores: bool,
         /// Only show what would be replayed.
         #[arg(long)]
         dry_run: bool,

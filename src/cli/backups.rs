@@ -118,18 +118,27 @@ pub async fn show(
     Ok(ExitCode::SUCCESS)
 }
 
+/// A restore; one that changes the live source (by `--in-place` or by options that reach it)
+/// needs `yes`.
 pub async fn restore(
     ctx: &JobContext,
     target: Option<TargetSelector>,
     backup: &str,
     options: Options,
+    yes: bool,
     json: bool,
 ) -> Result<ExitCode, Failure> {
     let (target, backup) = one_backup(target, backup)?;
+    let options = serde_json::Value::Object(options);
+    if ctx.targets.get(target)?.check_restore(&options)? && !yes {
+        return Err(Failure(
+            "this restore changes the live source (in place); add --yes to confirm".into(),
+        ));
+    }
     let request = RestoreRequest {
         target,
         backup,
-        options: serde_json::Value::Object(options),
+        options,
     };
     let (manifest, report) = run_restore(ctx, &request).await?;
     if json {

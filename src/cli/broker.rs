@@ -160,7 +160,8 @@ pub async fn dlq(config: &BrokerConfig, command: DlqCommand) -> Result<ExitCode,
     let connection = messaging::connect(&config.rabbitmq, "crm-backup dlq").await?;
     match command {
         DlqCommand::List { output } => {
-            let letters = messaging::dlq::list(&connection, &config.messaging).await?;
+            let relay = messaging::amqp_user(&config.rabbitmq);
+            let letters = messaging::dlq::list(&connection, &config.messaging, &relay).await?;
             if output.json {
                 println!("{}", serde_json::to_string_pretty(&letters)?);
             } else if letters.is_empty() {
@@ -168,10 +169,11 @@ pub async fn dlq(config: &BrokerConfig, command: DlqCommand) -> Result<ExitCode,
             } else {
                 for letter in &letters {
                     println!(
-                        "{}  {} {}  attempts {}  {}  {}",
+                        "{}  {} {}  from {}  attempts {}  {}  {}",
                         letter.id,
                         letter.action.as_deref().unwrap_or("-"),
                         letter.target.as_deref().unwrap_or("-"),
+                        letter.sender.as_deref().unwrap_or("(no user_id)"),
                         letter.attempts,
                         letter.failed_at.as_deref().unwrap_or("-"),
                         letter.last_error.as_deref().unwrap_or("-"),
@@ -182,6 +184,7 @@ pub async fn dlq(config: &BrokerConfig, command: DlqCommand) -> Result<ExitCode,
         DlqCommand::Replay {
             ids,
             all,
+            include_restores,
             dry_run,
             output,
         } => {
@@ -192,24 +195,41 @@ pub async fn dlq(config: &BrokerConfig, command: DlqCommand) -> Result<ExitCode,
             } else {
                 Selection::Ids(ids.clone())
             };
+            let permissions = config.authorization.policy()?;
+            let replayed_by = requester();
+            let rules = messaging::dlq::ReplayRules {
+                permissions: &permissions,
+                include_restores,
+                replayed_by: &replayed_by,
+            };
             let replayed =
-                messaging::dlq::replay(&connection, &publisher, &selection, dry_run).await?;
+                messaging::dlq::replay(&connection, &publisher, &selection, &rules, dry_run)
+                    .await?;
             if output.json {
-                println!("{}", json!({"dry_run": dry_run, "replayed": replayed}));
+                println!(
+                    "{}",
+                    json!({"dry_run": dry_run, "replayed_by": replayed_by, "letters": replayed})
+                );
             } else {
                 let verb = if dry_run { "would replay" } else { "replayed" };
-                for letter in &replayed {
-                    println!(
-                        "{verb} {} ({} {})",
+                for replay in &replayed {
+                    let letter = &replay.letter;
+                    let what = format!(
+                        "{} ({} {}, from {})",
                         letter.id,
                         letter.action.as_deref().unwrap_or("-"),
-                        letter.target.as_deref().unwrap_or("-")
+                        letter.target.as_deref().unwrap_or("-"),
+                        letter.sender.as_deref().unwrap_or("(no user_id)")
                     );
+                    match &replay.skipped {
+                        None => println!("{verb} {what}"),
+                        Some(reason) => println!("skipped {what}: {reason}"),
+                    }
                 }
             }
             let missing: Vec<&str> = ids
                 .iter()
-                .filter(|id| !replayed.iter().any(|l| &l.id == *id))
+                .filter(|id| !replayed.iter().any(|r| &r.letter.id == *id))
                 .map(String::as_str)
                 .collect();
             if !missing.is_empty() {

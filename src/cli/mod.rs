@@ -171,7 +171,7 @@ async fn dispatch(command: Command) -> Result<ExitCode, Failure> {
             if no_owner {
                 restore.insert("no_owner".into(), json!(true));
             }
-            backups::restore(&ctx, selector, &backup.backup, restore, output.json).await
+            backups::restore(&ctx, selector, &backup.backup, restore, yes, output.json).await
         }
         Command::Verify {
             target,

@@ -44,6 +44,15 @@ pub async fn run_backup(
 ) -> Result<Manifest, JobError> {
     let target = ctx.targets.get(request.target)?;
     let started_at = Utc::now();
+    let max_retain = ctx.settings.retention.max_retain;
+    if let Some(until) = request.retain_until
+        && until > started_at + chrono::Duration::from_std(max_retain.0).unwrap_or_default()
+    {
+        return Err(JobError::Invalid(format!(
+            "retain_until {} is further than retention.max_retain ({max_retain}) from now",
+            until.to_rfc3339()
+        )));
+    }
     let id = BackupId::generate(request.target, started_at);
     let codec = ctx.codec.for_target(request.target);
     let previous = if target.needs_previous(&request.options) {
@@ -76,6 +85,7 @@ pub async fn run_backup(
         finished_at: Utc::now(),
         retain_until: request.retain_until,
         parent: sink.parent().cloned(),
+        scope: sink.scope(),
         tool: ToolInfo::current(),
         source: facts,
         artifacts: sink.records().to_vec(),

@@ -17,6 +17,7 @@ use crate::model::TargetKind;
 use crate::retention::{self, Candidate, Decision, Policy};
 use crate::storage::catalog;
 use crate::storage::layout::MANIFEST_NAME;
+use crate::storage::manifest::Scope;
 
 #[derive(Debug, Clone)]
 pub struct PruneRequest {
@@ -73,6 +74,7 @@ pub fn policy_of(ctx: &JobContext) -> Policy {
         monthly: r.monthly,
         yearly: r.yearly,
         within_days: r.days,
+        partial_days: r.partial_days,
     }
 }
 
@@ -124,6 +126,7 @@ async fn prune_target(
             time: m.started_at,
             retain_until: m.retain_until,
             parent: m.parent.as_ref().map(|p| p.to_string()),
+            partial: m.scope == Scope::Partial,
         })
         .collect();
     let decisions = retention::plan(&candidates, policy, now);

@@ -131,7 +131,36 @@ impl Command {
                 id.target()
             ));
         }
-        Ok(())
+        crate::options::check_options(self.action, self.target, &self.options)
+            .map_err(CommandError::Schema)
+    }
+
+    /// Whether a backup's options or `retain_until` change what it is (a schema filter, the
+    /// roles, how long it is kept): that needs a permission of its own.
+    pub fn changes_what_a_backup_is(&self) -> bool {
+        let scoping = ["schemas", "exclude_schemas", "globals"];
+        self.retain_until.is_some()
+            || self.options.as_object().is_some_and(|options| {
+                options.keys().any(|key| {
+                    let name = key.rsplit_once('.').map_or(key.as_str(), |(_, name)| name);
+                    scoping.contains(&name)
+                })
+            })
+    }
+
+    /// SHA-256 of what the command asks for and who asked: its action, target, options,
+    /// backup and sender. Stored with the command's marker, so that another command under the
+    /// same id is told apart.
+    pub fn digest(&self, sender: Option<&str>) -> String {
+        use sha2::Digest;
+        let canonical = serde_json::json!([
+            self.action,
+            self.target,
+            self.options,
+            self.backup_id,
+            sender
+        ]);
+        hex::encode(sha2::Sha256::digest(canonical.to_string().as_bytes()))
     }
 
     pub fn to_json(&self) -> Vec<u8> {
@@ -139,12 +168,25 @@ impl Command {
     }
 
     /// The step of an `all` command for one target: a deterministic id, so a
-    /// redelivered fan-out publishes the same steps again rather than new ones.
+    /// redelivered fan-out publishes the same steps again rather than new ones; the options
+    /// prefixed `<target>.`, without the prefix.
     pub fn step_for(&self, target: TargetKind) -> Command {
         let mut step = self.clone();
         step.id = format!("{}.{}", truncate(&self.id, 110), target);
         step.target = TargetSelector::One(target);
         step.set_id = Some(self.id.clone());
+        let prefix = format!("{target}.");
+        step.options = match &self.options {
+            serde_json::Value::Object(options) => serde_json::Value::Object(
+                options
+                    .iter()
+                    .filter_map(|(key, value)| {
+                        Some((key.strip_prefix(&prefix)?.to_string(), value.clone()))
+                    })
+                    .collect(),
+            ),
+            _ => serde_json::Value::Null,
+        };
         step
     }
 }
@@ -242,6 +284,9 @@ mod tests {
                 .contains("not postgres")
         );
         restore["backup_id"] = json!("latest");
+        let err = parse(restore.clone()).unwrap_err().to_string();
+        assert!(err.contains("`schemas` is not an option of restore on postgres"), "{err}");
+        restore["options"] = json!({"into": "crm_copy"});
         assert!(parse(restore.clone()).is_ok());
         restore["target"] = json!("all");
         assert!(

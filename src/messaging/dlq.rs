@@ -3,6 +3,13 @@
 //! Both read with `basic.get` without acking; what is not replayed goes back to the queue
 //! when the channel closes. A replayed dead letter is acked only after its republish is
 //! confirmed, so a crash in between duplicates it rather than losing it.
+//!
+//! A replay keeps the letter's original sender (the worker recorded it in `x-crm-sender`)
+//! and is checked against it before it is republished: letters refused as `unauthorized`
+//! are never replayed, a letter its sender may not send is skipped, and a restore is
+//! replayed only when asked for explicitly. The worker trusts `x-crm-sender` only on
+//! messages published with its own broker user: run `dlq replay` with the worker's
+//! credentials, or the replayed commands are checked as whoever replays them.
 
 use lapin::options::{BasicAckOptions, BasicGetOptions};
 use lapin::types::FieldTable;
@@ -10,13 +17,18 @@ use lapin::{BasicProperties, Connection};
 use serde::Serialize;
 
 use super::MessagingError;
+use super::command::Command;
 use super::headers;
 use super::publisher::{Outgoing, Publisher};
+use crate::authorization::{Policy, Request};
 use crate::config::MessagingSettings;
+use crate::model::Action;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct DeadLetter {
     pub id: String,
+    /// The AMQP user the command came from (`None`: it had no `user_id`).
+    pub sender: Option<String>,
     pub action: Option<String>,
     pub target: Option<String>,
     pub attempts: i64,
@@ -26,7 +38,9 @@ pub struct DeadLetter {
 }
 
 impl DeadLetter {
-    fn read(body: &[u8], properties: &BasicProperties) -> Self {
+    /// `relay`: the broker user whose copies carry the original sender (see
+    /// [`headers::sender`]).
+    fn read(body: &[u8], properties: &BasicProperties, relay: &str) -> Self {
         let value: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
         let field = |name: &str| value.get(name).and_then(|v| v.as_str()).map(String::from);
         let id = field("id")
@@ -46,6 +60,7 @@ impl DeadLetter {
         .then(|| "dead-lettered by the broker: delivery limit reached (the worker failed on it repeatedly)".to_string());
         DeadLetter {
             id,
+            sender: headers::sender(properties, relay),
             action: field("action"),
             target: field("target"),
             attempts,
@@ -57,10 +72,11 @@ impl DeadLetter {
     }
 }
 
-/// Every dead letter, oldest first; none is removed.
+/// Every dead letter, oldest first; none is removed. `relay`: see [`DeadLetter::read`].
 pub async fn list(
     connection: &Connection,
     names: &MessagingSettings,
+    relay: &str,
 ) -> Result<Vec<DeadLetter>, MessagingError> {
     let channel = connection.create_channel().await?;
     let mut letters = Vec::new();
@@ -71,6 +87,7 @@ pub async fn list(
         letters.push(DeadLetter::read(
             &message.delivery.data,
             &message.delivery.properties,
+            relay,
         ));
     }
     let _ = channel.close(200, "listed".into()).await;
@@ -84,14 +101,33 @@ pub enum Selection {
     Ids(Vec<String>),
 }
 
-/// Republishes the selected dead letters with attempts reset and `x-replayed: true`.
-/// With `dry_run`, only reports what it would replay.
+/// What a replay may republish, and who replays.
+pub struct ReplayRules<'a> {
+    pub permissions: &'a Policy,
+    /// Restores are replayed only when asked for.
+    pub include_restores: bool,
+    /// Recorded in the letter (`x-replayed-by`): `cli:<user>`.
+    pub replayed_by: &'a str,
+}
+
+/// What happened to one selected dead letter.
+#[derive(Debug, Clone, Serialize)]
+pub struct Replay {
+    #[serde(flatten)]
+    pub letter: DeadLetter,
+    /// Why it was not replayed (it stays in the dead letters).
+    pub skipped: Option<String>,
+}
+
+/// Republishes the selected dead letters with attempts reset, `x-replayed: true` and the
+/// original sender, each checked by `rules` first. With `dry_run`, only reports.
 pub async fn replay(
     connection: &Connection,
     publisher: &Publisher,
     selection: &Selection,
+    rules: &ReplayRules<'_>,
     dry_run: bool,
-) -> Result<Vec<DeadLetter>, MessagingError> {
+) -> Result<Vec<Replay>, MessagingError> {
     let names = publisher.names();
     let channel = connection.create_channel().await?;
     let mut replayed = Vec::new();
@@ -100,7 +136,7 @@ pub async fn replay(
         .await?
     {
         let delivery = message.delivery;
-        let letter = DeadLetter::read(&delivery.data, &delivery.properties);
+        let letter = DeadLetter::read(&delivery.data, &delivery.properties, publisher.user());
         let chosen = match selection {
             Selection::All => true,
             Selection::Ids(ids) => ids.contains(&letter.id),
@@ -108,9 +144,16 @@ pub async fn replay(
         if !chosen {
             continue;
         }
-        if !dry_run {
+        let skipped = refusal(&letter, &delivery.data, rules);
+        if skipped.is_none() && !dry_run {
             let mut table = reset_headers(&headers::copy(&delivery.properties));
             headers::set_bool(&mut table, headers::REPLAYED, true);
+            headers::set_text(&mut table, headers::REPLAYED_BY, rules.replayed_by);
+            headers::set_text(
+                &mut table,
+                headers::SENDER,
+                letter.sender.as_deref().unwrap_or_default(),
+            );
             let mut properties = BasicProperties::default()
                 .with_headers(table)
                 .with_user_id(publisher.user().into());
@@ -130,11 +173,52 @@ pub async fn replay(
                 })
                 .await?;
             delivery.ack(BasicAckOptions::default()).await?;
+            tracing::info!(
+                audit = true,
+                command_id = %letter.id,
+                sender = letter.sender.as_deref().unwrap_or("-"),
+                replayed_by = rules.replayed_by,
+                "dead letter replayed"
+            );
         }
-        replayed.push(letter);
+        replayed.push(Replay { letter, skipped });
     }
     let _ = channel.close(200, "replayed".into()).await;
     Ok(replayed)
+}
+
+/// Why `letter` must not be replayed, if it must not.
+fn refusal(letter: &DeadLetter, body: &[u8], rules: &ReplayRules<'_>) -> Option<String> {
+    if letter.error_kind.as_deref() == Some("unauthorized") {
+        return Some("it was refused as unauthorized: replaying cannot make it allowed".into());
+    }
+    let command = match Command::parse(body) {
+        Ok(command) => command,
+        Err(err) => return Some(format!("it is not a valid command ({err})")),
+    };
+    if command.action == Action::Restore && !rules.include_restores {
+        return Some("it is a restore: replay restores with --include-restores".into());
+    }
+    let options = command.options.as_object();
+    let flag = |name: &str, value: serde_json::Value| {
+        options.is_some_and(|options| options.get(name) == Some(&value))
+    };
+    // The worker checks again with the target's own rules; this errs on the side of asking.
+    let in_place = command.action == Action::Restore
+        && (flag("in_place", true.into())
+            || flag("delete_absent", true.into())
+            || flag("existing", "flush-first".into()));
+    let request = Request {
+        action: command.action,
+        target: command.target,
+        in_place,
+        scoped: command.action == Action::Backup && command.changes_what_a_backup_is(),
+    };
+    rules
+        .permissions
+        .check(letter.sender.as_deref(), &request)
+        .err()
+        .map(|refusal| format!("its sender may not send it: {refusal}"))
 }
 
 /// Headers of a replayed command: no attempt count, no broker death history.

@@ -9,6 +9,11 @@ pub const ERROR_KIND: &str = "x-error-kind";
 pub const FAILED_AT: &str = "x-failed-at";
 pub const ORIGINAL_ROUTING_KEY: &str = "x-original-routing-key";
 pub const REPLAYED: &str = "x-replayed";
+/// The original sender of a command the worker (or `dlq replay`, with the worker's
+/// credentials) re-publishes: trusted only on messages whose `user_id` is the worker's own.
+pub const SENDER: &str = "x-crm-sender";
+/// Who replayed a dead letter (`cli:<user>`).
+pub const REPLAYED_BY: &str = "x-replayed-by";
 pub const DEATH: &str = "x-death";
 
 /// Reads an integer header, whatever integer width the publisher used.
@@ -33,6 +38,23 @@ pub fn text(properties: &BasicProperties, name: &str) -> Option<String> {
         AMQPValue::ShortString(s) => Some(s.as_str().to_string()),
         _ => None,
     }
+}
+
+/// The sender a command is checked as: the broker-verified `user_id`; on the re-publications
+/// of `relay` (the worker's own user: retries, the steps of `all`, replays), the original
+/// sender it recorded in [`SENDER`] (empty: a command that had no `user_id`). A [`SENDER`]
+/// header on anything else is ignored.
+pub fn sender(properties: &BasicProperties, relay: &str) -> Option<String> {
+    let user_id = properties
+        .user_id()
+        .as_ref()
+        .map(|user| user.as_str().to_string());
+    if user_id.as_deref() == Some(relay)
+        && let Some(original) = text(properties, SENDER)
+    {
+        return (!original.is_empty()).then_some(original);
+    }
+    user_id
 }
 
 /// The attempt number of a delivery (1 when the header is absent).
@@ -95,4 +117,40 @@ pub fn without(table: &FieldTable, name: &str) -> FieldTable {
         .map(|(key, value)| (key.clone(), value.clone()))
         .collect::<std::collections::BTreeMap<_, _>>();
     FieldTable::from(inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn properties(user_id: Option<&str>, sender: Option<&str>) -> BasicProperties {
+        let mut headers = FieldTable::default();
+        if let Some(sender) = sender {
+            set_text(&mut headers, SENDER, sender);
+        }
+        let properties = BasicProperties::default().with_headers(headers);
+        match user_id {
+            Some(user) => properties.with_user_id(ShortString::from(user)),
+            None => properties,
+        }
+    }
+
+    #[test]
+    fn the_sender_header_counts_only_on_the_workers_own_messages() {
+        let cases = [
+            (Some("crm-api"), None, Some("crm-api")),
+            (Some("crm-api"), Some("ops"), Some("crm-api")),
+            (None, Some("ops"), None),
+            (Some("worker"), Some("crm-api"), Some("crm-api")),
+            (Some("worker"), Some(""), None),
+            (Some("worker"), None, Some("worker")),
+        ];
+        for (user_id, header, expected) in cases {
+            assert_eq!(
+                sender(&properties(user_id, header), "worker").as_deref(),
+                expected,
+                "{user_id:?} {header:?}"
+            );
+        }
+    }
 }

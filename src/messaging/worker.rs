@@ -31,6 +31,7 @@ use super::retry::{Decision, RetryPolicy};
 use super::{
     MessagingError, RECONNECT_MAX_PAUSE, amqp_user, connect, headers, reconnect_backoff, topology,
 };
+use crate::authorization::{Policy, Request};
 use crate::jobs::{JobContext, JobError};
 use crate::metrics::{Metrics, WorkerState};
 use crate::model::TargetKind;
@@ -78,6 +79,7 @@ struct StepEnv {
     publisher: Publisher,
     leases: Leases,
     policy: RetryPolicy,
+    permissions: Policy,
     metrics: Arc<Metrics>,
 }
 
@@ -96,6 +98,10 @@ async fn session(
         publisher: Publisher::open(&connection, &settings.messaging, &user).await?,
         leases: Leases::new(&settings.rabbitmq, &settings.messaging.lease_queue_prefix),
         policy: RetryPolicy::from_settings(&settings.messaging),
+        permissions: settings
+            .authorization
+            .policy()
+            .map_err(|err| MessagingError::Topology(err.to_string()))?,
         metrics: state.metrics.clone(),
     });
     let channel = connection.create_channel().await?;
@@ -219,6 +225,8 @@ struct Received<'a> {
     delivery: &'a Delivery,
     attempt: u32,
     correlation_id: Option<String>,
+    /// Who the command is checked as (see [`headers::sender`]).
+    sender: Option<String>,
 }
 
 impl Received<'_> {
@@ -247,6 +255,7 @@ async fn process(
             .correlation_id()
             .as_ref()
             .map(|id| id.as_str().to_string()),
+        sender: headers::sender(&delivery.properties, env.publisher.user()),
     };
     let command = match Command::parse(&delivery.data) {
         Ok(command) => command,
@@ -261,20 +270,9 @@ async fn process(
             return dead_letter(env, &received, failed, err.kind(), &err.to_string(), false).await;
         }
     };
-    if command.action == Action::Restore {
-        let sender = delivery
-            .properties
-            .user_id()
-            .as_ref()
-            .map(|u| u.as_str().to_string());
-        if !restore_allowed(env, sender.as_deref()) {
-            let failed = received.event(event::FAILED, &command.id, Some(&command));
-            let message = format!(
-                "restore requested by AMQP user `{}`, who is not in restore.allowed_users",
-                sender.as_deref().unwrap_or("(none: no user_id property)")
-            );
-            return dead_letter(env, &received, failed, "unauthorized", &message, false).await;
-        }
+    if let Err((kind, message)) = authorize(env, &received, &command) {
+        let failed = received.event(event::FAILED, &command.id, Some(&command));
+        return dead_letter(env, &received, failed, kind, &message, false).await;
     }
     if let Some(settle) = announce_if_done(env, &received, &command).await? {
         return Ok(settle);
@@ -288,14 +286,61 @@ async fn process(
     }
 }
 
-/// A command whose marker exists is done: re-announce its result instead of running it.
+/// Whether the command's sender may make it (and its options are valid where it runs):
+/// `Err((kind, message))` for the dead letter.
+fn authorize(
+    env: &StepEnv,
+    received: &Received<'_>,
+    command: &Command,
+) -> Result<(), (&'static str, String)> {
+    let in_place = match (command.action, command.target) {
+        (Action::Restore, TargetSelector::One(kind)) => env
+            .ctx
+            .targets
+            .get(kind)
+            .and_then(|target| target.check_restore(&command.options))
+            .map_err(|err| (err.kind(), err.to_string()))?,
+        _ => false,
+    };
+    let request = Request {
+        action: command.action,
+        target: command.target,
+        in_place,
+        scoped: command.action == Action::Backup && command.changes_what_a_backup_is(),
+    };
+    env.permissions
+        .check(received.sender.as_deref(), &request)
+        .map_err(|refusal| ("unauthorized", refusal.to_string()))
+}
+
+/// A command whose marker exists is done: re-announce its result instead of running it. A
+/// marker of a different command under the same id (another action, target, options, backup
+/// or sender) refuses this one: an id cannot be claimed in advance by a cheaper command.
 async fn announce_if_done(
     env: &StepEnv,
     received: &Received<'_>,
     command: &Command,
 ) -> Result<Option<Settle>, MessagingError> {
     match read_marker(env, &command.id).await {
-        Ok(Some(mut done)) => {
+        Ok(Some(marker))
+            if marker
+                .command_digest
+                .as_deref()
+                .is_some_and(|digest| digest != command.digest(received.sender.as_deref())) =>
+        {
+            let failed = received.event(event::FAILED, &command.id, Some(command));
+            let message = format!(
+                "command id `{}` was already used by a different command (another action, \
+                 target, options, backup or sender)",
+                command.id
+            );
+            dead_letter(env, received, failed, "id_conflict", &message, false)
+                .await
+                .map(Some)
+        }
+        Ok(Some(Marker {
+            event: mut done, ..
+        })) => {
             tracing::info!(command_id = %command.id, "command already done: re-announcing its result");
             done.correlation_id = received.correlation_id.clone().or(done.correlation_id);
             done.at = Utc::now();
@@ -328,13 +373,15 @@ async fn fan_out(
         "steps": steps.iter().map(|step| step.id.clone()).collect::<Vec<_>>(),
     }));
     env.publisher.event(&started).await?;
+    let mut sender = FieldTable::default();
+    headers::set_text(
+        &mut sender,
+        headers::SENDER,
+        received.sender.as_deref().unwrap_or_default(),
+    );
     for step in &steps {
         env.publisher
-            .command(
-                step,
-                received.correlation_id.as_deref(),
-                FieldTable::default(),
-            )
+            .command(step, received.correlation_id.as_deref(), sender.clone())
             .await?;
     }
     tracing::info!(command_id = %command.id, steps = steps.len(), "fanned out");
@@ -448,10 +495,17 @@ async fn complete(
     done.details = outcome.details;
     done.duration_ms = Some(elapsed.as_millis() as u64);
     let marker = command_marker_key(&command.id);
+    let body = Marker {
+        event: done.clone(),
+        command_digest: Some(command.digest(received.sender.as_deref())),
+    };
     if let Err(err) = env
         .ctx
         .storage
-        .put_bytes(&marker, bytes::Bytes::from(done.to_json()))
+        .put_bytes(
+            &marker,
+            bytes::Bytes::from(serde_json::to_vec(&body).unwrap_or_default()),
+        )
         .await
     {
         return Err(MessagingError::Broker(format!(
@@ -538,7 +592,7 @@ async fn busy(
     else {
         unreachable!("when_busy always retries");
     };
-    let mut headers = headers::copy(&received.delivery.properties);
+    let mut headers = relayed_headers(received);
     headers::set_int(&mut headers, headers::ATTEMPT, i64::from(next_attempt));
     let queue = to_tier(env, received, tier, expiration, headers).await?;
     tracing::info!(command_id = %command.id, %queue, "target busy: delayed");
@@ -596,8 +650,20 @@ async fn announce_failure(
     }
 }
 
-fn failure_headers(received: &Received<'_>, attempt: u32, kind: &str, message: &str) -> FieldTable {
+/// The headers of a copy the worker publishes: the delivery's, with the sender it was
+/// checked as (whatever a sender header from outside said).
+fn relayed_headers(received: &Received<'_>) -> FieldTable {
     let mut table = headers::copy(&received.delivery.properties);
+    headers::set_text(
+        &mut table,
+        headers::SENDER,
+        received.sender.as_deref().unwrap_or_default(),
+    );
+    table
+}
+
+fn failure_headers(received: &Received<'_>, attempt: u32, kind: &str, message: &str) -> FieldTable {
+    let mut table = relayed_headers(received);
     let message: String = message.chars().take(MAX_ERROR_HEADER).collect();
     headers::set_int(&mut table, headers::ATTEMPT, i64::from(attempt));
     headers::set_text(&mut table, headers::LAST_ERROR, &message);
@@ -611,28 +677,28 @@ fn failure_headers(received: &Received<'_>, attempt: u32, kind: &str, message: &
     table
 }
 
-fn restore_allowed(env: &StepEnv, sender: Option<&str>) -> bool {
-    // The worker's own user is trusted: it re-publishes retries of restores it accepted.
-    sender.is_some_and(|user| {
-        user == env.publisher.user()
-            || env
-                .ctx
-                .settings
-                .restore
-                .allowed_users
-                .iter()
-                .any(|allowed| allowed == user)
-    })
+/// What `commands/<id>.json` holds: the completed event, and the digest of the command that
+/// completed (absent in markers written before digests were).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Marker {
+    event: Event,
+    command_digest: Option<String>,
 }
 
-async fn read_marker(env: &StepEnv, command_id: &str) -> Result<Option<Event>, JobError> {
+async fn read_marker(env: &StepEnv, command_id: &str) -> Result<Option<Marker>, JobError> {
     match env
         .ctx
         .storage
         .get_bytes(&command_marker_key(command_id))
         .await
     {
-        Ok(bytes) => Ok(serde_json::from_slice(&bytes).ok()),
+        Ok(bytes) => Ok(serde_json::from_slice::<Marker>(&bytes).ok().or_else(|| {
+            let event = serde_json::from_slice::<Event>(&bytes).ok()?;
+            Some(Marker {
+                event,
+                command_digest: None,
+            })
+        })),
         Err(crate::storage::StorageError::NotFound { .. }) => Ok(None),
         Err(err) => Err(err.into()),
     }

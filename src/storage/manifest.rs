@@ -25,10 +25,24 @@ pub struct Manifest {
     pub retain_until: Option<DateTime<Utc>>,
     /// For incremental backups: the backup this one builds on.
     pub parent: Option<BackupId>,
+    /// The whole source, or part of it; retention counts only full backups towards its
+    /// slots. Manifests without it are full.
+    #[serde(default)]
+    pub scope: Scope,
     pub tool: ToolInfo,
     /// Facts about the source, recorded by the target (versions, counts, …).
     pub source: Facts,
     pub artifacts: Vec<ArtifactRecord>,
+}
+
+/// Whether a backup covers its whole source.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scope {
+    #[default]
+    Full,
+    /// Part of the source: a PostgreSQL schema filter.
+    Partial,
 }
 
 /// A target's facts, kept as the JSON text they were written as: a documents backup's

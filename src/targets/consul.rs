@@ -328,8 +328,42 @@ fn parse_kv(body: &[u8]) -> Result<Vec<KvEntry>, String> {
     Ok(entries)
 }
 
+/// Checks a restore's options (see `Target::check_restore`): true when it changes the live
+/// keys or cluster state.
+fn check_restore(options: &RestoreOptions) -> Result<bool, TargetError> {
+    let invalid = |message: &str| TargetError::InvalidOptions {
+        target: KIND,
+        message: message.to_string(),
+    };
+    exclusive_options(
+        KIND,
+        ("prefix", options.prefix.is_some()),
+        ("in_place", options.in_place),
+    )?;
+    if options.prefix.as_deref() == Some("") {
+        return Err(invalid(
+            "an empty prefix restores over the source's keys: that is in place (in_place: true)",
+        ));
+    }
+    if options.snapshot && !options.in_place {
+        return Err(invalid(
+            "a snapshot replaces the whole cluster state: it restores only with in_place",
+        ));
+    }
+    if options.delete_absent && !options.in_place {
+        return Err(invalid(
+            "delete_absent deletes live keys: it restores only with in_place",
+        ));
+    }
+    Ok(options.in_place)
+}
+
 #[async_trait]
 impl Target for Consul {
+    fn check_restore(&self, options: &Value) -> Result<bool, TargetError> {
+        check_restore(&parse_options(KIND, options)?)
+    }
+
     async fn backup(&self, options: &Value, sink: &mut ArtifactSink) -> Result<Facts, TargetError> {
         let options: BackupOptions = parse_options(KIND, options)?;
         let client = self.client()?;
@@ -366,19 +400,7 @@ impl Target for Consul {
         options: &Value,
     ) -> Result<RestoreReport, TargetError> {
         let options: RestoreOptions = parse_options(KIND, options)?;
-        exclusive_options(
-            KIND,
-            ("prefix", options.prefix.is_some()),
-            ("in_place", options.in_place),
-        )?;
-        if options.snapshot && !options.in_place {
-            return Err(TargetError::InvalidOptions {
-                target: KIND,
-                message:
-                    "a snapshot replaces the whole cluster state: it restores only with in_place"
-                        .into(),
-            });
-        }
+        check_restore(&options)?;
         let client = self.client()?;
         let body = source
             .read_whole(source.record(KV_ARTIFACT)?, MAX_KV_BYTES)
@@ -389,11 +411,20 @@ impl Target for Consul {
             (None, true) => String::new(),
             (None, false) => format!("restored/{}/", Utc::now().format("%Y%m%dT%H%M%S")),
         };
-        let existing = if options.delete_absent {
+        let existing = if options.delete_absent || !options.in_place {
             self.existing_keys(&client, &prefix).await?
         } else {
             BTreeSet::new()
         };
+        // Beside the original means a prefix nobody uses yet: under a used one, the restore
+        // would overwrite live keys.
+        if !options.in_place && !existing.is_empty() {
+            return Err(TargetError::Refused(format!(
+                "{} keys already exist under the prefix `{prefix}`: restore beside the original \
+                 under an unused prefix, or in place (in_place: true)",
+                existing.len()
+            )));
+        }
         let operations = plan_kv_restore(&entries, &prefix, &existing, options.delete_absent);
         let deleted = operations.len() - entries.len();
         let transactions = self.apply(&client, &operations).await?;

@@ -6,6 +6,7 @@
 
 pub mod consul;
 pub mod documents;
+mod guard;
 mod http;
 pub mod postgres;
 mod process;
@@ -17,6 +18,7 @@ use std::collections::BTreeMap;
 use async_trait::async_trait;
 use serde::de::DeserializeOwned;
 
+pub use self::guard::RestoreGuard;
 use crate::config::Settings;
 use crate::model::{BackupId, TargetKind};
 use crate::pipeline::{
@@ -25,7 +27,7 @@ use crate::pipeline::{
 };
 use crate::storage::Storage;
 use crate::storage::layout::artifact_key;
-use crate::storage::manifest::{ArtifactRecord, Facts, Manifest};
+use crate::storage::manifest::{ArtifactRecord, Facts, Manifest, Scope};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TargetError {
@@ -92,6 +94,11 @@ pub trait Target: Send + Sync {
     fn needs_previous(&self, _options: &serde_json::Value) -> bool {
         false
     }
+
+    /// Checks a restore's options before anything runs: their domains (names, destinations,
+    /// paths) and that nothing reaches the live source unless `in_place` says so. Returns
+    /// whether the restore changes the live source (it then needs the in-place permission).
+    fn check_restore(&self, _options: &serde_json::Value) -> Result<bool, TargetError>;
 
     /// Streams the target's artifacts into `sink`; returns the source facts for the manifest.
     async fn backup(
@@ -188,6 +195,7 @@ pub struct ArtifactSink {
     records: Vec<ArtifactRecord>,
     previous: Option<Manifest>,
     parent: Option<BackupId>,
+    scope: Scope,
 }
 
 impl ArtifactSink {
@@ -207,6 +215,7 @@ impl ArtifactSink {
             records: Vec::new(),
             previous,
             parent: None,
+            scope: Scope::Full,
         }
     }
 
@@ -226,6 +235,15 @@ impl ArtifactSink {
 
     pub fn parent(&self) -> Option<&BackupId> {
         self.parent.as_ref()
+    }
+
+    /// A backup of part of the source says so (retention does not count it as full).
+    pub fn set_partial(&mut self) {
+        self.scope = Scope::Partial;
+    }
+
+    pub fn scope(&self) -> Scope {
+        self.scope
     }
 
     /// Streams `source` to its end into the artifact `name` (stored as `name.zst[.age]`;
@@ -390,6 +408,7 @@ pub struct Targets {
 
 impl Targets {
     pub fn from_settings(settings: &Settings) -> Self {
+        let guard = RestoreGuard::new(&settings.restore);
         let mut targets: BTreeMap<TargetKind, Box<dyn Target>> = BTreeMap::new();
         if settings.postgres.enabled {
             targets.insert(
@@ -400,13 +419,16 @@ impl Targets {
         if settings.redis.enabled {
             targets.insert(
                 TargetKind::Redis,
-                Box::new(redis::Redis::new(&settings.redis)),
+                Box::new(redis::Redis::new(&settings.redis, guard.clone())),
             );
         }
         if settings.rabbitmq_definitions.enabled {
             targets.insert(
                 TargetKind::Rabbitmq,
-                Box::new(rabbitmq::Rabbitmq::new(&settings.rabbitmq_definitions)),
+                Box::new(rabbitmq::Rabbitmq::new(
+                    &settings.rabbitmq_definitions,
+                    guard.clone(),
+                )),
             );
         }
         if settings.consul.enabled {
@@ -418,7 +440,7 @@ impl Targets {
         if settings.documents.enabled {
             targets.insert(
                 TargetKind::Documents,
-                Box::new(documents::Documents::new(&settings.documents)),
+                Box::new(documents::Documents::new(&settings.documents, guard)),
             );
         }
         Targets { targets }

@@ -44,6 +44,7 @@ pub struct Rabbitmq {
     base: String,
     user: String,
     password: SecretString,
+    guard: super::RestoreGuard,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -60,8 +61,11 @@ struct RestoreOptions {
     /// Import as backed up, users included, into the original names.
     #[serde(default)]
     in_place: bool,
-    /// Another broker's management API (credentials in the URL).
+    /// Another broker's management API (listed in restore.allowed_destinations); it gets
+    /// only the credentials of `user` and `password_env`, never the configured ones.
     management_url: Option<String>,
+    user: Option<String>,
+    password_env: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -77,15 +81,17 @@ pub struct RabbitmqFacts {
 }
 
 impl Rabbitmq {
-    pub fn new(settings: &RabbitmqDefinitionsSettings) -> Self {
+    pub fn new(settings: &RabbitmqDefinitionsSettings, guard: super::RestoreGuard) -> Self {
         Rabbitmq {
             base: settings.management_url.clone(),
             user: settings.user.clone(),
             password: settings.password.clone(),
+            guard,
         }
     }
 
-    /// A client for `url` (credentials in the URL win over the configured ones).
+    /// A client for the configured management API, with the configured credentials
+    /// (credentials in its URL win).
     fn client(&self, url: &str) -> Result<(ApiClient, String, SecretString), TargetError> {
         let mut parsed = url::Url::parse(url).map_err(|err| TargetError::InvalidOptions {
             target: KIND,
@@ -106,11 +112,86 @@ impl Rabbitmq {
         Ok((client, user, password))
     }
 
+    /// Where a restore imports into: the configured API, or another broker's (checked by
+    /// [`Rabbitmq::check`]) with the credentials the options name.
+    fn destination(
+        &self,
+        options: &RestoreOptions,
+    ) -> Result<(ApiClient, String, SecretString), TargetError> {
+        let Some(url) = &options.management_url else {
+            return self.client(&self.base);
+        };
+        let password = match &options.password_env {
+            Some(name) => SecretString::from(self.guard.password_env(KIND, name)?),
+            None => SecretString::from(String::new()),
+        };
+        let secrets = vec![password.expose_secret().to_string()];
+        let client = ApiClient::new(KIND, url, secrets)?;
+        Ok((client, options.user.clone().unwrap_or_default(), password))
+    }
+
+    /// Checks a restore's options (see `Target::check_restore`).
+    fn check(&self, options: &RestoreOptions) -> Result<bool, TargetError> {
+        let invalid = |message: String| TargetError::InvalidOptions {
+            target: KIND,
+            message,
+        };
+        exclusive_options(
+            KIND,
+            ("in_place", options.in_place),
+            ("vhost_prefix", options.vhost_prefix.is_some()),
+        )?;
+        let other_broker = match &options.management_url {
+            Some(url) => {
+                let parsed = url::Url::parse(url)
+                    .map_err(|err| invalid(format!("management_url: {err}")))?;
+                if !parsed.username().is_empty() || parsed.password().is_some() {
+                    return Err(invalid(
+                        "management_url carries credentials: name them with user and \
+                         password_env instead"
+                            .into(),
+                    ));
+                }
+                if !matches!(parsed.scheme(), "http" | "https") {
+                    return Err(invalid("management_url is not http(s)".into()));
+                }
+                let host = parsed.host_str().unwrap_or_default();
+                let port = parsed.port_or_known_default().unwrap_or(15672);
+                let configured = url::Url::parse(&self.base).ok();
+                let same = configured.as_ref().is_some_and(|c| {
+                    c.host_str().is_some_and(|h| h.eq_ignore_ascii_case(host))
+                        && c.port_or_known_default() == Some(port)
+                });
+                if !same {
+                    self.guard.destination(KIND, host, port)?;
+                }
+                !same
+            }
+            None => false,
+        };
+        if let Some(name) = &options.password_env {
+            self.guard.check_password_env(KIND, name)?;
+        }
+        if (options.user.is_some() || options.password_env.is_some()) && !other_broker {
+            return Err(invalid(
+                "user and password_env are for another broker's management_url".into(),
+            ));
+        }
+        if !other_broker && options.vhost_prefix.as_deref() == Some("") {
+            return Err(invalid(
+                "an empty vhost_prefix imports into the source's own vhosts: that is in place \
+                 (in_place: true)"
+                    .into(),
+            ));
+        }
+        Ok(options.in_place && !other_broker)
+    }
+
     async fn get_definitions(&self, url: &str) -> Result<Bytes, TargetError> {
         let (client, user, password) = self.client(url)?;
         let response = client
             .send(Method::GET, "api/definitions", |r| {
-                r.basic_auth(&user, Some(password.expose_secret()))
+                r.basic_auth(user.as_str(), Some(password.expose_secret()))
             })
             .await?;
         let response = client
@@ -125,11 +206,13 @@ impl Rabbitmq {
             })
     }
 
-    async fn existing_users(&self, url: &str) -> Result<BTreeSet<String>, TargetError> {
-        let (client, user, password) = self.client(url)?;
+    async fn existing_users(
+        &self,
+        (client, user, password): &(ApiClient, String, SecretString),
+    ) -> Result<BTreeSet<String>, TargetError> {
         let response = client
             .send(Method::GET, "api/users", |r| {
-                r.basic_auth(&user, Some(password.expose_secret()))
+                r.basic_auth(user.as_str(), Some(password.expose_secret()))
             })
             .await?;
         let users: Vec<Value> = client
@@ -144,11 +227,14 @@ impl Rabbitmq {
             .collect())
     }
 
-    async fn post_definitions(&self, url: &str, definitions: &Value) -> Result<(), TargetError> {
-        let (client, user, password) = self.client(url)?;
+    async fn post_definitions(
+        &self,
+        (client, user, password): &(ApiClient, String, SecretString),
+        definitions: &Value,
+    ) -> Result<(), TargetError> {
         let response = client
             .send(Method::POST, "api/definitions", |r| {
-                r.basic_auth(&user, Some(password.expose_secret()))
+                r.basic_auth(user.as_str(), Some(password.expose_secret()))
                     .json(definitions)
             })
             .await?;
@@ -266,6 +352,10 @@ pub fn plan_import(
 
 #[async_trait]
 impl Target for Rabbitmq {
+    fn check_restore(&self, options: &Value) -> Result<bool, TargetError> {
+        self.check(&parse_options(KIND, options)?)
+    }
+
     async fn backup(&self, options: &Value, sink: &mut ArtifactSink) -> Result<Facts, TargetError> {
         let _: BackupOptions = parse_options(KIND, options)?;
         let body = self.get_definitions(&self.base).await?;
@@ -284,11 +374,7 @@ impl Target for Rabbitmq {
         options: &Value,
     ) -> Result<RestoreReport, TargetError> {
         let options: RestoreOptions = parse_options(KIND, options)?;
-        exclusive_options(
-            KIND,
-            ("in_place", options.in_place),
-            ("vhost_prefix", options.vhost_prefix.is_some()),
-        )?;
+        self.check(&options)?;
         let body = source
             .read_whole(source.record(ARTIFACT)?, MAX_DEFINITIONS as u64)
             .await?;
@@ -297,6 +383,7 @@ impl Target for Rabbitmq {
             .management_url
             .clone()
             .unwrap_or_else(|| self.base.clone());
+        let destination = self.destination(&options)?;
         let prefix = if options.in_place {
             None
         } else {
@@ -308,7 +395,7 @@ impl Target for Rabbitmq {
             )
         };
         let known_users = match prefix {
-            Some(_) => self.existing_users(&url).await?,
+            Some(_) => self.existing_users(&destination).await?,
             None => BTreeSet::new(),
         };
         let import = plan_import(
@@ -325,7 +412,7 @@ impl Target for Rabbitmq {
                 message: format!("the backup has no vhost `{vhost}`"),
             });
         }
-        self.post_definitions(&url, &import).await?;
+        self.post_definitions(&destination, &import).await?;
         let vhosts: Vec<String> = import["vhosts"]
             .as_array()
             .into_iter()

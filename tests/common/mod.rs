@@ -125,6 +125,16 @@ impl TestSetup {
         let mut env = HashMap::new();
         env.insert("BACKUP_CONFIG_DIR".to_string(), "/nonexistent".to_string());
         env.insert("DATABASE_URL".to_string(), pg_url(database));
+        // Tests publish as the broker's `guest`, which they grant everything explicitly;
+        // tests of the permission model set their own grants.
+        env.insert(
+            "BACKUP__AUTHORIZATION__GRANTS".to_string(),
+            "guest=*".to_string(),
+        );
+        env.insert(
+            "BACKUP_SCHEDULER_ID_SALT".to_string(),
+            "a test salt, sixteen characters or more".to_string(),
+        );
         let prefix = unique("t");
         let storage_dir = match store {
             Store::Local => {

@@ -38,6 +38,7 @@ const FORMAT: &str = "tar";
 
 pub struct Documents {
     root: PathBuf,
+    guard: super::RestoreGuard,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -80,10 +81,99 @@ pub struct DocumentsFacts {
 }
 
 impl Documents {
-    pub fn new(settings: &DocumentsSettings) -> Self {
+    pub fn new(settings: &DocumentsSettings, guard: super::RestoreGuard) -> Self {
         Documents {
             root: settings.root.clone(),
+            guard,
         }
+    }
+
+    /// Where a restore writes: `to` below the restore root (default: the documents root's
+    /// parent) and outside the live tree, or `<root>.restore-<time>` beside it.
+    fn destination(&self, options: &RestoreOptions) -> Result<PathBuf, TargetError> {
+        exclusive_options(
+            KIND,
+            ("to", options.to.is_some()),
+            ("in_place", options.in_place),
+        )?;
+        let Some(to) = &options.to else {
+            return Ok(sibling(&self.root, "restore"));
+        };
+        let parent = self.root.parent().unwrap_or(Path::new("/"));
+        let to = self.guard.file(KIND, to, parent)?;
+        let live = std::fs::canonicalize(&self.root).unwrap_or_else(|_| self.root.clone());
+        if to.starts_with(&live) {
+            return Err(TargetError::InvalidOptions {
+                target: KIND,
+                message: format!(
+                    "{} is inside the live document tree: restore beside it, or in place",
+                    to.display()
+                ),
+            });
+        }
+        Ok(to)
+    }
+
+    /// Restores the chain into `dest` (an empty or new directory) and checks every file;
+    /// `in_place` then swaps it in for the root, keeping the old tree beside it.
+    async fn restore_into(
+        &self,
+        source: &ArtifactSource,
+        dest: &Path,
+        in_place: bool,
+    ) -> Result<RestoreReport, TargetError> {
+        let facts = facts_of(&source.manifest)?;
+        let created = prepare_destination(dest)?;
+        let restored = restore_chain(source, &facts, dest).await;
+        if let Err(err) = restored {
+            if created {
+                let _ = std::fs::remove_dir_all(dest);
+            } else if let Ok(entries) = std::fs::read_dir(dest) {
+                for entry in entries.flatten() {
+                    let _ = if entry.path().is_dir() && !entry.path().is_symlink() {
+                        std::fs::remove_dir_all(entry.path())
+                    } else {
+                        std::fs::remove_file(entry.path())
+                    };
+                }
+            }
+            return Err(err);
+        }
+        let mut details = json!({
+            "directory": dest,
+            "files": facts.files,
+            "dirs": facts.dirs,
+            "symlinks": facts.symlinks,
+            "bytes": facts.total_bytes,
+            "chain": facts.chain,
+        });
+        if in_place {
+            let replaced = sibling(&self.root, "replaced");
+            if self.root.exists() {
+                std::fs::rename(&self.root, &replaced).map_err(|err| {
+                    TargetError::Refused(format!(
+                        "moving {} aside failed: {err}; the restored tree is in {}",
+                        self.root.display(),
+                        dest.display()
+                    ))
+                })?;
+                details["previous_directory"] = json!(replaced);
+            }
+            std::fs::rename(dest, &self.root).map_err(|err| {
+                TargetError::Refused(format!(
+                    "moving {} into place failed: {err}",
+                    dest.display()
+                ))
+            })?;
+            details["directory"] = json!(self.root);
+        }
+        Ok(RestoreReport {
+            destination: format!(
+                "directory {}",
+                details["directory"].as_str().unwrap_or_default()
+            ),
+            details,
+        })
     }
 
     fn check_root(&self) -> Result<(), TargetError> {
@@ -147,6 +237,12 @@ fn prepare_destination(dest: &Path) -> Result<bool, TargetError> {
 
 #[async_trait]
 impl Target for Documents {
+    fn check_restore(&self, options: &Value) -> Result<bool, TargetError> {
+        let options: RestoreOptions = parse_options(KIND, options)?;
+        self.destination(&options)?;
+        Ok(options.in_place)
+    }
+
     fn needs_previous(&self, options: &Value) -> bool {
         parse_options::<BackupOptions>(KIND, options).is_ok_and(|options| options.incremental)
     }
@@ -238,74 +334,15 @@ impl Target for Documents {
         options: &Value,
     ) -> Result<RestoreReport, TargetError> {
         let options: RestoreOptions = parse_options(KIND, options)?;
-        exclusive_options(
-            KIND,
-            ("to", options.to.is_some()),
-            ("in_place", options.in_place),
-        )?;
-        let facts = facts_of(&source.manifest)?;
-        let dest = match (&options.to, options.in_place) {
-            (Some(to), _) => to.clone(),
-            (None, _) => sibling(&self.root, "restore"),
-        };
-        let created = prepare_destination(&dest)?;
-        let restored = restore_chain(source, &facts, &dest).await;
-        if let Err(err) = restored {
-            if created {
-                let _ = std::fs::remove_dir_all(&dest);
-            } else if let Ok(entries) = std::fs::read_dir(&dest) {
-                for entry in entries.flatten() {
-                    let _ = if entry.path().is_dir() && !entry.path().is_symlink() {
-                        std::fs::remove_dir_all(entry.path())
-                    } else {
-                        std::fs::remove_file(entry.path())
-                    };
-                }
-            }
-            return Err(err);
-        }
-        let mut details = json!({
-            "directory": dest,
-            "files": facts.files,
-            "dirs": facts.dirs,
-            "symlinks": facts.symlinks,
-            "bytes": facts.total_bytes,
-            "chain": facts.chain,
-        });
-        if options.in_place {
-            let replaced = sibling(&self.root, "replaced");
-            if self.root.exists() {
-                std::fs::rename(&self.root, &replaced).map_err(|err| {
-                    TargetError::Refused(format!(
-                        "moving {} aside failed: {err}; the restored tree is in {}",
-                        self.root.display(),
-                        dest.display()
-                    ))
-                })?;
-                details["previous_directory"] = json!(replaced);
-            }
-            std::fs::rename(&dest, &self.root).map_err(|err| {
-                TargetError::Refused(format!(
-                    "moving {} into place failed: {err}",
-                    dest.display()
-                ))
-            })?;
-            details["directory"] = json!(self.root);
-        }
-        Ok(RestoreReport {
-            destination: format!(
-                "directory {}",
-                details["directory"].as_str().unwrap_or_default()
-            ),
-            details,
-        })
+        let dest = self.destination(&options)?;
+        self.restore_into(source, &dest, options.in_place).await
     }
 
     async fn drill(&self, source: &ArtifactSource) -> Result<RestoreReport, TargetError> {
         let scratch = sibling(&self.root, "drill");
         // The restore checks every file's size and SHA-256 against the index (the whole
         // chain for an incremental backup); it needs room for one copy of the tree.
-        let restored = self.restore(source, &json!({ "to": scratch })).await;
+        let restored = self.restore_into(source, &scratch, false).await;
         let removed = tokio::task::spawn_blocking({
             let scratch = scratch.clone();
             move || match std::fs::remove_dir_all(&scratch) {

@@ -63,6 +63,9 @@ impl Postgres {
             .map_err(|err| unreachable(&err))?;
         let snapshot = query_string(&client, "SELECT pg_export_snapshot()").await?;
         let scope = Scope::resolve(&client, requested, excluded).await?;
+        if !scope.requested.is_empty() || !scope.excluded.is_empty() {
+            sink.set_partial();
+        }
         let large_objects = if scope.requested.is_empty() {
             Some(
                 client

@@ -176,8 +176,34 @@ impl Postgres {
     }
 }
 
+/// `name` when it is a plain database name: a letter or `_`, then up to 62 letters, digits,
+/// `_` or `$`. Names given in commands and read from manifests must be: they reach the tools
+/// quoted, and a plain name cannot be read as a connection string.
+fn plain_identifier(name: &str) -> Result<&str, TargetError> {
+    let mut bytes = name.bytes();
+    let plain = name.len() <= 63
+        && bytes
+            .next()
+            .is_some_and(|first| first.is_ascii_alphabetic() || first == b'_')
+        && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'$');
+    if plain {
+        Ok(name)
+    } else {
+        Err(TargetError::InvalidOptions {
+            target: KIND,
+            message: format!(
+                "`{name}` is not a plain database name ([A-Za-z_][A-Za-z0-9_$]*, at most 63 bytes)"
+            ),
+        })
+    }
+}
+
 #[async_trait]
 impl Target for Postgres {
+    fn check_restore(&self, options: &serde_json::Value) -> Result<bool, TargetError> {
+        self.check(&parse_options(KIND, options)?)
+    }
+
     async fn backup(
         &self,
         options: &serde_json::Value,
@@ -227,6 +253,31 @@ fn unreachable(err: &tokio_postgres::Error) -> TargetError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_plain_database_names_pass() {
+        for good in [
+            "crm",
+            "_x",
+            "crm_restore_20261126t031500",
+            "a$1",
+            &"x".repeat(63),
+        ] {
+            assert!(plain_identifier(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "",
+            "1crm",
+            "host=127.0.0.1 port=6391 dbname=x",
+            "crm'; DROP",
+            "crm-db",
+            "crm db",
+            &"x".repeat(64),
+            "crm\0",
+        ] {
+            assert!(plain_identifier(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn the_options_structs_accept_what_the_options_table_lists() {

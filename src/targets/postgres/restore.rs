@@ -10,7 +10,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use super::sql::{
     compare_counts, count_rows, database_owner, derived_name, drop_database, quote_ident, swap_in,
 };
-use super::{DUMP_FORMAT, KIND, Postgres, PostgresFacts};
+use super::{DUMP_FORMAT, Postgres, PostgresFacts, plain_identifier};
 use crate::pipeline::ArtifactReader;
 use crate::storage::manifest::ArtifactRecord;
 use crate::targets::process::{Pump, ToolProcess, pump};
@@ -32,13 +32,24 @@ pub(super) struct RestoreOptions {
 }
 
 impl Postgres {
+    /// Checks a restore's options (see `Target::check_restore`): true when in place.
+    pub(super) fn check(&self, options: &RestoreOptions) -> Result<bool, TargetError> {
+        if let Some(into) = &options.into {
+            plain_identifier(into)?;
+        }
+        Ok(options.in_place)
+    }
+
     /// Restores into a new database, or in place by a swap of names.
     pub(super) async fn restore_into(
         &self,
         source: &ArtifactSource,
         options: RestoreOptions,
     ) -> Result<RestoreReport, TargetError> {
+        self.check(&options)?;
         let facts: PostgresFacts = source.facts()?;
+        // Read back from storage: as untrusted as a command's option.
+        plain_identifier(&facts.database)?;
         let record = source
             .manifest
             .artifacts
@@ -58,12 +69,7 @@ impl Postgres {
             (None, Some(name)) => name.clone(),
             (None, None) => derived_name(&facts.database, "restore"),
         };
-        if database.is_empty() || database.len() > 63 || database.contains('\0') {
-            return Err(TargetError::InvalidOptions {
-                target: KIND,
-                message: format!("`{database}` is not a usable database name (1 to 63 bytes)"),
-            });
-        }
+        plain_identifier(&database)?;
         let admin = self.connect(Some(&self.maintenance_database)).await?;
         if database_owner(&admin, &database).await?.is_some() {
             return Err(TargetError::Refused(format!(
@@ -134,12 +140,14 @@ impl Postgres {
         database: &str,
         options: &RestoreOptions,
     ) -> Result<(), TargetError> {
+        // A plain identifier (checked), given as a connection string with nothing else in it:
+        // pg_restore reads --dbname as one when it holds `=`.
+        let dbname = format!("--dbname=dbname='{}'", plain_identifier(database)?);
         let mut args = vec![
             "--no-password",
             "--exit-on-error",
             "--single-transaction",
-            "--dbname",
-            database,
+            dbname.as_str(),
         ];
         if options.no_owner {
             args.push("--no-owner");
@@ -179,7 +187,7 @@ impl Postgres {
         source: &ArtifactSource,
     ) -> Result<RestoreReport, TargetError> {
         let facts: PostgresFacts = source.facts()?;
-        let scratch = derived_name(&facts.database, "drill");
+        let scratch = derived_name(plain_identifier(&facts.database)?, "drill");
         // The restore itself compares every table's row count with the manifest.
         let options = RestoreOptions {
             into: Some(scratch.clone()),

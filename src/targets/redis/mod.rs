@@ -61,6 +61,7 @@ pub struct Redis {
     tls_ca_file: Option<PathBuf>,
     mode: RedisMode,
     server_binary: PathBuf,
+    guard: super::RestoreGuard,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -124,7 +125,7 @@ impl Endpoint {
 }
 
 impl Redis {
-    pub fn new(settings: &RedisSettings) -> Self {
+    pub fn new(settings: &RedisSettings, guard: super::RestoreGuard) -> Self {
         Redis {
             host: settings.host.clone(),
             port: settings.port,
@@ -135,6 +136,7 @@ impl Redis {
                 .then(|| settings.tls_ca_file.clone()),
             mode: settings.mode,
             server_binary: settings.server_binary.clone(),
+            guard,
         }
     }
 
@@ -155,6 +157,10 @@ impl Redis {
 
 #[async_trait]
 impl Target for Redis {
+    fn check_restore(&self, options: &Value) -> Result<bool, TargetError> {
+        restore::check(self, &parse_options(KIND, options)?)
+    }
+
     async fn backup(&self, options: &Value, sink: &mut ArtifactSink) -> Result<Facts, TargetError> {
         backup::run(self, &parse_options(KIND, options)?, sink).await
     }

@@ -51,48 +51,83 @@ pub(super) async fn run(
     source: &ArtifactSource,
     options: &RestoreOptions,
 ) -> Result<RestoreReport, TargetError> {
+    check(redis, options)?;
     match &options.to_file {
-        Some(path) => to_file(source, path).await,
+        Some(path) => to_file(source, &rdb_path(redis, path)?).await,
         None => live(redis, source, options).await,
     }
 }
 
-/// Where a live restore writes.
-fn destination(redis: &Redis, options: &RestoreOptions) -> Result<Endpoint, TargetError> {
-    match (&options.host, options.in_place) {
-        (Some(host), false) => {
-            let password = match &options.password_env {
-                Some(name) => std::env::var(name).map_err(|_| TargetError::InvalidOptions {
-                    target: KIND,
-                    message: format!("password_env `{name}` is not set on the worker"),
-                })?,
-                None => redis.source().password,
-            };
-            Ok(Endpoint {
-                address: Address::Tcp {
-                    host: host.clone(),
-                    port: options.port.unwrap_or(6379),
-                    tls: options.tls.unwrap_or(redis.tls),
-                },
-                username: options
-                    .username
-                    .clone()
-                    .unwrap_or_else(|| redis.username.clone()),
-                password,
-                tls_ca_file: redis.tls_ca_file.clone(),
-            })
-        }
-        (None, true) => Ok(redis.source()),
-        (Some(_), true) => Err(TargetError::InvalidOptions {
-            target: KIND,
-            message: "host and in_place exclude each other".into(),
-        }),
-        (None, false) => Err(TargetError::InvalidOptions {
-            target: KIND,
-            message: "say where to restore: to_file, host (+port) of another Redis, or in_place"
-                .into(),
-        }),
+/// Checks the options before anything runs (see `Target::check_restore`); true when the
+/// restore changes the configured Redis.
+pub(super) fn check(redis: &Redis, options: &RestoreOptions) -> Result<bool, TargetError> {
+    let invalid = |message: &str| TargetError::InvalidOptions {
+        target: KIND,
+        message: message.to_string(),
+    };
+    let places = [
+        options.to_file.is_some(),
+        options.host.is_some(),
+        options.in_place,
+    ];
+    if places.iter().filter(|given| **given).count() != 1 {
+        return Err(invalid(
+            "say where to restore, once: to_file, host (+port) of another Redis, or in_place",
+        ));
     }
+    if let Some(path) = &options.to_file {
+        rdb_path(redis, path)?;
+    }
+    if let Some(host) = &options.host {
+        let port = options.port.unwrap_or(6379);
+        if host.eq_ignore_ascii_case(&redis.host) && port == redis.port {
+            return Err(invalid(
+                "that is the configured Redis: restoring into it is in place (in_place: true)",
+            ));
+        }
+        redis.guard.destination(KIND, host, port)?;
+        if let Some(name) = &options.password_env {
+            redis.guard.check_password_env(KIND, name)?;
+        }
+    } else if options.password_env.is_some() || options.username.is_some() || options.port.is_some()
+    {
+        return Err(invalid("username, password_env and port go with host"));
+    }
+    // Flushing a database is destructive wherever it happens.
+    Ok(options.in_place || options.existing == Some(ExistingKeys::FlushFirst))
+}
+
+/// Where `to_file` writes: below the restore root (default `restores/`).
+fn rdb_path(redis: &Redis, path: &Path) -> Result<PathBuf, TargetError> {
+    let default_root = Path::new("restores");
+    if redis.guard.is_default_root() {
+        std::fs::create_dir_all(default_root).map_err(|err| {
+            TargetError::Refused(format!("cannot create {}: {err}", default_root.display()))
+        })?;
+    }
+    redis.guard.file(KIND, path, default_root)
+}
+
+/// Where a live restore writes. Another Redis gets only the credentials the options name:
+/// the configured password goes to the configured Redis alone.
+fn destination(redis: &Redis, options: &RestoreOptions) -> Result<Endpoint, TargetError> {
+    let Some(host) = &options.host else {
+        return Ok(redis.source());
+    };
+    let password = match &options.password_env {
+        Some(name) => redis.guard.password_env(KIND, name)?,
+        None => String::new(),
+    };
+    Ok(Endpoint {
+        address: Address::Tcp {
+            host: host.clone(),
+            port: options.port.unwrap_or(6379),
+            tls: options.tls.unwrap_or(redis.tls),
+        },
+        username: options.username.clone().unwrap_or_default(),
+        password,
+        tls_ca_file: redis.tls_ca_file.clone(),
+    })
 }
 
 /// Writes the RDB of the backup to `path`.
