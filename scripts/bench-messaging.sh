@@ -38,7 +38,7 @@ for workers in 1 2; do
     "$MGMT/api/permissions/$vhost/guest" >/dev/null
   export RABBITMQ_URL="$AMQP/$vhost" DATABASE_URL="$PG/$DB" BACKUP_STORAGE_DIR="$WORK/backups-$workers" \
     BACKUP__MESSAGING__RETRY_DELAYS=500ms BACKUP_CONFIG_DIR=/nonexistent RUST_LOG=warn \
-    BACKUP__HTTP__LISTEN=127.0.0.1:0
+    BACKUP__HTTP__LISTEN=127.0.0.1:0 BACKUP__AUTHORIZATION__GRANTS='guest=backup'
   PIDS=()
   for _ in $(seq 1 "$workers"); do
     ./target/release/crm-backup worker 2>>"$WORK/worker.log" &

@@ -246,3 +246,35 @@ async fn an_empty_store_is_backed_up_as_zero_keys() {
         (Some(0), Some(0))
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_beside_the_original_cannot_reach_the_live_keys() {
+    let double = ConsulDouble::start(populated()).await;
+    let original = double.state.lock().unwrap().kv.clone();
+    let setup = setup(&double, TOKEN);
+    let (manifest, _) = backup(&setup).await.unwrap();
+    for (options, says) in [
+        (
+            json!({ "prefix": "", "delete_absent": true }),
+            "empty prefix",
+        ),
+        (
+            json!({ "prefix": "restored/x/", "delete_absent": true }),
+            "only with in_place",
+        ),
+        (
+            json!({ "prefix": "crm/" }),
+            "already exist under the prefix",
+        ),
+    ] {
+        let err = restore(&setup, &manifest, options.clone())
+            .await
+            .unwrap_err();
+        assert!(err.contains(says), "{options}: {err}");
+    }
+    assert_eq!(
+        double.state.lock().unwrap().kv,
+        original,
+        "the live keys are unchanged"
+    );
+}

@@ -472,3 +472,35 @@ async fn a_drill_restores_a_scratch_copy_beside_the_tree_and_removes_it() {
     );
     assert_same_tree(&root, &original);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_writes_only_below_the_restore_root_and_outside_the_live_tree() {
+    let work = tempfile::tempdir().unwrap();
+    let root = work.path().join("documents");
+    write(&root.join("a.txt"), b"original", 0o644);
+    let setup = setup(&root);
+    let (manifest, _) = backup(&setup, json!(null)).await;
+    let elsewhere = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(elsewhere.path(), work.path().join("link")).unwrap();
+    let cases = [
+        (
+            elsewhere.path().join("restored"),
+            "not below the restore root",
+        ),
+        (work.path().join("link/restored"), "is a symlink"),
+        (root.join("inside"), "inside the live document tree"),
+        (work.path().join("x/../../escape"), "`..`"),
+    ];
+    for (to, says) in cases {
+        let err = restore(&setup, &manifest, json!({ "to": to }))
+            .await
+            .unwrap_err();
+        assert!(err.contains(says), "{}: {err}", to.display());
+        assert!(!to.exists(), "{} created", to.display());
+    }
+    assert!(
+        fs::read_dir(elsewhere.path()).unwrap().next().is_none(),
+        "nothing written elsewhere"
+    );
+    assert_eq!(snapshot(&root).len(), 1, "the live tree is unchanged");
+}

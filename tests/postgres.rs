@@ -611,6 +611,19 @@ async fn restore_never_overwrites_unless_in_place() {
     );
     assert!(!ok);
     assert!(stderr.contains("--yes"), "{stderr}");
+    // The same through an option, and through the destination named as an option value.
+    let (ok, _, stderr) = run_cli(
+        &setup.env,
+        &[
+            "restore",
+            "--backup",
+            manifest.id.as_str(),
+            "--option",
+            "in_place=true",
+        ],
+    );
+    assert!(!ok);
+    assert!(stderr.contains("--yes"), "{stderr}");
 
     // Damage the original (with a session open on it), then restore it in place.
     psql(

@@ -231,3 +231,54 @@ async fn an_unreachable_management_api_is_retryable_and_leaves_nothing() {
     assert!(err.to_string().contains("401"), "{err}");
     assert!(!err.retryable());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn definitions_and_credentials_go_to_no_other_broker_unless_allowed() {
+    let vhost = TestVhost::create("defs_elsewhere");
+    populate(&vhost.name);
+    let setup = TestSetup::new("postgres", Store::Local, &[]);
+    let manifest = run_backup(
+        &setup.ctx,
+        &BackupRequest::new(TargetKind::Rabbitmq, "test"),
+        &CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    // The attacker's "management API": counts connections.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = accepted.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            drop(stream);
+        }
+    });
+    let attempt = |options: serde_json::Value| {
+        let request = RestoreRequest {
+            target: TargetKind::Rabbitmq,
+            backup: BackupRef::Id(manifest.id.clone()),
+            options,
+        };
+        let ctx = setup.ctx.clone();
+        async move {
+            run_restore(&ctx, &request)
+                .await
+                .map(|_| ())
+                .unwrap_err()
+                .to_string()
+        }
+    };
+    let elsewhere = format!("http://127.0.0.1:{port}");
+    let err = attempt(json!({ "management_url": elsewhere, "in_place": true })).await;
+    assert!(err.contains("not in restore.allowed_destinations"), "{err}");
+    let with_credentials = format!("http://admin:pw@127.0.0.1:{port}");
+    let err = attempt(json!({ "management_url": with_credentials })).await;
+    assert!(err.contains("carries credentials"), "{err}");
+    // The source's own vhost names, by an empty prefix: that is in place.
+    let err = attempt(json!({ "vhost": vhost.name, "vhost_prefix": "" })).await;
+    assert!(err.contains("in place"), "{err}");
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 0);
+}

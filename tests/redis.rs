@@ -592,3 +592,125 @@ async fn a_tls_only_redis_is_backed_up_and_restored_over_tls() {
     assert!(!err.retryable(), "{err}");
     assert!(untrusted.stored_files().is_empty());
 }
+
+/// A TCP listener that records what its first client sends and answers every line with an
+/// error: a host where an attacker would collect credentials.
+struct Collector {
+    port: u16,
+    received: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Collector {
+    fn start() -> Self {
+        use std::io::{Read, Write};
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (sink, count) = (received.clone(), accepted.clone());
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let Ok(mut stream) = stream else { continue };
+                let _ = stream.set_read_timeout(Some(std::time::Duration::from_millis(500)));
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = stream.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    sink.lock().unwrap().extend_from_slice(&buf[..n]);
+                    let _ = stream.write_all(b"-ERR not a Redis\r\n");
+                }
+            }
+        });
+        Collector {
+            port,
+            received,
+            accepted,
+        }
+    }
+
+    fn received(&self) -> String {
+        String::from_utf8_lossy(&self.received.lock().unwrap()).into_owned()
+    }
+
+    fn connections(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restores_send_neither_data_nor_credentials_where_they_do_not_belong() {
+    let source = RedisServer::start(&[]);
+    populate(&source);
+    let backed_up = setup_for(&source, &[]);
+    let (manifest, _) = backup(&backed_up).await;
+    let before = source.contents(0);
+    let allowed = Collector::start();
+    let elsewhere = Collector::start();
+    let allowed_destination = format!("127.0.0.1:{}", allowed.port);
+    let storage = backed_up.env["BACKUP_STORAGE_DIR"].clone();
+    let root = tempfile::tempdir().unwrap();
+    let root_path = root.path().display().to_string();
+    // The worker that restores holds a Redis password, and one allowed destination.
+    let setup = setup_for(
+        &source,
+        &[
+            ("BACKUP_STORAGE_DIR", storage.as_str()),
+            ("REDIS_PASSWORD", "sekrit-pass"),
+            (
+                "BACKUP__RESTORE__ALLOWED_DESTINATIONS",
+                allowed_destination.as_str(),
+            ),
+            ("BACKUP__RESTORE__ROOT", root_path.as_str()),
+        ],
+    );
+    let attempt = |options: serde_json::Value| restore(&setup, &manifest, options);
+
+    // A host that is not allowed: refused before anything connects.
+    let err = attempt(json!({ "host": "127.0.0.1", "port": elsewhere.port }))
+        .await
+        .unwrap_err();
+    assert!(err.contains("not in restore.allowed_destinations"), "{err}");
+    // An allowed host gets the data but never the configured password.
+    let _ =
+        attempt(json!({ "host": "127.0.0.1", "port": allowed.port, "existing": "replace" })).await;
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(allowed.connections() >= 1);
+    assert!(
+        !allowed.received().contains("sekrit-pass"),
+        "{}",
+        allowed.received()
+    );
+    // Any environment variable as a password: only those listed.
+    let err = attempt(json!({
+        "host": "127.0.0.1", "port": allowed.port, "password_env": "BACKUP_S3_SECRET_KEY"
+    }))
+    .await
+    .unwrap_err();
+    assert!(err.contains("not in restore.password_envs"), "{err}");
+    // The configured Redis named as another host, with a destructive policy: that is in place.
+    let err = attempt(json!({
+        "host": "127.0.0.1", "port": source.port, "existing": "flush-first"
+    }))
+    .await
+    .unwrap_err();
+    assert!(err.contains("that is the configured Redis"), "{err}");
+    assert_eq!(source.contents(0), before, "the live source is unchanged");
+    // Files only below the restore root, through no symlink.
+    std::os::unix::fs::symlink("/etc", root.path().join("link")).unwrap();
+    for path in [
+        "/etc/crm-backup-test.rdb".to_string(),
+        format!("{root_path}/link/x.rdb"),
+    ] {
+        let err = attempt(json!({ "to_file": path })).await.unwrap_err();
+        assert!(
+            err.contains("restore root") || err.contains("symlink"),
+            "{err}"
+        );
+    }
+    assert!(!std::path::Path::new("/etc/crm-backup-test.rdb").exists());
+    assert!(!std::path::Path::new("/etc/x.rdb").exists());
+    assert_eq!(elsewhere.connections(), 0);
+}

@@ -149,19 +149,16 @@ async fn dispatch(command: Command) -> Result<ExitCode, Failure> {
             options,
             output,
         } => {
-            let selector = target.selector();
+            // The target of the options: named, or the one the backup id names.
+            let selector = target.selector().or_else(|| {
+                let id: crm_backup::model::BackupId = backup.backup.parse().ok()?;
+                Some(TargetSelector::One(id.target()))
+            });
             let mut restore = typed_options(
                 Action::Restore,
                 selector.unwrap_or(TargetSelector::All),
                 &options,
             )?;
-            let explicit_in_place =
-                restore.get("in_place").and_then(serde_json::Value::as_bool) == Some(true);
-            if (in_place || explicit_in_place) && !yes {
-                return Err(Failure(
-                    "an in-place restore overwrites the original; add --yes to confirm".into(),
-                ));
-            }
             if let Some(into) = into {
                 restore.insert("into".into(), json!(into));
             }

@@ -285,7 +285,10 @@ mod tests {
         );
         restore["backup_id"] = json!("latest");
         let err = parse(restore.clone()).unwrap_err().to_string();
-        assert!(err.contains("`schemas` is not an option of restore on postgres"), "{err}");
+        assert!(
+            err.contains("`schemas` is not an option of restore on postgres"),
+            "{err}"
+        );
         restore["options"] = json!({"into": "crm_copy"});
         assert!(parse(restore.clone()).is_ok());
         restore["target"] = json!("all");

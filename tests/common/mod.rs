@@ -4,6 +4,7 @@
 pub mod broker;
 pub mod consul_double;
 pub mod fault_proxy;
+pub mod harness;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
