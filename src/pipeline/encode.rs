@@ -262,9 +262,8 @@ struct Encoded<R, I> {
     stored: (String, u64),
 }
 
-/// The pipeline's threads: this one reads; one compresses and encrypts, one hashes and
-/// inspects, both from the same chunks (`Bytes` clones, not copies). Reading on a thread of its
-/// own keeps the source flowing while zstd waits for its worker.
+/// The pipeline thread: read, compress, encrypt; hashing and inspection on a thread of their
+/// own, from the same chunks (`Bytes` clones, not copies).
 fn encode<R: Read, I: Inspect>(
     mut source: R,
     inspector: I,
@@ -273,18 +272,10 @@ fn encode<R: Read, I: Inspect>(
     stop: &AtomicBool,
 ) -> Result<Encoded<R, I>, PipelineError> {
     let chunks = ChunkPool::new(codec.chunk_size, POOLED_CHUNKS);
-    let compressor = Compressor::new(codec, out)?;
+    let mut compressor = Compressor::new(codec, out)?;
     std::thread::scope(|scope| {
         let raw = HashThread::spawn(scope, inspector);
-        let (to_compressor, compressed) = std::sync::mpsc::sync_channel::<Bytes>(CHANNEL_DEPTH);
-        let compressing = scope.spawn(move || {
-            let mut compressor = compressor;
-            for chunk in compressed {
-                compressor.write_all(&chunk)?;
-            }
-            compressor.finish()
-        });
-        let read = (|| loop {
+        loop {
             if stop.load(Ordering::SeqCst) {
                 return Err(PipelineError::Aborted);
             }
@@ -292,20 +283,13 @@ fn encode<R: Read, I: Inspect>(
             if !chunk.is_empty() {
                 let chunk = chunk.freeze();
                 raw.send(&chunk)?;
-                if to_compressor.send(chunk).is_err() {
-                    return Ok(()); // the compressor stopped: its result says why
-                }
+                compressor.write_all(&chunk)?;
             }
             if ended {
-                return Ok(());
+                break;
             }
-        })();
-        drop(to_compressor);
-        let stored = compressing
-            .join()
-            .map_err(|_| PipelineError::Internal("the compressing thread panicked".into()))?;
-        read?;
-        let stored = stored?;
+        }
+        let stored = compressor.finish()?;
         let (raw, inspector) = raw.finish()?;
         Ok(Encoded {
             source,
