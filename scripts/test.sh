@@ -22,6 +22,7 @@ need() { # <command> <debian package>
 ensure_tools() {
   need zstd zstd
   need age age
+  need minisign minisign
   need curl curl
   need psql postgresql-client
   need redis-server redis-server

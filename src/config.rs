@@ -50,13 +50,17 @@ const SEED_NAMES: &[(&str, &str)] = &[
     ("CONSUL_HTTP_TOKEN", "consul.token"),
     ("DOCUMENTS_STORAGE_ROOT", "documents.root"),
     ("BACKUP_SCHEDULER_ID_SALT", "scheduler.id_salt"),
+    ("BACKUP_SIGNING_KEY_FILE", "signing.secret_key_file"),
+    ("BACKUP_SIGNING_PUBLIC_KEYS", "signing.public_keys"),
 ];
 
 /// Settings whose environment value is a comma-separated list.
 const LIST_KEYS: &[&str] = &[
     "pipeline.age_recipients",
+    "pipeline.accepted_recipients",
     "postgres.schemas",
     "postgres.exclude_schemas",
+    "signing.public_keys",
     "authorization.grants",
     "authorization.anonymous",
     "restore.allowed_destinations",
@@ -84,6 +88,7 @@ pub struct Settings {
     pub rabbitmq: RabbitmqSettings,
     pub http: HttpSettings,
     pub messaging: MessagingSettings,
+    pub signing: SigningSettings,
     pub authorization: AuthorizationSettings,
     pub restore: RestoreSettings,
     pub scheduler: SchedulerSettings,
@@ -189,6 +194,18 @@ pub struct MessagingSettings {
     pub shutdown_timeout: HumanDuration,
 }
 
+/// Signed manifests: see [`crate::storage::signing`].
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SigningSettings {
+    /// The worker's minisign secret key file; empty: no signing.
+    pub secret_key_file: PathBuf,
+    /// minisign public keys that signatures are checked against.
+    pub public_keys: Vec<String>,
+    /// Accept manifests without a signature.
+    pub allow_unsigned: bool,
+}
+
 /// Who may ask for what: see [`crate::authorization`].
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -221,6 +238,25 @@ pub struct RestoreSettings {
     /// Directory under which file restores land; empty: beside the documents root, and
     /// `restores/` for Redis files.
     pub root: PathBuf,
+    /// Prove each artifact's stored SHA-256 before any byte of it reaches a database, a Redis
+    /// server or the file system: it is downloaded to a staging file first.
+    pub verify_first: bool,
+    /// Where staging files go (unnamed, owner-only, gone when closed); empty: the system's
+    /// temporary directory.
+    pub staging_dir: PathBuf,
+}
+
+impl RestoreSettings {
+    /// The staging directory when artifacts are verified before use.
+    pub fn staging(&self) -> Option<PathBuf> {
+        self.verify_first.then(|| {
+            if self.staging_dir.as_os_str().is_empty() {
+                std::env::temp_dir()
+            } else {
+                self.staging_dir.clone()
+            }
+        })
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -303,6 +339,8 @@ pub struct StorageSettings {
     /// at most `retry_timeout` after its first attempt.
     pub max_retries: u32,
     pub retry_timeout: HumanDuration,
+    /// Permission bits left out of the files and directories crm-backup creates (octal).
+    pub umask: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -316,6 +354,10 @@ pub struct PipelineSettings {
     pub chunk_kib: u32,
     pub age_recipients: Vec<String>,
     pub age_identity_file: PathBuf,
+    /// Fingerprints (`sha256:…`, as manifests record them) of other keys whose backups may
+    /// be restored: older keys while the age key is rotated.
+    #[serde(default)]
+    pub accepted_recipients: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -367,6 +409,7 @@ impl Settings {
             &mut self.pipeline.age_recipients,
             &mut self.postgres.schemas,
             &mut self.postgres.exclude_schemas,
+            &mut self.signing.public_keys,
             &mut self.authorization.grants,
             &mut self.authorization.anonymous,
             &mut self.restore.allowed_destinations,
@@ -386,6 +429,12 @@ impl Settings {
         self.messaging.validate()?;
         self.rabbitmq.validate()?;
         self.authorization.policy()?;
+        crate::storage::signing::Verifier::new(&self.signing.public_keys, true).map_err(|err| {
+            ConfigError::Invalid {
+                key: "signing.public_keys",
+                reason: err.to_string(),
+            }
+        })?;
         self.postgres.validate()?;
         self.redis.validate()?;
         check_http_url(
@@ -538,6 +587,12 @@ impl StorageSettings {
                 "empty, and no S3 bucket is configured".into(),
             );
         }
+        if self.umask_bits().is_none() {
+            return invalid(
+                "storage.umask",
+                format!("`{}` is not an octal mask such as 077", self.umask),
+            );
+        }
         if self.prefix.starts_with('/') || self.prefix.split('/').any(|part| part == "..") {
             return invalid(
                 "storage.prefix",
@@ -545,6 +600,15 @@ impl StorageSettings {
             );
         }
         Ok(())
+    }
+}
+
+impl StorageSettings {
+    /// `umask` as permission bits.
+    pub fn umask_bits(&self) -> Option<u32> {
+        u32::from_str_radix(&self.umask, 8)
+            .ok()
+            .filter(|bits| *bits <= 0o777)
     }
 }
 

@@ -23,6 +23,7 @@
 //!   the private `process` and `http` modules.
 //! - [`jobs`] — what one command does (backup, restore, verify, drill, prune), knowing nothing
 //!   about where the command came from.
+//! - `private_file` (private) — the owner-only check of key files.
 //! - [`retention`] — the pure keep/delete plan (daily/weekly/monthly/yearly) that prune applies.
 //! - [`messaging`] — RabbitMQ: topology, command and event types, the confirm-mode
 //!   publisher, the worker (dispatch, leases, retry policy) and dead letters.
@@ -44,6 +45,7 @@ pub mod metrics;
 pub mod model;
 pub mod options;
 pub mod pipeline;
+mod private_file;
 pub mod retention;
 pub mod schedule;
 pub mod storage;

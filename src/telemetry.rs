@@ -19,10 +19,57 @@ pub fn init(default_level: &str) {
     };
 }
 
-/// Returns `url` with any password in its user-info replaced by `***`.
+/// Returns `url` with any password in its user-info, and the value of any query parameter
+/// that names a secret (`password`, `sslpassword`, `token`, `secret`, `key`, …), replaced by
+/// `***`.
 ///
 /// Works on text, so it also redacts strings that are not valid URLs.
 pub fn redact_url(url: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) => (base, Some(query)),
+        None => (url, None),
+    };
+    let mut redacted = redact_userinfo(base);
+    if let Some(query) = query {
+        let (query, fragment) = match query.split_once('#') {
+            Some((query, fragment)) => (query, Some(fragment)),
+            None => (query, None),
+        };
+        let parameters: Vec<String> = query
+            .split('&')
+            .map(|pair| match pair.split_once('=') {
+                Some((name, _)) if names_a_secret(name) => format!("{name}=***"),
+                _ => pair.to_string(),
+            })
+            .collect();
+        redacted.push('?');
+        redacted.push_str(&parameters.join("&"));
+        if let Some(fragment) = fragment {
+            redacted.push('#');
+            redacted.push_str(fragment);
+        }
+    }
+    redacted
+}
+
+/// Whether a query parameter's name says its value is a secret.
+fn names_a_secret(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    [
+        "pass",
+        "pwd",
+        "secret",
+        "token",
+        "key",
+        "auth",
+        "credential",
+        "signature",
+    ]
+    .iter()
+    .any(|word| name.contains(word))
+}
+
+fn redact_userinfo(url: &str) -> String {
     let Some(scheme_end) = url.find("://") else {
         return url.to_string();
     };
@@ -88,6 +135,22 @@ mod tests {
         assert_eq!(
             scrub("password hunter2 failed", &["hunter2", ""]),
             "password *** failed"
+        );
+    }
+
+    #[test]
+    fn secrets_in_query_strings_are_redacted() {
+        assert_eq!(
+            redact_url("postgres://app@db/crm?sslmode=require&password=hunter2&sslpassword=x"),
+            "postgres://app@db/crm?sslmode=require&password=***&sslpassword=***"
+        );
+        assert_eq!(
+            redact_url("https://u:p@host/path?token=abc&q=1#frag"),
+            "https://u:***@host/path?token=***&q=1#frag"
+        );
+        assert_eq!(
+            redact_url("http://host/?x-amz-signature=zzz"),
+            "http://host/?x-amz-signature=***"
         );
     }
 }

@@ -204,3 +204,70 @@ fn run_all_backs_up_every_enabled_target_and_fails_if_one_fails() {
     assert!(ok, "{stderr}");
     assert_eq!(stdout.lines().count(), 1, "{stdout}");
 }
+
+#[test]
+fn children_get_no_secret_they_do_not_need() {
+    let db = TestDatabase::create("cli_env");
+    let bin = tempfile::tempdir().unwrap();
+    let seen = bin.path().join("environment");
+    let bin_dir = common::pg_dump_wrapper(
+        bin.path(),
+        &format!("env > {}\nexec pg_dump \"$@\"", seen.display()),
+    );
+    let url = common::pg_url(&db.name);
+    let env = env_with(&[
+        ("DATABASE_URL", url.as_str()),
+        ("BACKUP__POSTGRES__BIN_DIR", bin_dir.as_str()),
+        ("BACKUP_S3_SECRET_KEY", "s3-secret-of-the-worker"),
+        ("REDIS_PASSWORD", "redis-secret-of-the-worker"),
+        (
+            "RABBITMQ_URL",
+            "amqp://worker:broker-secret@127.0.0.1:5672/%2f",
+        ),
+        ("BACKUP_SCHEDULER_ID_SALT", "salt-secret-of-the-worker"),
+    ]);
+    let (ok, stdout, stderr) = run_cli(&env, &["run", "postgres"]);
+    assert!(ok, "{stdout}{stderr}");
+    let environment = std::fs::read_to_string(&seen).unwrap();
+    for secret in [
+        "s3-secret",
+        "redis-secret",
+        "broker-secret",
+        "salt-secret",
+        "BACKUP_",
+    ] {
+        assert!(
+            !environment.contains(secret),
+            "pg_dump saw {secret}:\n{environment}"
+        );
+    }
+    assert!(environment.contains("PGDATABASE="), "{environment}");
+}
+
+#[test]
+fn local_backups_are_readable_by_their_owner_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let db = TestDatabase::create("cli_modes");
+    let url = common::pg_url(&db.name);
+    let env = env_with(&[("DATABASE_URL", url.as_str())]);
+    let (ok, stdout, stderr) = run_cli(&env, &["run", "postgres"]);
+    assert!(ok, "{stdout}{stderr}");
+    let root = std::path::PathBuf::from(&env["BACKUP_STORAGE_DIR"]);
+    let mut checked = 0;
+    let mut stack = vec![root];
+    while let Some(dir) = stack.pop() {
+        let mode = std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700, "{}", dir.display());
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+                assert_eq!(mode, 0o600, "{}", path.display());
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked >= 2, "an artifact and a manifest");
+}

@@ -101,9 +101,7 @@ async fn kv_and_snapshot_round_trip_in_batches_of_64() {
         err.contains("holds 154 keys") && err.contains("recorded 155"),
         "{err}"
     );
-    crm_backup::storage::catalog::commit(&setup.ctx.storage, &manifest)
-        .await
-        .unwrap();
+    common::recommit(&setup, &manifest).await;
 
     // Lose everything, then restore in place.
     double.state.lock().unwrap().kv.clear();

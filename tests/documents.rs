@@ -288,6 +288,27 @@ async fn an_incremental_chain_of_three_restores_each_state() {
             .unwrap();
         assert_same_tree(&dest, state);
     }
+
+    // The newest backup corrupt: no file of the chain's older backups reaches the
+    // destination either (an empty directory whose mtime would show any entry made).
+    let newest = setup.storage_path().join(&third.artifacts[0].key);
+    let mut bytes = fs::read(&newest).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x01;
+    fs::write(&newest, bytes).unwrap();
+    let dest = work.path().join("restore-corrupt");
+    fs::create_dir(&dest).unwrap();
+    let long_ago = filetime::FileTime::from_unix_time(1_500_000_000, 0);
+    filetime::set_file_mtime(&dest, long_ago).unwrap();
+    let err = restore(&setup, &third, json!({ "to": dest }))
+        .await
+        .unwrap_err();
+    assert!(err.contains("stored SHA-256"), "{err}");
+    let mtime = filetime::FileTime::from_last_modification_time(&fs::metadata(&dest).unwrap());
+    assert_eq!(
+        mtime, long_ago,
+        "something was written into the destination"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -503,4 +524,43 @@ async fn a_restore_writes_only_below_the_restore_root_and_outside_the_live_tree(
         "nothing written elsewhere"
     );
     assert_eq!(snapshot(&root).len(), 1, "the live tree is unchanged");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn index_paths_from_a_tampered_manifest_change_nothing_outside() {
+    use std::os::unix::fs::PermissionsExt;
+    let work = tempfile::tempdir().unwrap();
+    let root = work.path().join("documents");
+    write(&root.join("a.txt"), b"original", 0o644);
+    let setup = setup(&root);
+    let (manifest, _) = backup(&setup, json!(null)).await;
+    let outside = work.path().join("outside");
+    fs::create_dir(&outside).unwrap();
+    fs::set_permissions(&outside, fs::Permissions::from_mode(0o755)).unwrap();
+    let before = fs::metadata(&outside).unwrap();
+    for path in [outside.display().to_string(), "../outside".to_string()] {
+        common::rewrite_facts(&setup, &manifest, |facts| {
+            let index = facts["index"].as_array_mut().unwrap();
+            index.push(json!({
+                "path": path, "type": "dir", "size": 0, "mode": 0o777,
+                "mtime": 0, "mtime_nanos": 0
+            }));
+        })
+        .await;
+        let to = work.path().join(format!("restored-{}", path.len()));
+        let err = restore(&setup, &manifest, json!({ "to": to }))
+            .await
+            .unwrap_err();
+        assert!(
+            err.contains("absolute path") || err.contains("leaves the destination"),
+            "{path}: {err}"
+        );
+    }
+    let after = fs::metadata(&outside).unwrap();
+    assert_eq!(after.permissions().mode() & 0o777, 0o755, "mode unchanged");
+    assert_eq!(
+        after.modified().unwrap(),
+        before.modified().unwrap(),
+        "mtime unchanged"
+    );
 }

@@ -9,7 +9,7 @@ use std::process::Command;
 use common::fault_proxy::{Direction, Fault, FaultProxy};
 use common::{
     Store, TestDatabase, TestSetup, age_key, database_exists, garage_multipart_uploads, psql,
-    run_cli, unique,
+    run_cli, tool_wrapper, unique,
 };
 use crm_backup::config::Settings;
 use crm_backup::jobs::JobContext;
@@ -549,15 +549,25 @@ async fn a_flipped_byte_fails_verify_and_restore() {
     assert!(ok, "{stdout}");
 
     let path = setup.storage_path().join(&key);
-    let mut bytes = std::fs::read(&path).unwrap();
-    let middle = bytes.len() / 2;
-    bytes[middle] ^= 0x01;
-    std::fs::write(&path, bytes).unwrap();
-
-    let (ok, stdout, stderr) = run_cli(&setup.env, &["verify", "--backup", manifest.id.as_str()]);
-    assert!(!ok, "verify must fail: {stdout}");
-    assert!(stderr.contains(&key), "stderr names the artifact: {stderr}");
-    assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
+    let pristine = std::fs::read(&path).unwrap();
+    // A byte flipped early (in the dump's table of contents, which `pg_restore --list`
+    // reads) and one in the middle: verify fails promptly either way, naming the artifact.
+    for offset in [1000, pristine.len() / 2] {
+        let mut bytes = pristine.clone();
+        bytes[offset] ^= 0x01;
+        std::fs::write(&path, bytes).unwrap();
+        let started = std::time::Instant::now();
+        let (ok, stdout, stderr) =
+            run_cli(&setup.env, &["verify", "--backup", manifest.id.as_str()]);
+        assert!(!ok, "verify must fail (offset {offset}): {stdout}");
+        assert!(stderr.contains(&key), "stderr names the artifact: {stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(30),
+            "verify took {:?}",
+            started.elapsed()
+        );
+    }
 
     let target = unique("pg_flip_restore");
     let request = RestoreRequest {
@@ -571,6 +581,91 @@ async fn a_flipped_byte_fails_verify_and_restore() {
         !database_exists(&target),
         "a failed restore leaves no database behind"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_artifact_never_reaches_pg_restore_when_verified_first() {
+    let source = create_fixture("pg_first");
+    // pg_restore wrapped: every run is logged.
+    let tools = tempfile::tempdir().unwrap();
+    let log = tools.path().join("pg_restore.log");
+    tool_wrapper(tools.path(), "pg_dump", "exec pg_dump \"$@\"");
+    let bin_dir = tool_wrapper(
+        tools.path(),
+        "pg_restore",
+        &format!("echo \"$@\" >> '{}'\nexec pg_restore \"$@\"", log.display()),
+    );
+    let setup = TestSetup::new(
+        &source.name,
+        Store::Local,
+        &[("BACKUP__POSTGRES__BIN_DIR", bin_dir.as_str())],
+    );
+    let manifest = backup(&setup, json!(null)).await;
+    let key = &manifest.artifacts[0].key;
+    let path = setup.storage_path().join(key);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let near_the_end = bytes.len() - 16;
+    bytes[near_the_end] ^= 0x01;
+    std::fs::write(&path, bytes).unwrap();
+    let restore = |ctx: JobContext, into: String| {
+        let request = RestoreRequest {
+            target: TargetKind::Postgres,
+            backup: BackupRef::Id(manifest.id.clone()),
+            options: json!({ "into": into }),
+        };
+        async move { run_restore(&ctx, &request).await.map(|_| ()).unwrap_err() }
+    };
+
+    // Verified first (the default): refused before pg_restore runs or a database exists.
+    let into = unique("pg_first_into");
+    let err = restore(setup.ctx.clone(), into.clone()).await;
+    assert!(
+        err.to_string().contains(key.as_str()) && err.to_string().contains("stored SHA-256"),
+        "{err}"
+    );
+    assert!(
+        !log.exists(),
+        "pg_restore ran: {:?}",
+        std::fs::read_to_string(&log)
+    );
+    assert!(!database_exists(&into));
+
+    // Streamed (verify_first off): the same corruption is found at the end, after pg_restore
+    // received the bytes (then the half-restored database is dropped).
+    let streamed = TestSetup::new(
+        &source.name,
+        Store::Local,
+        &[
+            ("BACKUP__POSTGRES__BIN_DIR", bin_dir.as_str()),
+            ("BACKUP__RESTORE__VERIFY_FIRST", "false"),
+            ("BACKUP_STORAGE_DIR", setup.storage_path().to_str().unwrap()),
+        ],
+    );
+    let err = restore(streamed.ctx.clone(), into.clone()).await;
+    assert!(err.to_string().contains(key.as_str()), "{err}");
+    assert!(
+        std::fs::read_to_string(&log)
+            .unwrap()
+            .contains("--single-transaction")
+    );
+    assert!(!database_exists(&into));
+
+    // A staging directory that cannot take the file is named, with the setting.
+    let nowhere = TestSetup::new(
+        &source.name,
+        Store::Local,
+        &[
+            ("BACKUP__RESTORE__STAGING_DIR", "/nonexistent/staging"),
+            ("BACKUP_STORAGE_DIR", setup.storage_path().to_str().unwrap()),
+        ],
+    );
+    let err = restore(nowhere.ctx.clone(), into.clone()).await;
+    assert!(
+        err.to_string()
+            .contains("/nonexistent/staging (restore.staging_dir)"),
+        "{err}"
+    );
+    assert!(!database_exists(&into));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -595,7 +690,7 @@ async fn restore_never_overwrites_unless_in_place() {
         backup: BackupRef::Latest,
         options: json!(null),
     };
-    let (_, report) = run_restore(&setup.ctx, &request).await.unwrap();
+    let (_, _, report) = run_restore(&setup.ctx, &request).await.unwrap();
     let beside = TestDatabase::adopt(report.details["database"].as_str().unwrap());
     assert!(
         beside

@@ -44,7 +44,9 @@ async fn plant(setup: &TestSetup, real: &Manifest, time: DateTime<Utc>, suffix: 
         artifact.key = artifact_key(&id, &file);
         storage.put_bytes(&artifact.key, bytes).await.unwrap();
     }
-    catalog::commit(storage, &manifest).await.unwrap();
+    catalog::commit(storage, &manifest, setup.ctx.signer.as_deref())
+        .await
+        .unwrap();
     manifest
 }
 

@@ -147,9 +147,7 @@ async fn definitions_round_trip_beside_and_in_place() {
     common::rewrite_facts(&setup, &manifest, |f| f["queues"] = json!(facts.queues + 1)).await;
     let err = common::drill_details(&setup, &manifest).await.unwrap_err();
     assert!(err.contains("queues:"), "{err}");
-    crm_backup::storage::catalog::commit(&setup.ctx.storage, &manifest)
-        .await
-        .unwrap();
+    common::recommit(&setup, &manifest).await;
 
     // Beside: the vhost comes back under a new name, the original untouched.
     let request = RestoreRequest {
@@ -157,7 +155,7 @@ async fn definitions_round_trip_beside_and_in_place() {
         backup: BackupRef::Id(manifest.id.clone()),
         options: json!({ "vhost": vhost.name, "vhost_prefix": "restored-" }),
     };
-    let (_, report) = run_restore(&setup.ctx, &request).await.unwrap();
+    let (_, _, report) = run_restore(&setup.ctx, &request).await.unwrap();
     let beside = TestVhost::adopt(&format!("restored-{}", vhost.name));
     assert_eq!(report.details["vhosts"], json!([beside.name]));
     assert_eq!(topology(&beside.name), original);

@@ -301,9 +301,7 @@ async fn an_rdb_backup_restores_live_and_to_a_file() {
         err.contains("db0: 12 keys loaded") && err.contains("recorded 15"),
         "{err}"
     );
-    crm_backup::storage::catalog::commit(&setup.ctx.storage, &manifest)
-        .await
-        .unwrap();
+    common::recommit(&setup, &manifest).await;
 
     // Live, onto another running Redis.
     let target = RedisServer::start(&[]);
@@ -479,6 +477,24 @@ async fn existing_keys_follow_the_chosen_policy() {
 
     let err = restore(&setup, &manifest, json!({})).await.unwrap_err();
     assert!(err.contains("to_file, host"), "{err}");
+
+    // A corrupt backup is found before flush-first flushes anything.
+    let path = setup.storage_path().join(&manifest.artifacts[0].key);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x01;
+    std::fs::write(&path, bytes).unwrap();
+    reset();
+    let err = restore(&setup, &manifest, to_target(Some("flush-first")))
+        .await
+        .unwrap_err();
+    assert!(err.contains("stored SHA-256"), "{err}");
+    assert_eq!(
+        target.cli(&["GET", "extra"]),
+        "target-only",
+        "nothing was flushed"
+    );
+    assert_eq!(target.cli(&["GET", "a"]), "target-own");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -184,6 +184,7 @@ async fn a_reader_slower_than_the_request_timeout_still_gets_the_whole_artifact(
         record,
         &setup.ctx.keyring().unwrap(),
         setup.ctx.codec.chunk_size,
+        None,
     )
     .await
     .expect("the download starts");

@@ -14,6 +14,7 @@ use crm_backup::jobs::restore::{RestoreRequest, run_restore};
 use crm_backup::jobs::verify::verify_backup;
 use crm_backup::model::{TargetKind, TargetSelector};
 use crm_backup::storage::catalog::{self, BackupRef};
+use crm_backup::storage::layout::manifest_key;
 use crm_backup::storage::manifest::Manifest;
 
 type Options = serde_json::Map<String, serde_json::Value>;
@@ -114,6 +115,10 @@ pub async fn show(
         println!("{}", serde_json::to_string_pretty(&manifest)?);
     } else {
         println!("{}", output::manifest(&manifest));
+        match catalog::get_trusted(&ctx.storage, &manifest.id, &ctx.verifier).await {
+            Ok((_, trust)) => println!("manifest   {trust}"),
+            Err(err) => println!("manifest   NOT TRUSTED: {err}"),
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -140,14 +145,15 @@ pub async fn restore(
         backup,
         options,
     };
-    let (manifest, report) = run_restore(ctx, &request).await?;
+    let (manifest, trust, report) = run_restore(ctx, &request).await?;
     if json {
         println!(
             "{}",
-            json!({"backup_id": manifest.id, "target": manifest.target,
+            json!({"backup_id": manifest.id, "target": manifest.target, "manifest": trust.to_string(),
                    "destination": report.destination, "details": report.details})
         );
     } else {
+        println!("manifest: {trust}");
         println!("restored {} into {}", manifest.id, report.destination);
     }
     Ok(ExitCode::SUCCESS)
@@ -166,9 +172,12 @@ pub async fn verify(
         if json {
             println!(
                 "{}",
-                json!({"backup_id": report.backup_id, "ok": report.ok(), "artifacts": report.artifacts})
+                json!({"backup_id": report.backup_id, "ok": report.ok(), "manifest": report.manifest, "artifacts": report.artifacts})
             );
         } else {
+            if let Some(trust) = &report.manifest {
+                println!("ok   {}: {trust}", manifest_key(&report.backup_id));
+            }
             for check in &report.artifacts {
                 println!(
                     "{} {}: {}",

@@ -95,7 +95,11 @@ async fn dispatch(command: Command) -> Result<ExitCode, Failure> {
         Command::Dlq { command } => return broker::dlq(&Settings::broker(&env)?, command).await,
         _ => {}
     }
-    let ctx = JobContext::new(Settings::load(&env)?)?;
+    let settings = Settings::load(&env)?;
+    if let Some(bits) = settings.storage.umask_bits() {
+        rustix::process::umask(rustix::fs::Mode::from_bits_truncate(bits));
+    }
+    let ctx = JobContext::new(settings)?;
     match command {
         Command::Worker => broker::worker(ctx).await,
         Command::Run {

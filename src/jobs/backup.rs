@@ -87,10 +87,14 @@ pub async fn run_backup(
         parent: sink.parent().cloned(),
         scope: sink.scope(),
         tool: ToolInfo::current(),
+        signing_key: ctx
+            .signer
+            .as_ref()
+            .map(|signer| signer.key_id().to_string()),
         source: facts,
         artifacts: sink.records().to_vec(),
     };
-    if let Err(err) = catalog::commit(&ctx.storage, &manifest).await {
+    if let Err(err) = catalog::commit(&ctx.storage, &manifest, ctx.signer.as_deref()).await {
         sink.discard().await;
         return Err(err.into());
     }

@@ -9,7 +9,7 @@ use serde::Serialize;
 use super::verify::{VerifyReport, verify_backup};
 use super::{JobContext, JobError};
 use crate::model::TargetKind;
-use crate::storage::catalog::{self, BackupRef};
+use crate::storage::catalog::BackupRef;
 use crate::storage::manifest::Manifest;
 use crate::targets::RestoreReport;
 
@@ -34,7 +34,7 @@ pub async fn run_drill(
     request: &DrillRequest,
 ) -> Result<(Manifest, DrillReport), JobError> {
     let target = ctx.targets.get(request.target)?;
-    let manifest = catalog::resolve(&ctx.storage, request.target, &request.backup).await?;
+    let (manifest, _) = ctx.resolve(request.target, &request.backup).await?;
     let verify = verify_backup(ctx, &manifest).await?;
     if let Some(failure) = verify.failure() {
         return Err(JobError::VerifyFailed(failure));

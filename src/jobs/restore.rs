@@ -1,9 +1,11 @@
-//! Restore job: resolve the backup, then let its target restore it (beside the original by default).
+//! Restore job: resolve the backup (its manifest's signature checked), then let its target
+//! restore it (beside the original by default).
 
 use super::{JobContext, JobError};
 use crate::model::TargetKind;
-use crate::storage::catalog::{self, BackupRef};
+use crate::storage::catalog::BackupRef;
 use crate::storage::manifest::Manifest;
+use crate::storage::signing::Trust;
 use crate::targets::RestoreReport;
 
 #[derive(Debug, Clone)]
@@ -16,10 +18,10 @@ pub struct RestoreRequest {
 pub async fn run_restore(
     ctx: &JobContext,
     request: &RestoreRequest,
-) -> Result<(Manifest, RestoreReport), JobError> {
+) -> Result<(Manifest, Trust, RestoreReport), JobError> {
     let target = ctx.targets.get(request.target)?;
-    let manifest = catalog::resolve(&ctx.storage, request.target, &request.backup).await?;
+    let (manifest, trust) = ctx.resolve(request.target, &request.backup).await?;
     let source = ctx.source(&manifest, true).await?;
     let report = target.restore(&source, &request.options).await?;
-    Ok((manifest, report))
+    Ok((manifest, trust, report))
 }

@@ -4,6 +4,8 @@ use serde::Serialize;
 
 use super::{JobContext, JobError};
 use crate::model::BackupId;
+use crate::storage::catalog;
+use crate::storage::layout::{MANIFEST_NAME, manifest_key};
 use crate::storage::manifest::Manifest;
 
 #[derive(Debug, Clone, Serialize)]
@@ -17,6 +19,8 @@ pub struct ArtifactCheck {
 #[derive(Debug, Clone, Serialize)]
 pub struct VerifyReport {
     pub backup_id: BackupId,
+    /// How the manifest's signature checked out (`None`: it did not, see `artifacts`).
+    pub manifest: Option<String>,
     pub artifacts: Vec<ArtifactCheck>,
 }
 
@@ -41,6 +45,32 @@ pub async fn verify_backup(
     manifest: &Manifest,
 ) -> Result<VerifyReport, JobError> {
     let target = ctx.targets.get(manifest.target)?;
+    // Nothing the manifest says is used before its signature is checked (it is read again,
+    // as stored) and its encryption is what this installation writes.
+    let checked = catalog::get_trusted(&ctx.storage, &manifest.id, &ctx.verifier)
+        .await
+        .map_err(JobError::from)
+        .and_then(|(manifest, trust)| {
+            ctx.check_encryption(&manifest)?;
+            Ok((manifest, trust))
+        });
+    let (manifest, trust) = match checked {
+        Ok(checked) => checked,
+        Err(err) if err.retryable() => return Err(err),
+        Err(err) => {
+            return Ok(VerifyReport {
+                backup_id: manifest.id.clone(),
+                manifest: None,
+                artifacts: vec![ArtifactCheck {
+                    name: MANIFEST_NAME.to_string(),
+                    key: manifest_key(&manifest.id),
+                    ok: false,
+                    detail: err.to_string(),
+                }],
+            });
+        }
+    };
+    let manifest = &manifest;
     let source = ctx.source(manifest, false).await?;
     let mut artifacts = Vec::new();
     for record in &manifest.artifacts {
@@ -76,6 +106,7 @@ pub async fn verify_backup(
     }
     Ok(VerifyReport {
         backup_id: manifest.id.clone(),
+        manifest: Some(trust.to_string()),
         artifacts,
     })
 }

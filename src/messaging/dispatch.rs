@@ -73,10 +73,11 @@ pub async fn run_step(
                 backup: backup_ref(command)?,
                 options: command.options.clone(),
             };
-            let (manifest, report) = run_restore(ctx, &request).await?;
+            let (manifest, trust, report) = run_restore(ctx, &request).await?;
             Ok(StepOutcome {
                 details: Some(serde_json::json!({
                     "destination": report.destination,
+                    "manifest": trust.to_string(),
                     "restore": report.details,
                 })),
                 ..StepOutcome::of_manifest(ctx, &manifest)

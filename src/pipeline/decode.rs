@@ -2,9 +2,12 @@
 //!
 //! Both hashes are checked at the end of the stream, before the reader reports its end:
 //! a consumer that reads to EOF without an error has received exactly the bytes the
-//! manifest describes.
+//! manifest describes. With a staging directory (`restore.verify_first`), the stored bytes
+//! are first written to an unnamed staging file and their hash checked before the first
+//! decoded byte is handed out: a consumer then never sees a byte of a corrupt artifact.
 
-use std::io::{self, Read};
+use std::io::{self, Read, Seek};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -53,12 +56,15 @@ impl Drop for Verification {
     }
 }
 
-/// Starts downloading and decoding `record`.
+/// Starts downloading and decoding `record`. With `staging`, the stored bytes are first
+/// written to a staging file in that directory and their hash checked: this returns only
+/// then, with the error if they are not the manifest's.
 pub async fn open_artifact(
     storage: &Storage,
     record: &ArtifactRecord,
     keyring: &Keyring,
     chunk_size: usize,
+    staging: Option<&Path>,
 ) -> Result<DecodedArtifact, PipelineError> {
     if record.encryption.is_some() && keyring.is_empty() {
         return Err(PipelineError::NoIdentity(record.name.clone()));
@@ -73,6 +79,22 @@ pub async fn open_artifact(
             }
         }
     });
+    let downloaded = ChannelReader {
+        rx: in_rx,
+        current: Bytes::new(),
+        tally: Tally::default(),
+        failed: None,
+    };
+    let source = match staging {
+        Some(dir) => {
+            let (record, dir) = (record.clone(), dir.to_path_buf());
+            let staged = tokio::task::spawn_blocking(move || stage(downloaded, &record, &dir))
+                .await
+                .map_err(|err| PipelineError::Internal(err.to_string()))??;
+            Stored::Staged(io::BufReader::with_capacity(chunk_size, staged))
+        }
+        None => Stored::Streamed(downloaded),
+    };
     let (out_tx, out_rx) = mpsc::channel(CHANNEL_DEPTH);
     let wanted = Arc::new(AtomicBool::new(true));
     let task = tokio::task::spawn_blocking({
@@ -80,7 +102,7 @@ pub async fn open_artifact(
         let keyring = keyring.clone();
         let wanted = wanted.clone();
         move || {
-            let result = decode(in_rx, &out_tx, &record, &keyring, chunk_size, &wanted);
+            let result = decode(source, &out_tx, &record, &keyring, chunk_size, &wanted);
             if let Err(err) = &result {
                 let _ = out_tx.blocking_send(Err(io::Error::other(err.to_string())));
             }
@@ -96,49 +118,101 @@ pub async fn open_artifact(
     })
 }
 
+/// Where the stored bytes are decoded from.
+enum Stored {
+    /// The download itself; the stored hash is checked at its end.
+    Streamed(ChannelReader),
+    /// A staging file whose stored hash was checked already.
+    Staged(io::BufReader<std::fs::File>),
+}
+
+/// Writes the download to an unnamed, owner-only staging file in `dir` and checks the
+/// stored size and hash; returns the file rewound.
+fn stage(
+    mut download: ChannelReader,
+    record: &ArtifactRecord,
+    dir: &Path,
+) -> Result<std::fs::File, PipelineError> {
+    let staging_error = |reason: String| PipelineError::Staging {
+        dir: dir.display().to_string(),
+        reason,
+    };
+    let free = rustix::fs::statvfs(dir)
+        .map(|stat| stat.f_bavail.saturating_mul(stat.f_frsize))
+        .map_err(|err| staging_error(err.to_string()))?;
+    if free < record.stored_size {
+        return Err(staging_error(format!(
+            "{free} bytes free, artifact `{}` needs {} (free space, choose another \
+             restore.staging_dir, or turn restore.verify_first off)",
+            record.name, record.stored_size
+        )));
+    }
+    // O_TMPFILE where the file system has it: no name, mode 0600, gone once closed.
+    let mut file = tempfile::tempfile_in(dir).map_err(|err| staging_error(err.to_string()))?;
+    // Never more than the manifest says (plus one byte, to notice): a longer download fails
+    // the size check without filling the disk first.
+    let copied = io::copy(&mut (&mut download).take(record.stored_size + 1), &mut file);
+    if let Some(err) = download.failed.take() {
+        return Err(err.into());
+    }
+    copied.map_err(|err| staging_error(err.to_string()))?;
+    check(
+        record,
+        "stored",
+        &record.stored_sha256,
+        record.stored_size,
+        download.tally.finish(),
+    )?;
+    file.rewind()
+        .map_err(|err| staging_error(err.to_string()))?;
+    Ok(file)
+}
+
 fn decode(
-    rx: mpsc::Receiver<Result<Bytes, StorageError>>,
+    source: Stored,
     out: &mpsc::Sender<io::Result<Bytes>>,
     record: &ArtifactRecord,
     keyring: &Keyring,
     chunk_size: usize,
     wanted: &AtomicBool,
 ) -> Result<(), PipelineError> {
-    let mut source = ChannelReader {
-        rx,
-        current: Bytes::new(),
-        tally: Tally::default(),
-        failed: None,
-    };
     let mut raw = Tally::default();
-    let decoded = decode_into(
-        &mut source,
-        out,
-        record,
-        keyring,
-        chunk_size,
-        wanted,
-        &mut raw,
-    );
-    if !wanted.load(Ordering::SeqCst) {
-        return Err(PipelineError::Aborted);
-    }
-    // Hash whatever the decoders left unread (trailing bytes, or the rest after an error).
-    let drained = io::copy(&mut source, &mut io::sink());
-    if let Some(err) = source.failed.take() {
-        return Err(err.into());
-    }
-    let stored = source.tally.finish();
-    if let Err(err) = drained {
-        return Err(PipelineError::Internal(err.to_string()));
-    }
-    check(
-        record,
-        "stored",
-        &record.stored_sha256,
-        record.stored_size,
-        stored,
-    )?;
+    let mut decode_from = |source: &mut dyn Read| {
+        decode_into(source, out, record, keyring, chunk_size, wanted, &mut raw)
+    };
+    let decoded = match source {
+        Stored::Staged(mut file) => {
+            let decoded = decode_from(&mut file);
+            if !wanted.load(Ordering::SeqCst) {
+                return Err(PipelineError::Aborted);
+            }
+            decoded
+        }
+        Stored::Streamed(mut download) => {
+            let decoded = decode_from(&mut download);
+            if !wanted.load(Ordering::SeqCst) {
+                return Err(PipelineError::Aborted);
+            }
+            // Hash whatever the decoders left unread (trailing bytes, or the rest after an
+            // error).
+            let drained = io::copy(&mut download, &mut io::sink());
+            if let Some(err) = download.failed.take() {
+                return Err(err.into());
+            }
+            let stored = download.tally.finish();
+            if let Err(err) = drained {
+                return Err(PipelineError::Internal(err.to_string()));
+            }
+            check(
+                record,
+                "stored",
+                &record.stored_sha256,
+                record.stored_size,
+                stored,
+            )?;
+            decoded
+        }
+    };
     decoded.map_err(|reason| PipelineError::Decode {
         artifact: record.name.clone(),
         reason,
@@ -153,7 +227,7 @@ fn decode(
 }
 
 fn decode_into(
-    source: &mut ChannelReader,
+    source: &mut dyn Read,
     out: &mpsc::Sender<io::Result<Bytes>>,
     record: &ArtifactRecord,
     keyring: &Keyring,

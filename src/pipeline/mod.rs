@@ -73,6 +73,8 @@ pub enum PipelineError {
     NoIdentity(String),
     #[error("age identity file {path}: {reason}")]
     Identity { path: String, reason: String },
+    #[error("staging directory {dir} (restore.staging_dir): {reason}")]
+    Staging { dir: String, reason: String },
     #[error("the upload was aborted")]
     Aborted,
     #[error("the upload stopped taking data")]
@@ -176,6 +178,10 @@ impl Keyring {
             reason,
         };
         let file = std::fs::File::open(path).map_err(|err| identity_error(err.to_string()))?;
+        let metadata = file
+            .metadata()
+            .map_err(|err| identity_error(err.to_string()))?;
+        crate::private_file::check_owner_only(&metadata).map_err(identity_error)?;
         let identities = age::IdentityFile::from_buffer(std::io::BufReader::new(file))
             .map_err(|err| identity_error(err.to_string()))?
             .into_identities()
@@ -226,6 +232,7 @@ pub(crate) mod tests {
             chunk_kib: 1,
             age_recipients: recipients,
             age_identity_file: PathBuf::new(),
+            accepted_recipients: Vec::new(),
         })
     }
 

@@ -4,6 +4,7 @@ use bytes::Bytes;
 
 use super::layout::{MANIFEST_NAME, manifest_key};
 use super::manifest::Manifest;
+use super::signing::{SIGNATURE_SUFFIX, Signer, SigningError, Trust, Verifier};
 use super::{Storage, StorageError};
 use crate::model::{BackupId, TargetKind};
 
@@ -17,6 +18,8 @@ pub enum CatalogError {
     NoBackups(TargetKind),
     #[error("manifest `{key}` is unreadable: {reason}")]
     Corrupt { key: String, reason: String },
+    #[error(transparent)]
+    Untrusted(#[from] SigningError),
 }
 
 impl CatalogError {
@@ -165,10 +168,97 @@ fn parse(key: &str, bytes: &Bytes) -> Result<Manifest, CatalogError> {
     })
 }
 
-/// Writes the manifest: the commit point of a backup.
-pub async fn commit(storage: &Storage, manifest: &Manifest) -> Result<(), StorageError> {
-    let json = serde_json::to_vec_pretty(manifest).expect("a manifest always serializes");
-    storage
-        .put_bytes(&manifest_key(&manifest.id), Bytes::from(json))
-        .await
+/// Writes the manifest: the commit point of a backup. With a `signer`, its signature goes
+/// first, so a visible manifest always has it; the manifest must name the signer's key
+/// (`signing_key`).
+pub async fn commit(
+    storage: &Storage,
+    manifest: &Manifest,
+    signer: Option<&Signer>,
+) -> Result<(), CatalogError> {
+    let json = serde_json::to_vec_pretty(manifest).map_err(|err| CatalogError::Corrupt {
+        key: manifest_key(&manifest.id),
+        reason: err.to_string(),
+    })?;
+    let key = manifest_key(&manifest.id);
+    let signature_key = format!("{key}{SIGNATURE_SUFFIX}");
+    if let Some(signer) = signer {
+        let signature = signer.sign(manifest.id.as_str(), &json)?;
+        storage
+            .put_bytes(&signature_key, Bytes::from(signature))
+            .await?;
+    }
+    if let Err(err) = storage.put_bytes(&key, Bytes::from(json)).await {
+        if signer.is_some() {
+            // Best effort: what is left is debris, which prune removes after its grace.
+            let _ = storage.delete(&signature_key).await;
+        }
+        return Err(err.into());
+    }
+    Ok(())
+}
+
+/// Reads a manifest and checks its signature: what restore, drill and verify use.
+pub async fn get_trusted(
+    storage: &Storage,
+    id: &BackupId,
+    verifier: &Verifier,
+) -> Result<(Manifest, Trust), CatalogError> {
+    let key = manifest_key(id);
+    let bytes = match storage.get_bytes(&key).await {
+        Ok(bytes) => bytes,
+        Err(StorageError::NotFound { .. }) => return Err(CatalogError::NotFound(id.to_string())),
+        Err(err) => return Err(err.into()),
+    };
+    let signature = match storage.get_bytes(&format!("{key}{SIGNATURE_SUFFIX}")).await {
+        Ok(signature) => Some(signature),
+        Err(StorageError::NotFound { .. }) => None,
+        Err(err) => return Err(err.into()),
+    };
+    let trust = verifier.check(id.as_str(), &bytes, signature.as_deref())?;
+    let manifest = parse(&key, &bytes)?;
+    if manifest.id != *id {
+        return Err(CatalogError::Corrupt {
+            key,
+            reason: format!("it describes backup {}", manifest.id),
+        });
+    }
+    Ok((manifest, trust))
+}
+
+/// [`resolve`] with the signature checked; `latest` is the newest backup whose manifest can
+/// be trusted (a newer one that cannot is skipped, with a warning).
+pub async fn resolve_trusted(
+    storage: &Storage,
+    target: TargetKind,
+    backup: &BackupRef,
+    verifier: &Verifier,
+) -> Result<(Manifest, Trust), CatalogError> {
+    let checked = match backup {
+        BackupRef::Id(id) => get_trusted(storage, id, verifier).await?,
+        BackupRef::Latest => {
+            let mut listing = list(storage, target).await?;
+            let mut refused = None;
+            loop {
+                let Some(newest) = listing.manifests.pop() else {
+                    return Err(refused.unwrap_or(CatalogError::NoBackups(target)));
+                };
+                match get_trusted(storage, &newest.id, verifier).await {
+                    Ok(checked) => break checked,
+                    Err(CatalogError::Untrusted(err)) => {
+                        tracing::warn!(backup_id = %newest.id, error = %err, "skipping a manifest that cannot be trusted");
+                        refused.get_or_insert(CatalogError::Untrusted(err));
+                    }
+                    Err(err) => return Err(err),
+                }
+            }
+        }
+    };
+    if checked.0.target != target {
+        return Err(CatalogError::NotFound(format!(
+            "{} (for target {target})",
+            checked.0.id
+        )));
+    }
+    Ok(checked)
 }

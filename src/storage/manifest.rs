@@ -30,6 +30,9 @@ pub struct Manifest {
     #[serde(default)]
     pub scope: Scope,
     pub tool: ToolInfo,
+    /// The key id (minisign's) of the key that signed this manifest; none: unsigned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signing_key: Option<String>,
     /// Facts about the source, recorded by the target (versions, counts, …).
     pub source: Facts,
     pub artifacts: Vec<ArtifactRecord>,

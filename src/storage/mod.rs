@@ -7,6 +7,7 @@ pub mod catalog;
 pub mod layout;
 mod local_upload;
 pub mod manifest;
+pub mod signing;
 
 use std::sync::Arc;
 

@@ -165,6 +165,8 @@ mod tests {
             allowed_destinations: vec!["10.0.0.7".into(), "scratch:6380".into()],
             password_envs: vec!["SCRATCH_REDIS_PASSWORD".into()],
             root: PathBuf::new(),
+            verify_first: true,
+            staging_dir: PathBuf::new(),
         });
         let kind = TargetKind::Redis;
         assert!(guard.destination(kind, "10.0.0.7", 6379).is_ok());

@@ -27,6 +27,19 @@ impl ApiClient {
         let client = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
             .timeout(Duration::from_secs(600))
+            // A token or password (X-Consul-Token is not one of the headers reqwest drops on
+            // its own) must not follow a redirect to another host: such a redirect is refused.
+            .redirect(reqwest::redirect::Policy::custom(|attempt| {
+                let same_host = attempt.previous().first().is_some_and(|first| {
+                    first.host_str() == attempt.url().host_str()
+                        && first.port_or_known_default() == attempt.url().port_or_known_default()
+                });
+                if same_host && attempt.previous().len() < 5 {
+                    attempt.follow()
+                } else {
+                    attempt.stop()
+                }
+            }))
             .build()
             .map_err(|err| TargetError::Unusable(format!("HTTP client: {err}")))?;
         Ok(ApiClient {

@@ -9,11 +9,12 @@ pub mod documents;
 mod guard;
 mod http;
 pub mod postgres;
-mod process;
+pub(crate) mod process;
 pub mod rabbitmq;
 pub mod redis;
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 
 use async_trait::async_trait;
 use serde::de::DeserializeOwned;
@@ -319,6 +320,8 @@ pub struct ArtifactSource {
     storage: Storage,
     keyring: Keyring,
     chunk_size: usize,
+    /// Where artifacts are staged and verified before use (`restore.verify_first`).
+    staging: Option<PathBuf>,
 }
 
 impl ArtifactSource {
@@ -335,7 +338,14 @@ impl ArtifactSource {
             storage,
             keyring,
             chunk_size,
+            staging: None,
         }
+    }
+
+    /// Artifacts opened from this source are verified in a staging file in `dir` first.
+    pub fn staged_in(mut self, dir: Option<PathBuf>) -> Self {
+        self.staging = dir;
+        self
     }
 
     /// The same storage and keys, for another backup (an ancestor of an incremental).
@@ -347,6 +357,7 @@ impl ArtifactSource {
             self.keyring.clone(),
             self.chunk_size,
         )
+        .staged_in(self.staging.clone())
     }
 
     /// The backups this one builds on, oldest first; empty for a full backup.
@@ -370,9 +381,30 @@ impl ArtifactSource {
         })
     }
 
-    /// Opens an artifact: decoded bytes plus the pending hash verification.
+    /// Whether artifacts are proven before their bytes are handed out (`restore.verify_first`).
+    pub fn verifies_first(&self) -> bool {
+        self.staging.is_some()
+    }
+
+    /// Opens an artifact: decoded bytes plus the pending hash verification. With staging
+    /// (`restore.verify_first`), no decoded byte is handed out before the stored bytes are
+    /// proven to be the manifest's.
     pub async fn open(&self, record: &ArtifactRecord) -> Result<DecodedArtifact, TargetError> {
-        Ok(open_artifact(&self.storage, record, &self.keyring, self.chunk_size).await?)
+        let staging = self.staging.as_deref();
+        Ok(open_artifact(
+            &self.storage,
+            record,
+            &self.keyring,
+            self.chunk_size,
+            staging,
+        )
+        .await?)
+    }
+
+    /// Opens an artifact streamed, its hashes checked at its end: for reads whose bytes are
+    /// used only once verified (verification, small artifacts read whole).
+    async fn open_streamed(&self, record: &ArtifactRecord) -> Result<DecodedArtifact, TargetError> {
+        Ok(open_artifact(&self.storage, record, &self.keyring, self.chunk_size, None).await?)
     }
 
     /// Reads a small artifact (definitions, a KV export) whole, its hashes checked;
@@ -382,7 +414,7 @@ impl ArtifactSource {
         record: &ArtifactRecord,
         limit: u64,
     ) -> Result<Vec<u8>, TargetError> {
-        let decoded = self.open(record).await?;
+        let decoded = self.open_streamed(record).await?;
         let mut reader = decoded.reader;
         let body = read_limited(&mut reader, &record.name, limit).await;
         drop(reader);
@@ -395,7 +427,7 @@ impl ArtifactSource {
         let DecodedArtifact {
             reader,
             verification,
-        } = self.open(record).await?;
+        } = self.open_streamed(record).await?;
         drop(reader);
         Ok(verification.result().await?)
     }

@@ -67,6 +67,7 @@ impl ToolProcess {
             .stdout(stdout)
             .stderr(Stdio::piped())
             .kill_on_drop(true);
+        clean_environment(&mut command);
         for (key, value) in env {
             command.env(key, value);
         }
@@ -206,9 +207,23 @@ fn widen_pipe(pipe: &impl std::os::fd::AsRawFd) {
     let _ = unsafe { libc::fcntl(pipe.as_raw_fd(), libc::F_SETPIPE_SZ, 1 << 20) };
 }
 
+/// A child starts with none of the worker's environment (which holds every secret it was
+/// configured with) but what any tool needs: the search path and the locale. Each tool then
+/// gets exactly the variables it is given (`PGPASSWORD` for the PostgreSQL tools).
+pub fn clean_environment(command: &mut Command) {
+    command.env_clear();
+    for name in ["PATH", "LANG", "LC_ALL", "TZ"] {
+        if let Some(value) = std::env::var_os(name) {
+            command.env(name, value);
+        }
+    }
+}
+
 /// Runs a tool to completion and returns its stdout (for short outputs such as `--version`).
 pub async fn output(program: &Path, args: &[&str]) -> Result<String, TargetError> {
-    let out = Command::new(program)
+    let mut command = Command::new(program);
+    clean_environment(&mut command);
+    let out = command
         .args(args)
         .stdin(Stdio::null())
         .output()

@@ -136,6 +136,20 @@ impl TestSetup {
             "BACKUP_SCHEDULER_ID_SALT".to_string(),
             "a test salt, sixteen characters or more".to_string(),
         );
+        // Every test's manifests are signed and checked, unsigned ones refused.
+        let (secret_key_file, public_key) = signing_key();
+        env.insert(
+            "BACKUP_SIGNING_KEY_FILE".to_string(),
+            secret_key_file.display().to_string(),
+        );
+        env.insert(
+            "BACKUP_SIGNING_PUBLIC_KEYS".to_string(),
+            public_key.to_string(),
+        );
+        env.insert(
+            "BACKUP__SIGNING__ALLOW_UNSIGNED".to_string(),
+            "false".to_string(),
+        );
         let prefix = unique("t");
         let storage_dir = match store {
             Store::Local => {
@@ -238,12 +252,34 @@ pub async fn garage_multipart_uploads(prefix: &str) -> usize {
     body.matches("<Upload>").count()
 }
 
+/// The test process's minisign key pair: (unencrypted secret key file, 0600; public key).
+pub fn signing_key() -> &'static (PathBuf, String) {
+    static KEY: std::sync::OnceLock<(PathBuf, String)> = std::sync::OnceLock::new();
+    KEY.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap().keep();
+        let (file, public) = minisign_key(&dir, "signing");
+        (file, public)
+    })
+}
+
+/// A new minisign key pair in `dir`: (`<name>.key`, 0600; public key).
+pub fn minisign_key(dir: &Path, name: &str) -> (PathBuf, String) {
+    use std::os::unix::fs::PermissionsExt;
+    let pair = minisign::KeyPair::generate_unencrypted_keypair().unwrap();
+    let path = dir.join(format!("{name}.key"));
+    std::fs::write(&path, pair.sk.to_box(None).unwrap().to_string()).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    (path, pair.pk.to_base64())
+}
+
 /// An age key pair for a test: (public key, identity file).
 pub fn age_key(dir: &Path) -> (String, PathBuf) {
     use age::secrecy::ExposeSecret;
     let identity = age::x25519::Identity::generate();
     let path = dir.join("backup.key");
     std::fs::write(&path, format!("{}\n", identity.to_string().expose_secret())).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
     (identity.to_public().to_string(), path)
 }
 
@@ -252,8 +288,12 @@ pub fn crm_backup_bin() -> &'static str {
 }
 
 /// Runs the CLI with the test's environment; returns (status ok, stdout, stderr).
+/// Runs the CLI; a run that takes more than five minutes is killed (and fails), so that a
+/// hang fails its test instead of the whole suite.
 pub fn run_cli(env: &HashMap<String, String>, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(crm_backup_bin())
+    let out = Command::new("timeout")
+        .args(["--signal=KILL", "300"])
+        .arg(crm_backup_bin())
         .args(args)
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
@@ -270,13 +310,17 @@ pub fn run_cli(env: &HashMap<String, String>, args: &[&str]) -> (bool, String, S
 /// A `pg_dump` wrapper in its own directory; `script` is the shell body run before the
 /// real pg_dump (`$@` are its arguments). `--version` always answers.
 pub fn pg_dump_wrapper(dir: &Path, script: &str) -> String {
+    tool_wrapper(dir, "pg_dump", script)
+}
+
+/// A wrapper of PostgreSQL tool `tool` in `dir`: `script` runs first (`$@` are the tool's
+/// arguments); `--version` always answers.
+pub fn tool_wrapper(dir: &Path, tool: &str, script: &str) -> String {
     use std::os::unix::fs::PermissionsExt;
-    let path = dir.join("pg_dump");
+    let path = dir.join(tool);
     std::fs::write(
         &path,
-        format!(
-            "#!/bin/sh\nif [ \"$1\" = --version ]; then exec pg_dump --version; fi\n{script}\n"
-        ),
+        format!("#!/bin/sh\nif [ \"$1\" = --version ]; then exec {tool} --version; fi\n{script}\n"),
     )
     .unwrap();
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -326,7 +370,7 @@ pub async fn restore_details(
     };
     crm_backup::jobs::restore::run_restore(&setup.ctx, &request)
         .await
-        .map(|(_, report)| report.details)
+        .map(|(_, _, report)| report.details)
         .map_err(|err| err.to_string())
 }
 
@@ -345,6 +389,13 @@ pub async fn drill_details(
         .map_err(|err| err.to_string())
 }
 
+/// Stores `manifest` again as it was, signed (undoing [`rewrite_facts`]).
+pub async fn recommit(setup: &TestSetup, manifest: &crm_backup::storage::manifest::Manifest) {
+    crm_backup::storage::catalog::commit(&setup.ctx.storage, manifest, setup.ctx.signer.as_deref())
+        .await
+        .expect("manifest stored again");
+}
+
 /// Stores `manifest` again with `edit` applied to its facts (a manifest that lies).
 pub async fn rewrite_facts(
     setup: &TestSetup,
@@ -355,7 +406,7 @@ pub async fn rewrite_facts(
     let mut facts = changed.source.to_value();
     edit(&mut facts);
     changed.source = crm_backup::storage::manifest::Facts::of(&facts);
-    crm_backup::storage::catalog::commit(&setup.ctx.storage, &changed)
+    crm_backup::storage::catalog::commit(&setup.ctx.storage, &changed, setup.ctx.signer.as_deref())
         .await
         .expect("manifest rewritten");
 }

@@ -458,11 +458,22 @@ async fn restore_chain(
         .map(|manifest| source.for_manifest(manifest.clone()))
         .collect();
     members.push(source.for_manifest(source.manifest.clone()));
+    // Verified first: every backup of the chain is proven before the first byte is unpacked.
+    let mut verified = Vec::new();
+    if source.verifies_first() {
+        for member_source in &members {
+            verified.push(member_source.open(member_source.record(ARTIFACT)?).await?);
+        }
+    }
+    let mut verified = verified.into_iter();
     let mut hashes = BTreeMap::new();
     for member_source in &members {
         let member = member_source.manifest.id.to_string();
         let record = member_source.record(ARTIFACT)?.clone();
-        let decoded = member_source.open(&record).await?;
+        let decoded = match verified.next() {
+            Some(decoded) => decoded,
+            None => member_source.open(&record).await?,
+        };
         let reader = SyncIoBridge::new(decoded.reader);
         let dest_owned = dest.to_path_buf();
         let index_for_member = index.clone();
@@ -494,13 +505,15 @@ async fn restore_chain(
 }
 
 /// Checks every file against the index, then sets modes and mtimes (directories last,
-/// deepest first, since writing into a directory changes its mtime).
+/// deepest first, since writing into a directory changes its mtime). Index paths come from a
+/// manifest read back from storage: each must be a plain relative path (as tar entries must),
+/// and metadata is applied through a descriptor opened without following symlinks, to an
+/// entry of the kind the index says.
 fn finish_tree(
     dest: &Path,
     index: &BTreeMap<String, IndexEntry>,
     hashes: &BTreeMap<String, String>,
 ) -> Result<(), TargetError> {
-    use std::os::unix::fs::PermissionsExt;
     for entry in index.values().filter(|e| e.kind == EntryKind::File) {
         let actual = hashes.get(&entry.path);
         if actual != entry.sha256.as_ref() {
@@ -521,15 +534,38 @@ fn finish_tree(
         )
     });
     for entry in ordered {
-        let path = dest.join(&entry.path);
-        let set = || -> std::io::Result<()> {
-            let when = filetime::FileTime::from_unix_time(entry.mtime, entry.mtime_nanos);
-            filetime::set_file_mtime(&path, when)?;
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(entry.mode & 0o1777))
-        };
-        set().map_err(|err| TargetError::Refused(format!("{}: {err}", path.display())))?;
+        let relative = extract::safe_relative(&entry.path).map_err(|reason| {
+            TargetError::Unusable(format!("index entry `{}`: {reason}", entry.path))
+        })?;
+        let path = dest.join(relative);
+        apply_metadata(&path, entry)
+            .map_err(|err| TargetError::Refused(format!("{}: {err}", path.display())))?;
     }
     Ok(())
+}
+
+/// Sets the mode and mtime of the file or directory at `path`, which must be of the entry's
+/// kind: opened with `O_NOFOLLOW`, so a symlink in its place is an error, not a way out.
+fn apply_metadata(path: &Path, entry: &IndexEntry) -> std::io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)?;
+    let meta = file.metadata()?;
+    let expected = match entry.kind {
+        EntryKind::Dir => meta.is_dir(),
+        _ => meta.is_file(),
+    };
+    if !expected {
+        return Err(std::io::Error::other(format!(
+            "is not the {:?} the index says",
+            entry.kind
+        )));
+    }
+    let when = filetime::FileTime::from_unix_time(entry.mtime, entry.mtime_nanos);
+    file.set_permissions(std::fs::Permissions::from_mode(entry.mode & 0o1777))?;
+    filetime::set_file_handle_times(&file, None, Some(when))
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@ use super::sql::{
     compare_counts, count_rows, database_owner, derived_name, drop_database, quote_ident, swap_in,
 };
 use super::{DUMP_FORMAT, Postgres, PostgresFacts, plain_identifier};
-use crate::pipeline::ArtifactReader;
+use crate::pipeline::{ArtifactReader, DecodedArtifact};
 use crate::storage::manifest::ArtifactRecord;
 use crate::targets::process::{Pump, ToolProcess, pump};
 use crate::targets::{ArtifactSource, RestoreReport, TargetError};
@@ -84,6 +84,8 @@ impl Postgres {
         let owner_clause = owner
             .map(|owner| format!(" OWNER {}", quote_ident(&owner)))
             .unwrap_or_default();
+        // With restore.verify_first, this proves the stored bytes before anything is created.
+        let decoded = source.open(record).await?;
         admin
             .batch_execute(&format!(
                 "CREATE DATABASE {} TEMPLATE template0{owner_clause}",
@@ -92,7 +94,8 @@ impl Postgres {
             .await
             .map_err(|err| TargetError::Refused(format!("cannot create `{database}`: {err}")))?;
         let outcome = async {
-            self.pg_restore(source, record, &database, &options).await?;
+            self.pg_restore(decoded, record, &database, &options)
+                .await?;
             let restored = self.connect(Some(&database)).await?;
             let scope_tables = facts
                 .tables
@@ -135,7 +138,7 @@ impl Postgres {
     /// Streams the dump into `pg_restore`; returns an error if either side failed.
     async fn pg_restore(
         &self,
-        source: &ArtifactSource,
+        decoded: DecodedArtifact,
         record: &ArtifactRecord,
         database: &str,
         options: &RestoreOptions,
@@ -160,7 +163,6 @@ impl Postgres {
             Stdio::null(),
         )?;
         let mut stdin = process.take_stdin()?;
-        let decoded = source.open(record).await?;
         let mut reader = decoded.reader;
         let pumped = pump(&mut reader, &mut stdin).await;
         drop(stdin);
@@ -226,8 +228,14 @@ impl Postgres {
         )?;
         let mut stdin = process.take_stdin()?;
         let stdout = process.take_stdout()?;
-        // pg_restore stops reading after the table of contents; that is fine.
-        let feed = pump(&mut reader, &mut stdin);
+        // pg_restore stops reading after the table of contents; that is fine. Its input is
+        // closed as soon as the feed ends, whatever the reason: pg_restore then finishes its
+        // listing (or fails on a damaged one) instead of waiting for more.
+        let feed = async move {
+            let fed = pump(&mut reader, &mut stdin).await;
+            drop(stdin);
+            fed
+        };
         let list = async {
             let mut entries = 0usize;
             let mut table_data = 0usize;
@@ -246,7 +254,6 @@ impl Postgres {
             (custom_format, entries, table_data)
         };
         let (fed, (custom_format, entries, table_data)) = tokio::join!(feed, list);
-        drop(stdin);
         if let Pump::ReaderFailed(err) = fed {
             process.kill().await;
             return Err(TargetError::Unusable(format!("{}: {err}", record.name)));

@@ -107,49 +107,76 @@ pub(super) async fn database_owner(
 }
 
 /// Renames `original` aside and `restored` into its place; returns the aside name.
-/// Sessions on `original` are terminated: an in-place restore is an outage by nature.
+/// Sessions on `original` are terminated: an in-place restore is an outage by nature. The two
+/// renames are one statement batch, so one transaction: either both happen or neither, and
+/// the name `original` always points at a complete database.
 pub(super) async fn swap_in(
     admin: &Client,
     restored: &str,
     original: &str,
 ) -> Result<String, TargetError> {
-    let aside = derived_name(original, "replaced");
-    let exists = database_owner(admin, original).await?.is_some();
-    let mut statements = Vec::new();
-    if exists {
-        statements.push(format!(
-            "ALTER DATABASE {} WITH ALLOW_CONNECTIONS false",
-            quote_ident(original)
-        ));
-        statements.push(format!(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-             WHERE datname = '{}' AND pid <> pg_backend_pid()",
-            original.replace('\'', "''")
-        ));
-        statements.push(format!(
+    let failed = |at: &str, err: tokio_postgres::Error, left: &str| {
+        TargetError::Refused(format!(
+            "swapping the restored database `{restored}` in for `{original}` failed at {at}: \
+             {err}; {left}"
+        ))
+    };
+    if database_owner(admin, original).await?.is_none() {
+        let rename = format!(
             "ALTER DATABASE {} RENAME TO {}",
-            quote_ident(original),
-            quote_ident(&aside)
-        ));
-        statements.push(format!(
-            "ALTER DATABASE {} WITH ALLOW_CONNECTIONS true",
-            quote_ident(&aside)
-        ));
+            quote_ident(restored),
+            quote_ident(original)
+        );
+        admin
+            .batch_execute(&rename)
+            .await
+            .map_err(|err| failed("the rename", err, "the restored database keeps its name"))?;
+        return Ok(String::new());
     }
-    statements.push(format!(
-        "ALTER DATABASE {} RENAME TO {}",
+    let aside = derived_name(original, "replaced");
+    let (original_q, aside_q, restored_q) = (
+        quote_ident(original),
+        quote_ident(&aside),
         quote_ident(restored),
-        quote_ident(original)
-    ));
-    for statement in statements {
-        admin.batch_execute(&statement).await.map_err(|err| {
-            TargetError::Refused(format!(
-                "swapping the restored database `{restored}` in for `{original}` failed at \
-                 `{statement}`: {err}; both databases are left as they are"
+    );
+    let close = format!(
+        "ALTER DATABASE {original_q} WITH ALLOW_CONNECTIONS false; \
+         SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = '{}' AND pid <> pg_backend_pid()",
+        original.replace('\'', "''")
+    );
+    admin.batch_execute(&close).await.map_err(|err| {
+        failed(
+            "closing the original",
+            err,
+            "both databases are as they were",
+        )
+    })?;
+    let swap = format!(
+        "ALTER DATABASE {original_q} RENAME TO {aside_q}; \
+         ALTER DATABASE {restored_q} RENAME TO {original_q}; \
+         ALTER DATABASE {aside_q} WITH ALLOW_CONNECTIONS true"
+    );
+    if let Err(err) = admin.batch_execute(&swap).await {
+        let reopened = admin
+            .batch_execute(&format!(
+                "ALTER DATABASE {original_q} WITH ALLOW_CONNECTIONS true"
             ))
-        })?;
+            .await;
+        let left = match reopened {
+            Ok(()) => format!(
+                "`{original}` is the original database again, open for connections; the \
+                 restored one is still `{restored}`"
+            ),
+            Err(_) => format!(
+                "`{original}` is the original database, still closed to connections \
+                 (ALTER DATABASE ... WITH ALLOW_CONNECTIONS true); the restored one is still \
+                 `{restored}`"
+            ),
+        };
+        return Err(failed("the renames (rolled back)", err, &left));
     }
-    Ok(if exists { aside } else { String::new() })
+    Ok(aside)
 }
 
 pub(super) fn quote_ident(name: &str) -> String {
@@ -193,5 +220,80 @@ mod tests {
             err.to_string().contains("crm.b: 3 rows, expected 2"),
             "{err}"
         );
+    }
+
+    /// The PostgreSQL server of the test suite (scripts/test.sh), as tests/common uses it.
+    async fn admin() -> Client {
+        let url = std::env::var("TEST_DATABASE_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
+        let (client, connection) =
+            tokio_postgres::connect(&format!("{url}/postgres"), tokio_postgres::NoTls)
+                .await
+                .expect("the test PostgreSQL answers");
+        tokio::spawn(connection);
+        client
+    }
+
+    #[tokio::test]
+    async fn a_swap_that_fails_halfway_leaves_the_original_name_on_the_original() {
+        let admin = admin().await;
+        let suffix = std::process::id();
+        let (original, restored) = (format!("swap_orig_{suffix}"), format!("swap_new_{suffix}"));
+        for name in [&original, &restored] {
+            drop_database(&admin, name).await;
+            admin
+                .batch_execute(&format!("CREATE DATABASE {}", quote_ident(name)))
+                .await
+                .unwrap();
+        }
+        // A session on the restored database makes its rename (the second) fail.
+        let url = std::env::var("TEST_DATABASE_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
+        let (session, connection) =
+            tokio_postgres::connect(&format!("{url}/{restored}"), tokio_postgres::NoTls)
+                .await
+                .unwrap();
+        let connection = tokio::spawn(connection);
+        session.batch_execute("SELECT 1").await.unwrap();
+        let err = swap_in(&admin, &restored, &original)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("rolled back") && err.contains("original database again"),
+            "{err}"
+        );
+        let names: Vec<String> = admin
+            .query(
+                "SELECT datname FROM pg_database WHERE datname LIKE $1 ORDER BY 1",
+                &[&format!("swap_%_{suffix}%")],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        assert_eq!(
+            names,
+            [restored.clone(), original.clone()],
+            "nothing renamed"
+        );
+        let open: bool = admin
+            .query_one(
+                "SELECT datallowconn FROM pg_database WHERE datname = $1",
+                &[&original],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert!(open, "the original accepts connections again");
+        drop(session);
+        let _ = connection.await;
+        // Without the session, the same swap goes through.
+        let aside = swap_in(&admin, &restored, &original).await.unwrap();
+        assert!(aside.starts_with(&format!("swap_orig_{suffix}_replaced_")));
+        for name in [&original, &aside] {
+            drop_database(&admin, name).await;
+        }
     }
 }

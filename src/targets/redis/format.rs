@@ -134,16 +134,25 @@ pub enum Decoded {
     End(u64),
 }
 
+/// Largest key and DUMP payload a key stream may hold (Redis's own limit for a bulk string):
+/// a larger announced length is an error, never an allocation.
+pub const MAX_RECORD_PART: u32 = 512 << 20;
+
 /// Incremental decoder of a `redis-keys` stream: feed bytes, take records.
 #[derive(Default)]
 pub struct KeysDecoder {
     buffer: Vec<u8>,
+    /// Where the undecoded bytes of `buffer` start.
+    start: usize,
     header_seen: bool,
     ended: bool,
 }
 
 impl KeysDecoder {
     pub fn feed(&mut self, data: &[u8]) {
+        // Decoded bytes are dropped in one move, not one per record.
+        self.buffer.drain(..self.start);
+        self.start = 0;
         self.buffer.extend_from_slice(data);
     }
 
@@ -154,64 +163,70 @@ impl KeysDecoder {
 
     /// The next complete item, `Ok(None)` when more bytes are needed.
     pub fn next(&mut self) -> Result<Option<Decoded>, String> {
+        let buffer = &self.buffer[self.start..];
         if self.ended {
-            return if self.buffer.is_empty() {
+            return if buffer.is_empty() {
                 Ok(None)
             } else {
                 Err("bytes after the end of the key stream".into())
             };
         }
         if !self.header_seen {
-            if self.buffer.len() < 9 {
+            if buffer.len() < 9 {
                 return Ok(None);
             }
-            if &self.buffer[..8] != KEYS_MAGIC || self.buffer[8] != KEYS_VERSION {
+            if &buffer[..8] != KEYS_MAGIC || buffer[8] != KEYS_VERSION {
                 return Err("not a crm-backup Redis key stream (bad magic or version)".into());
             }
-            self.buffer.drain(..9);
+            self.start += 9;
             self.header_seen = true;
+            return self.next();
         }
-        let Some(&tag) = self.buffer.first() else {
+        let Some(&tag) = buffer.first() else {
             return Ok(None);
+        };
+        let read_u32 = |at: usize| -> Option<u32> {
+            Some(u32::from_le_bytes(buffer.get(at..at + 4)?.try_into().ok()?))
+        };
+        let read_u64 = |at: usize| -> Option<u64> {
+            Some(u64::from_le_bytes(buffer.get(at..at + 8)?.try_into().ok()?))
         };
         match tag {
             END => {
-                if self.buffer.len() < 9 {
+                let Some(count) = read_u64(1) else {
                     return Ok(None);
-                }
-                let count = u64::from_le_bytes(self.buffer[1..9].try_into().expect("8 bytes"));
-                self.buffer.drain(..9);
+                };
+                self.start += 9;
                 self.ended = true;
                 Ok(Some(Decoded::End(count)))
             }
             RECORD => {
-                let read_u32 = |at: usize| -> Option<u32> {
-                    Some(u32::from_le_bytes(
-                        self.buffer.get(at..at + 4)?.try_into().ok()?,
-                    ))
-                };
                 let Some(db) = read_u32(1) else {
                     return Ok(None);
                 };
                 let Some(key_len) = read_u32(5) else {
                     return Ok(None);
                 };
+                if key_len > MAX_RECORD_PART {
+                    return Err(format!("a key of {key_len} bytes in the key stream"));
+                }
                 let key_end = 9 + key_len as usize;
                 let Some(payload_len) = read_u32(key_end + 8) else {
                     return Ok(None);
                 };
+                if payload_len > MAX_RECORD_PART {
+                    return Err(format!(
+                        "a payload of {payload_len} bytes in the key stream"
+                    ));
+                }
                 let total = key_end + 8 + 4 + payload_len as usize;
-                if self.buffer.len() < total {
+                if buffer.len() < total {
                     return Ok(None);
                 }
-                let key = self.buffer[9..key_end].to_vec();
-                let pttl = i64::from_le_bytes(
-                    self.buffer[key_end..key_end + 8]
-                        .try_into()
-                        .expect("8 bytes"),
-                );
-                let payload = self.buffer[key_end + 12..total].to_vec();
-                self.buffer.drain(..total);
+                let key = buffer[9..key_end].to_vec();
+                let pttl = read_u64(key_end).map_or(-1, |v| v as i64);
+                let payload = buffer[key_end + 12..total].to_vec();
+                self.start += total;
                 Ok(Some(Decoded::Record(KeyRecord {
                     db,
                     key,
@@ -324,5 +339,36 @@ mod tests {
         let mut bad = KeysDecoder::default();
         bad.feed(b"REDIS0010........");
         assert!(bad.next().is_err());
+    }
+
+    #[test]
+    fn hostile_key_streams_are_errors_not_allocations_or_panics() {
+        let mut stream = keys_header();
+        stream.push(RECORD);
+        stream.extend_from_slice(&0u32.to_le_bytes());
+        stream.extend_from_slice(&u32::MAX.to_le_bytes());
+        let mut decoder = KeysDecoder::default();
+        decoder.feed(&stream);
+        assert!(
+            decoder
+                .next()
+                .unwrap_err()
+                .contains("a key of 4294967295 bytes")
+        );
+        // Any bytes after a valid header: an item, a wait for more, or an error; never a panic.
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        for _ in 0..2000 {
+            let mut bytes = keys_header();
+            let len = (state % 64) as usize;
+            for _ in 0..len {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                bytes.push(if state % 3 == 0 { RECORD } else { state as u8 });
+            }
+            let mut decoder = KeysDecoder::default();
+            decoder.feed(&bytes);
+            while let Ok(Some(_)) = decoder.next() {}
+        }
     }
 }

@@ -15,7 +15,7 @@ use super::{
     Address, Endpoint, KEYS_ARTIFACT, KIND, RDB_ARTIFACT, Redis, RedisFacts, command_error, connect,
 };
 use crate::storage::manifest::ArtifactRecord;
-use crate::targets::{ArtifactSource, RestoreReport, TargetError};
+use crate::targets::{ArtifactSource, DecodedArtifact, RestoreReport, TargetError};
 
 /// `options` of a redis restore command.
 #[derive(Debug, Default, Deserialize)]
@@ -144,6 +144,12 @@ async fn to_file(source: &ArtifactSource, path: &Path) -> Result<RestoreReport, 
     })
 }
 
+/// A backup ready to apply: its key stream, or its RDB file in a scratch directory.
+enum Backup {
+    Keys(DecodedArtifact),
+    Rdb(tempfile::TempDir),
+}
+
 async fn live(
     redis: &Redis,
     source: &ArtifactSource,
@@ -152,6 +158,18 @@ async fn live(
     let target = destination(redis, options)?;
     let facts: RedisFacts = source.facts()?;
     let dbs = facts.databases()?;
+    // The backup is opened (with restore.verify_first: proven) or its RDB file written out and
+    // checked before anything happens to the target's keys.
+    let backup = match source.record(KEYS_ARTIFACT) {
+        Ok(record) => Backup::Keys(source.open(record).await?),
+        Err(_) => {
+            let record = source.record(RDB_ARTIFACT)?;
+            let scratch = tempfile::tempdir()
+                .map_err(|err| TargetError::Unusable(format!("scratch directory: {err}")))?;
+            write_rdb(source, record, &scratch.path().join("dump.rdb")).await?;
+            Backup::Rdb(scratch)
+        }
+    };
     match options.existing {
         None => {
             for &db in &dbs {
@@ -181,37 +199,35 @@ async fn live(
     }
     let replace = options.existing == Some(ExistingKeys::Replace);
     let mut applier = Applier::new(&target, replace);
-    if let Ok(record) = source.record(KEYS_ARTIFACT) {
-        let decoded = source.open(record).await?;
-        let mut stream = KeyStream::new(decoded.reader);
-        while let Some(record) = stream.next().await? {
-            applier.push(record).await?;
+    match backup {
+        Backup::Keys(decoded) => {
+            let mut stream = KeyStream::new(decoded.reader);
+            while let Some(record) = stream.next().await? {
+                applier.push(record).await?;
+            }
+            let ended = stream.declared();
+            drop(stream);
+            decoded.verification.result().await?;
+            ended?;
         }
-        let ended = stream.declared();
-        drop(stream);
-        decoded.verification.result().await?;
-        ended?;
-    } else {
-        let record = source.record(RDB_ARTIFACT)?;
-        let scratch = tempfile::tempdir()
-            .map_err(|err| TargetError::Unusable(format!("scratch directory: {err}")))?;
-        write_rdb(source, record, &scratch.path().join("dump.rdb")).await?;
-        let mut server = ScratchServer::start(&redis.server_binary, scratch.path()).await?;
-        let copied = async {
-            let loaded = server.loaded().await?;
-            for &db in &dbs {
-                let mut scanner = Scanner::new(connect(&loaded, db).await?, db);
-                while let Some(batch) = scanner.next_batch().await? {
-                    for record in batch {
-                        applier.push(record).await?;
+        Backup::Rdb(scratch) => {
+            let mut server = ScratchServer::start(&redis.server_binary, scratch.path()).await?;
+            let copied = async {
+                let loaded = server.loaded().await?;
+                for &db in &dbs {
+                    let mut scanner = Scanner::new(connect(&loaded, db).await?, db);
+                    while let Some(batch) = scanner.next_batch().await? {
+                        for record in batch {
+                            applier.push(record).await?;
+                        }
                     }
                 }
+                Ok::<_, TargetError>(())
             }
-            Ok::<_, TargetError>(())
+            .await;
+            server.stop().await;
+            copied?;
         }
-        .await;
-        server.stop().await;
-        copied?;
     }
     let counts = applier.finish().await?;
     let (host, port) = match &target.address {
