@@ -4,16 +4,26 @@
 //! The tree is walked as the stream is read, one directory listing at a time; a file's
 //! content is read straight into the pipeline's buffer, with no copy in between. Each stored
 //! file's SHA-256 is computed from the stream by the pipeline's hashing thread
-//! (`super::digests`); [`ArchiveReport::stored`] says which index entries they belong to. Symlinks are stored as links and never followed; special files are skipped and
-//! listed; a file whose size or mtime changes while it is read is stored as read, padded or
-//! cut to the size announced in its header, and reported.
+//! (`super::digests`); [`ArchiveReport::stored`] says which index entries they belong to.
+//! Symlinks are stored as links and never followed; special files are skipped and listed; a
+//! file whose size or mtime changes while it is read is stored as read, padded or cut to the
+//! size announced in its header, and reported.
+//!
+//! The walk cannot be redirected: every directory and file is opened relative to its parent
+//! directory's descriptor with `O_NOFOLLOW`, and what is stored is what `fstat` says of the
+//! open descriptor. A file swapped for a symlink (or anything else) between the listing and
+//! the open is reported as changed, never followed.
 
 use std::collections::BTreeMap;
-use std::fs::{self, File, Metadata};
+use std::ffi::OsString;
+use std::fs::File;
 use std::io::{self, Read};
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::fd::OwnedFd;
+use std::os::unix::ffi::OsStringExt;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
+use rustix::fs::{AtFlags, FileType, Mode, OFlags, Stat};
 use serde::{Deserialize, Serialize};
 
 /// One entry of the index in the manifest.
@@ -100,7 +110,7 @@ pub struct TarStream {
     this_backup: String,
     report: ArchiveReport,
     /// Directories being listed, deepest last: the entries of each still to visit.
-    pending: Vec<std::vec::IntoIter<fs::DirEntry>>,
+    pending: Vec<Listing>,
     /// Serialises headers (GNU long names included) into its vector, which `out` drains.
     headers: tar::Builder<Vec<u8>>,
     /// Bytes to hand out before anything else: headers, padding, the end of the archive.
@@ -111,10 +121,40 @@ pub struct TarStream {
     ended: bool,
 }
 
+/// A directory being walked: its descriptor, its path in the tree, the names left.
+struct Listing {
+    dir: OwnedFd,
+    path: String,
+    names: std::vec::IntoIter<OsString>,
+}
+
+/// What the stream records of an entry, from `fstat` of its open descriptor (or `lstat`
+/// relative to its directory, for links).
+#[derive(Clone, Copy)]
+struct Attrs {
+    kind: FileType,
+    size: u64,
+    mode: u32,
+    mtime: i64,
+    mtime_nanos: u32,
+}
+
+impl From<&Stat> for Attrs {
+    fn from(stat: &Stat) -> Self {
+        Attrs {
+            kind: FileType::from_raw_mode(stat.st_mode),
+            size: stat.st_size.max(0) as u64,
+            mode: stat.st_mode & 0o7777,
+            mtime: stat.st_mtime,
+            mtime_nanos: stat.st_mtime_nsec.clamp(0, 999_999_999) as u32,
+        }
+    }
+}
+
 /// The regular file whose content is being read.
 struct OpenFile {
     file: File,
-    meta: Metadata,
+    attrs: Attrs,
     /// Its entry in the index.
     position: usize,
     remaining: u64,
@@ -155,126 +195,207 @@ impl TarStream {
     fn next_entry(&mut self) -> io::Result<()> {
         if !self.listed_root {
             self.listed_root = true;
-            let root = self.root.clone();
-            self.list(&root)?;
+            let root = rustix::fs::open(
+                &self.root,
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(|err| io::Error::new(err.kind(), format!("{}: {err}", self.root.display())))?;
+            self.list(root, String::new())?;
         }
-        let entry = loop {
+        loop {
             let Some(listing) = self.pending.last_mut() else {
                 self.headers.finish()?;
                 self.take_headers();
                 self.ended = true;
                 return Ok(());
             };
-            match listing.next() {
-                Some(entry) => break entry,
+            match listing.names.next() {
+                Some(name) => {
+                    let parent = listing.path.clone();
+                    return self.add(&parent, name);
+                }
                 None => {
                     self.pending.pop();
                 }
             }
-        };
-        self.add(&entry.path())
+        }
     }
 
-    /// Queues the entries of `dir`, in name order.
-    fn list(&mut self, dir: &Path) -> io::Result<()> {
-        let mut entries: Vec<_> = fs::read_dir(dir)?.collect::<Result<_, _>>()?;
-        entries.sort_by_key(|e| e.file_name());
-        self.pending.push(entries.into_iter());
+    /// Queues the entries of the open directory `dir` (at `path` in the tree), in name order.
+    fn list(&mut self, dir: OwnedFd, path: String) -> io::Result<()> {
+        let mut names = Vec::new();
+        for entry in rustix::fs::Dir::read_from(&dir)? {
+            let name = entry?.file_name().to_bytes().to_vec();
+            if name != b"." && name != b".." {
+                names.push(OsString::from_vec(name));
+            }
+        }
+        names.sort();
+        self.pending.push(Listing {
+            dir,
+            path,
+            names: names.into_iter(),
+        });
         Ok(())
     }
 
-    fn add(&mut self, path: &Path) -> io::Result<()> {
-        let relative = path.strip_prefix(&self.root).unwrap_or(path).to_path_buf();
-        let Some(name) = relative.to_str().map(String::from) else {
+    /// The directory being listed (the parent of the entry being added).
+    fn parent_dir(&self) -> &OwnedFd {
+        &self
+            .pending
+            .last()
+            .expect("an entry comes from a listing")
+            .dir
+    }
+
+    fn add(&mut self, parent: &str, name: OsString) -> io::Result<()> {
+        let relative = Path::new(parent).join(&name);
+        let Some(path) = relative.to_str().map(String::from) else {
             self.report.skipped.push(Skipped {
                 path: relative.to_string_lossy().into_owned(),
                 reason: "the name is not UTF-8".into(),
             });
             return Ok(());
         };
-        let meta = fs::symlink_metadata(path)?;
-        let file_type = meta.file_type();
+        let stat = match rustix::fs::statat(self.parent_dir(), &name, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(stat) => stat,
+            Err(rustix::io::Errno::NOENT) => {
+                self.report
+                    .changed_during_backup
+                    .push(format!("{path} (deleted)"));
+                return Ok(());
+            }
+            Err(err) => return Err(io::Error::new(err.kind(), format!("{path}: {err}"))),
+        };
+        let attrs = Attrs::from(&stat);
         let mut index = IndexEntry {
-            path: name.clone(),
+            path: path.clone(),
             kind: EntryKind::File,
             size: 0,
-            mode: meta.mode() & 0o7777,
-            mtime: meta.mtime(),
-            mtime_nanos: meta.mtime_nsec() as u32,
+            mode: attrs.mode,
+            mtime: attrs.mtime,
+            mtime_nanos: attrs.mtime_nanos,
             sha256: None,
             link: None,
             stored_in: None,
         };
-        if file_type.is_dir() {
-            index.kind = EntryKind::Dir;
-            let mut header = header_for(&meta, tar::EntryType::Directory, 0);
-            self.headers.append_data(&mut header, &name, io::empty())?;
-            self.report.index.push(index);
-            self.list(path)?;
-        } else if file_type.is_symlink() {
-            let target = fs::read_link(path)?;
-            if let Err(reason) =
-                super::extract::check_link(relative.parent().unwrap_or(Path::new("")), &target)
-            {
-                // A link out of the tree cannot be restored safely: say so now, not at 3 a.m.
-                self.report.skipped.push(Skipped {
-                    path: name,
-                    reason: format!("{reason}: not backed up"),
-                });
-                return Ok(());
+        match attrs.kind {
+            FileType::Directory => {
+                let Some(dir) = self.open_at(&name, &path, OFlags::DIRECTORY)? else {
+                    return Ok(());
+                };
+                let attrs = Attrs::from(&rustix::fs::fstat(&dir)?);
+                index.kind = EntryKind::Dir;
+                index.mode = attrs.mode;
+                index.mtime = attrs.mtime;
+                index.mtime_nanos = attrs.mtime_nanos;
+                let mut header = header_for(&attrs, tar::EntryType::Directory, 0);
+                self.headers.append_data(&mut header, &path, io::empty())?;
+                self.report.index.push(index);
+                self.list(dir, path)?;
             }
-            index.kind = EntryKind::Symlink;
-            index.link = Some(target.to_string_lossy().into_owned());
-            let mut header = header_for(&meta, tar::EntryType::Symlink, 0);
-            self.headers.append_link(&mut header, &name, &target)?;
-            self.report.index.push(index);
-        } else if file_type.is_file() {
-            index.size = meta.len();
-            match self.previous.get(&name) {
-                Some(earlier) if index.unchanged_since(earlier) => {
-                    index.sha256 = earlier.sha256.clone();
-                    index.stored_in = earlier.stored_in.clone();
-                    self.report.index.push(index);
+            FileType::Symlink => {
+                let target = match rustix::fs::readlinkat(self.parent_dir(), &name, Vec::new()) {
+                    Ok(target) => PathBuf::from(OsString::from_vec(target.into_bytes())),
+                    // No longer a link (or gone) since it was listed.
+                    Err(rustix::io::Errno::INVAL | rustix::io::Errno::NOENT) => {
+                        self.report.changed_during_backup.push(format!(
+                            "{path} (replaced while the backup ran: not backed up)"
+                        ));
+                        return Ok(());
+                    }
+                    Err(err) => return Err(io::Error::new(err.kind(), format!("{path}: {err}"))),
+                };
+                if let Err(reason) = super::extract::check_link(Path::new(parent), &target) {
+                    // A link out of the tree cannot be restored safely: say so now, not at 3 a.m.
+                    self.report.skipped.push(Skipped {
+                        path,
+                        reason: format!("{reason}: not backed up"),
+                    });
+                    return Ok(());
                 }
-                _ => self.open(path, meta, index)?,
+                index.kind = EntryKind::Symlink;
+                index.link = Some(target.to_string_lossy().into_owned());
+                let mut header = header_for(&attrs, tar::EntryType::Symlink, 0);
+                self.headers.append_link(&mut header, &path, &target)?;
+                self.report.index.push(index);
             }
-        } else {
-            let kind = if file_type.is_fifo() {
-                "a FIFO"
-            } else if file_type.is_socket() {
-                "a socket"
-            } else if file_type.is_block_device() || file_type.is_char_device() {
-                "a device"
-            } else {
-                "not a regular file"
-            };
-            self.report.skipped.push(Skipped {
-                path: name,
-                reason: format!("{kind}: not backed up"),
-            });
+            FileType::RegularFile => {
+                index.size = attrs.size;
+                match self.previous.get(&path) {
+                    Some(earlier) if index.unchanged_since(earlier) => {
+                        index.sha256 = earlier.sha256.clone();
+                        index.stored_in = earlier.stored_in.clone();
+                        self.report.index.push(index);
+                    }
+                    _ => self.open(&name, index)?,
+                }
+            }
+            other => {
+                let kind = match other {
+                    FileType::Fifo => "a FIFO",
+                    FileType::Socket => "a socket",
+                    FileType::BlockDevice | FileType::CharacterDevice => "a device",
+                    _ => "not a regular file",
+                };
+                self.report.skipped.push(Skipped {
+                    path,
+                    reason: format!("{kind}: not backed up"),
+                });
+            }
         }
         self.take_headers();
         Ok(())
     }
 
-    /// Starts storing a file: its header now, its content as the stream is read.
-    fn open(&mut self, path: &Path, meta: Metadata, mut index: IndexEntry) -> io::Result<()> {
-        let file = match File::open(path) {
-            Ok(file) => file,
-            Err(err) if err.kind() == io::ErrorKind::NotFound => {
+    /// Opens `name` in the directory being listed, never following a symlink; None (and
+    /// reported) when it vanished or was replaced by a link since it was listed.
+    fn open_at(
+        &mut self,
+        name: &OsString,
+        path: &str,
+        kind: OFlags,
+    ) -> io::Result<Option<OwnedFd>> {
+        // NONBLOCK: something swapped in for a FIFO must not block the open.
+        let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK | kind;
+        match rustix::fs::openat(self.parent_dir(), name, flags, Mode::empty()) {
+            Ok(fd) => Ok(Some(fd)),
+            Err(rustix::io::Errno::NOENT) => {
                 self.report
                     .changed_during_backup
-                    .push(format!("{} (deleted)", index.path));
-                return Ok(());
+                    .push(format!("{path} (deleted)"));
+                Ok(None)
             }
-            Err(err) => {
-                return Err(io::Error::new(
-                    err.kind(),
-                    format!("{}: {err}", path.display()),
+            Err(rustix::io::Errno::LOOP | rustix::io::Errno::NOTDIR) => {
+                self.report.changed_during_backup.push(format!(
+                    "{path} (replaced while the backup ran: not followed)"
                 ));
+                Ok(None)
             }
+            Err(err) => Err(io::Error::new(err.kind(), format!("{path}: {err}"))),
+        }
+    }
+
+    /// Starts storing a file: its header now, its content as the stream is read. What is
+    /// stored is what the open descriptor is, whatever the name pointed to when listed.
+    fn open(&mut self, name: &OsString, mut index: IndexEntry) -> io::Result<()> {
+        let Some(fd) = self.open_at(name, &index.path.clone(), OFlags::empty())? else {
+            return Ok(());
         };
-        let mut header = header_for(&meta, tar::EntryType::Regular, meta.len());
+        let attrs = Attrs::from(&rustix::fs::fstat(&fd)?);
+        if attrs.kind != FileType::RegularFile {
+            self.report.changed_during_backup.push(format!(
+                "{} (no longer a regular file: not backed up)",
+                index.path
+            ));
+            return Ok(());
+        }
+        index.size = attrs.size;
+        index.mode = attrs.mode;
+        index.mtime = attrs.mtime;
+        index.mtime_nanos = attrs.mtime_nanos;
+        let mut header = header_for(&attrs, tar::EntryType::Regular, attrs.size);
         // The builder writes the header (and a long-name entry when needed); the content
         // follows from the file itself.
         self.headers
@@ -283,9 +404,9 @@ impl TarStream {
         self.report.index.push(index);
         self.report.stored.push(self.report.index.len() - 1);
         self.file = Some(OpenFile {
-            file,
-            remaining: meta.len(),
-            meta,
+            file: File::from(fd),
+            remaining: attrs.size,
+            attrs,
             position: self.report.index.len() - 1,
             short: false,
         });
@@ -319,13 +440,13 @@ impl TarStream {
 
     /// The open file is read whole: its padding goes into the stream.
     fn close_file(&mut self, file: OpenFile) -> io::Result<()> {
-        let size = file.meta.len();
+        let size = file.attrs.size;
         let after = file.file.metadata()?;
         let entry = &self.report.index[file.position];
         let changed = file.short
             || after.len() != size
-            || after.mtime() != file.meta.mtime()
-            || after.mtime_nsec() != file.meta.mtime_nsec();
+            || after.mtime() != file.attrs.mtime
+            || after.mtime_nsec() != i64::from(file.attrs.mtime_nanos);
         if changed {
             self.report.changed_during_backup.push(entry.path.clone());
         }
@@ -376,12 +497,12 @@ impl Read for TarStream {
     }
 }
 
-fn header_for(meta: &Metadata, kind: tar::EntryType, size: u64) -> tar::Header {
+fn header_for(attrs: &Attrs, kind: tar::EntryType, size: u64) -> tar::Header {
     let mut header = tar::Header::new_gnu();
     header.set_entry_type(kind);
     header.set_size(size);
-    header.set_mode(meta.mode() & 0o7777);
-    header.set_mtime(meta.mtime().max(0) as u64);
+    header.set_mode(attrs.mode);
+    header.set_mtime(attrs.mtime.max(0) as u64);
     header.set_uid(0);
     header.set_gid(0);
     header
@@ -394,6 +515,8 @@ fn padding(size: u64) -> usize {
 
 #[cfg(test)]
 mod tests {
+    use std::fs;
+
     use sha2::{Digest, Sha256};
 
     use super::*;
@@ -557,6 +680,95 @@ mod tests {
             Some(sha(&expected).as_str())
         );
         assert_eq!(report.changed_during_backup, vec!["shrinking.bin"]);
+    }
+
+    /// A walk that has listed `root` and stat'ed `name` as a regular file (or directory),
+    /// about to open it.
+    fn listed(root: &Path) -> TarStream {
+        let mut stream = TarStream::new(root, BTreeMap::new(), "b1");
+        let dir =
+            rustix::fs::open(root, OFlags::RDONLY | OFlags::DIRECTORY, Mode::empty()).unwrap();
+        stream.list(dir, String::new()).unwrap();
+        stream
+    }
+
+    fn regular(path: &str, size: u64) -> IndexEntry {
+        IndexEntry {
+            path: path.into(),
+            kind: EntryKind::File,
+            size,
+            mode: 0o644,
+            mtime: 0,
+            mtime_nanos: 0,
+            sha256: None,
+            link: None,
+            stored_in: None,
+        }
+    }
+
+    #[test]
+    fn a_file_swapped_for_a_symlink_after_its_stat_is_not_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("documents");
+        fs::create_dir(&root).unwrap();
+        fs::write(dir.path().join("secret"), b"SECRET").unwrap();
+        fs::write(root.join("a.txt"), b"an ordinary document").unwrap();
+        let mut stream = listed(&root);
+        // Seen as a regular file; then, before the open, the name points at the secret.
+        fs::remove_file(root.join("a.txt")).unwrap();
+        std::os::unix::fs::symlink(dir.path().join("secret"), root.join("a.txt")).unwrap();
+        stream.open(&"a.txt".into(), regular("a.txt", 20)).unwrap();
+
+        assert!(stream.file.is_none(), "nothing is read");
+        let report = stream.into_report();
+        assert!(report.stored.is_empty() && report.index.is_empty());
+        assert_eq!(
+            report.changed_during_backup,
+            vec!["a.txt (replaced while the backup ran: not followed)"]
+        );
+    }
+
+    #[test]
+    fn a_file_swapped_for_a_fifo_after_its_stat_is_not_read() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("a.txt"), b"an ordinary document").unwrap();
+        let mut stream = listed(dir.path());
+        fs::remove_file(dir.path().join("a.txt")).unwrap();
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            dir.path().join("a.txt"),
+            FileType::Fifo,
+            Mode::from_raw_mode(0o644),
+            0,
+        )
+        .unwrap();
+        // Opening a FIFO without a writer would block the walk forever.
+        stream.open(&"a.txt".into(), regular("a.txt", 20)).unwrap();
+
+        assert!(stream.file.is_none());
+        assert_eq!(
+            stream.into_report().changed_during_backup,
+            vec!["a.txt (no longer a regular file: not backed up)"]
+        );
+    }
+
+    #[test]
+    fn a_directory_swapped_for_a_symlink_after_its_stat_is_not_entered() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("documents");
+        fs::create_dir_all(root.join("sub")).unwrap();
+        let mut stream = listed(&root);
+        fs::remove_dir(root.join("sub")).unwrap();
+        std::os::unix::fs::symlink("/etc", root.join("sub")).unwrap();
+
+        let opened = stream
+            .open_at(&"sub".into(), "sub", OFlags::DIRECTORY)
+            .unwrap();
+        assert!(opened.is_none(), "/etc is not walked");
+        assert_eq!(
+            stream.into_report().changed_during_backup,
+            vec!["sub (replaced while the backup ran: not followed)"]
+        );
     }
 
     #[test]
