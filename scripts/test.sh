@@ -56,6 +56,42 @@ ensure_postgres() {
   export TEST_DATABASE_URL
 }
 
+# TLS to PostgreSQL: the server presents a certificate for `localhost` signed by a CA the
+# suite made (TEST_PG_TLS_CA), and refuses role crm_backup_tls_only without TLS.
+ensure_postgres_tls() {
+  local dir=/var/lib/postgresql/crm-backup-test-tls
+  if [ ! -f "$dir/server.crt" ]; then
+    say "making a test CA and a server certificate for PostgreSQL (localhost)"
+    mkdir -p "$dir"
+    openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=crm-backup test CA" \
+      -keyout "$dir/ca.key" -out "$dir/ca.crt" 2>/dev/null
+    openssl req -newkey rsa:2048 -nodes -subj "/CN=localhost" \
+      -keyout "$dir/server.key" -out "$dir/server.csr" 2>/dev/null
+    printf 'subjectAltName=DNS:localhost\n' > "$dir/san.ext"
+    openssl x509 -req -in "$dir/server.csr" -CA "$dir/ca.crt" -CAkey "$dir/ca.key" \
+      -CAcreateserial -days 3650 -extfile "$dir/san.ext" -out "$dir/server.crt" 2>/dev/null
+    chmod 600 "$dir/server.key" "$dir/ca.key"
+    chown -R postgres:postgres "$dir" 2>/dev/null || true
+  fi
+  local sql=(psql -X -q -At -d "$TEST_DATABASE_URL/postgres")
+  if [ "$("${sql[@]}" -c 'SHOW ssl_cert_file')" != "$dir/server.crt" ] || [ "$("${sql[@]}" -c 'SHOW ssl')" != on ]; then
+    say "PostgreSQL: ssl = on with the test certificate"
+    "${sql[@]}" -c "ALTER SYSTEM SET ssl_cert_file = '$dir/server.crt'" \
+      -c "ALTER SYSTEM SET ssl_key_file = '$dir/server.key'" -c "ALTER SYSTEM SET ssl = on" \
+      -c "SELECT pg_reload_conf()" >/dev/null
+  fi
+  "${sql[@]}" -c "DO \$\$BEGIN CREATE ROLE crm_backup_tls_only LOGIN SUPERUSER; EXCEPTION WHEN duplicate_object THEN NULL; END\$\$" \
+    -c "ALTER ROLE crm_backup_tls_only PASSWORD 'tls-only'" >/dev/null
+  local hba; hba=$("${sql[@]}" -c 'SHOW hba_file')
+  if ! grep -q crm_backup_tls_only "$hba"; then
+    say "PostgreSQL: role crm_backup_tls_only only over TLS ($hba)"
+    sed -i '1i hostnossl all crm_backup_tls_only all reject' "$hba"
+    "${sql[@]}" -c "SELECT pg_reload_conf()" >/dev/null
+  fi
+  sleep 0.5
+  export TEST_PG_TLS_CA=$dir/ca.crt
+}
+
 ensure_redis() {
   if ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then
     say "starting Redis"
@@ -102,6 +138,7 @@ ensure_garage() {
 
 ensure_tools
 ensure_postgres
+ensure_postgres_tls
 ensure_redis
 ensure_rabbitmq
 ensure_python

@@ -28,6 +28,7 @@ const SEED_NAMES: &[(&str, &str)] = &[
     ("BACKUP_STORAGE_DIR", "storage.local_dir"),
     ("BACKUP_STORAGE_PREFIX", "storage.prefix"),
     ("DATABASE_URL", "postgres.database_url"),
+    ("RESTORE_DATABASE_URL", "postgres.restore_url"),
     ("BACKUP_RETENTION_DAYS", "retention.days"),
     ("BACKUP_AGE_RECIPIENTS", "pipeline.age_recipients"),
     ("BACKUP_AGE_IDENTITY_FILE", "pipeline.age_identity_file"),
@@ -365,6 +366,8 @@ pub struct PipelineSettings {
 pub struct PostgresSettings {
     pub enabled: bool,
     pub database_url: SecretString,
+    /// A role without SUPERUSER that pg_restore connects as; empty: as `database_url`.
+    pub restore_url: SecretString,
     pub maintenance_database: String,
     pub bin_dir: PathBuf,
     pub schemas: Vec<String>,
@@ -623,17 +626,36 @@ impl RabbitmqSettings {
 
 impl PostgresSettings {
     fn validate(&self) -> Result<(), ConfigError> {
-        match url::Url::parse(self.database_url.expose_secret()) {
-            Ok(url) if matches!(url.scheme(), "postgres" | "postgresql") => Ok(()),
-            Ok(url) => invalid(
-                "postgres.database_url",
-                format!(
-                    "scheme `{}` is not postgres:// or postgresql://",
-                    url.scheme()
-                ),
-            ),
-            Err(err) => invalid("postgres.database_url", format!("not a URL: {err}")),
+        let database = postgres_url("postgres.database_url", &self.database_url)?;
+        if self.restore_url.expose_secret().is_empty() {
+            return Ok(());
         }
+        let restore = postgres_url("postgres.restore_url", &self.restore_url)?;
+        if (restore.host_str(), restore.port()) != (database.host_str(), database.port()) {
+            return invalid(
+                "postgres.restore_url",
+                "must name the same server (host and port) as DATABASE_URL".into(),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// A `postgres://` URL; the error names the setting, never the URL (it holds a password).
+fn postgres_url(key: &'static str, value: &SecretString) -> Result<url::Url, ConfigError> {
+    match url::Url::parse(value.expose_secret()) {
+        Ok(url) if matches!(url.scheme(), "postgres" | "postgresql") => Ok(url),
+        Ok(url) => Err(ConfigError::Invalid {
+            key,
+            reason: format!(
+                "scheme `{}` is not postgres:// or postgresql://",
+                url.scheme()
+            ),
+        }),
+        Err(err) => Err(ConfigError::Invalid {
+            key,
+            reason: format!("not a URL: {err}"),
+        }),
     }
 }
 

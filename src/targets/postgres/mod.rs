@@ -7,15 +7,14 @@
 //! the settings and the connection: the worker's own, and the environment of the tools.
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use async_trait::async_trait;
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
-use tokio_postgres::config::{Host, SslMode};
-use tokio_postgres::{Client, Config, NoTls};
+use tokio_postgres::Client;
 
 pub mod archive;
+mod connection;
 mod dump;
 mod restore;
 mod sql;
@@ -26,6 +25,7 @@ use crate::model::TargetKind;
 use crate::pipeline::ArtifactReader;
 use crate::storage::manifest::Facts;
 use crate::storage::manifest::{ArtifactRecord, Manifest};
+use connection::{ConnectError, Endpoint};
 
 const KIND: TargetKind = TargetKind::Postgres;
 const DUMP_FORMAT: &str = "pg_dump-custom";
@@ -34,6 +34,7 @@ const GLOBALS_ARTIFACT: &str = "globals.sql";
 
 pub struct Postgres {
     url: SecretString,
+    restore_url: SecretString,
     /// Where CREATE/DROP/RENAME DATABASE run from (never the database being replaced).
     maintenance_database: String,
     bin_dir: PathBuf,
@@ -78,6 +79,7 @@ impl Postgres {
     pub fn new(settings: &PostgresSettings) -> Self {
         Postgres {
             url: settings.database_url.clone(),
+            restore_url: settings.restore_url.clone(),
             maintenance_database: settings.maintenance_database.clone(),
             bin_dir: settings.bin_dir.clone(),
             default_schemas: settings.schemas.clone(),
@@ -94,85 +96,52 @@ impl Postgres {
         }
     }
 
-    fn config(&self) -> Result<Config, TargetError> {
-        let mut config: Config =
-            self.url
-                .expose_secret()
-                .parse()
-                .map_err(|err| TargetError::InvalidOptions {
-                    target: KIND,
-                    message: format!("DATABASE_URL cannot be used: {err}"),
-                })?;
-        if config.get_connect_timeout().is_none() {
-            config.connect_timeout(Duration::from_secs(10));
-        }
-        Ok(config)
+    fn endpoint(&self) -> Result<Endpoint, TargetError> {
+        Endpoint::parse(self.url.expose_secret()).map_err(|err| TargetError::InvalidOptions {
+            target: KIND,
+            message: format!("DATABASE_URL cannot be used: {err}"),
+        })
     }
 
-    fn password(&self) -> Option<String> {
-        self.config()
-            .ok()?
-            .get_password()
-            .map(|p| String::from_utf8_lossy(p).into_owned())
+    /// Where restores run `pg_restore` as (`postgres.restore_url`); None: as `DATABASE_URL`.
+    fn restorer(&self) -> Result<Option<Endpoint>, TargetError> {
+        let url = self.restore_url.expose_secret();
+        if url.is_empty() {
+            return Ok(None);
+        }
+        Endpoint::parse(url)
+            .map(Some)
+            .map_err(|err| TargetError::InvalidOptions {
+                target: KIND,
+                message: format!("postgres.restore_url cannot be used: {err}"),
+            })
     }
 
     async fn connect(&self, dbname: Option<&str>) -> Result<Client, TargetError> {
-        let mut config = self.config()?;
-        if let Some(dbname) = dbname {
-            config.dbname(dbname);
-        }
-        let (client, connection) = config
-            .connect(NoTls)
+        self.endpoint()?
+            .connect(dbname)
             .await
-            .map_err(|err| unreachable(&err))?;
-        tokio::spawn(async move {
-            if let Err(err) = connection.await {
-                tracing::debug!(error = %err, "postgres connection closed");
-            }
-        });
-        Ok(client)
+            .map_err(|err| match err {
+                ConnectError::Tls(message) => TargetError::InvalidOptions {
+                    target: KIND,
+                    message: format!("DATABASE_URL: {message}"),
+                },
+                ConnectError::Server(err) => unreachable(&err),
+            })
     }
 
     /// libpq environment for child tools: the password never appears on a command line.
     fn tool_env(&self, dbname: &str) -> Result<Vec<(&'static str, String)>, TargetError> {
-        let config = self.config()?;
-        let hosts: Vec<String> = config
-            .get_hosts()
-            .iter()
-            .map(|host| match host {
-                Host::Tcp(name) => name.clone(),
-                Host::Unix(path) => path.display().to_string(),
-            })
-            .collect();
-        let ports: Vec<String> = config.get_ports().iter().map(u16::to_string).collect();
-        let mut env = vec![
-            ("PGDATABASE", dbname.to_string()),
-            ("PGAPPNAME", "crm-backup".to_string()),
-            ("PGCONNECT_TIMEOUT", "10".to_string()),
-        ];
-        if !hosts.is_empty() {
-            env.push(("PGHOST", hosts.join(",")));
-        }
-        if !ports.is_empty() {
-            env.push(("PGPORT", ports.join(",")));
-        }
-        if let Some(user) = config.get_user() {
-            env.push(("PGUSER", user.to_string()));
-        }
-        if let Some(password) = self.password() {
-            env.push(("PGPASSWORD", password));
-        }
-        let sslmode = match config.get_ssl_mode() {
-            SslMode::Disable => "disable",
-            SslMode::Require => "require",
-            _ => "prefer",
-        };
-        env.push(("PGSSLMODE", sslmode.to_string()));
-        Ok(env)
+        Ok(self.endpoint()?.tool_env(dbname))
     }
 
+    /// Passwords that must never appear in a tool's reported output.
     fn secrets(&self) -> Vec<String> {
-        self.password().into_iter().collect()
+        let restorer = self.restorer().ok().flatten();
+        let endpoints = self.endpoint().ok().into_iter().chain(restorer);
+        endpoints
+            .filter_map(|endpoint| endpoint.password())
+            .collect()
     }
 }
 
@@ -244,10 +213,36 @@ fn unreachable(err: &tokio_postgres::Error) -> TargetError {
             retryable: matches!(db.code().code(), "57P01" | "57P03" | "53300" | "40001"),
         };
     }
+    if let Some(reason) = rejected_certificate(err) {
+        return TargetError::Tool {
+            tool: "postgres".into(),
+            message: format!("{err}: {reason} (check sslmode and sslrootcert in DATABASE_URL)"),
+            retryable: false,
+        };
+    }
     TargetError::Unreachable {
         target: KIND,
         message: err.to_string(),
     }
+}
+
+/// Why the TLS handshake refused the server's certificate, if it did (no retry changes that).
+fn rejected_certificate(err: &tokio_postgres::Error) -> Option<String> {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(err);
+    while let Some(current) = source {
+        let inner = current
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .map(|inner| inner as &(dyn std::error::Error + 'static))
+            .unwrap_or(current);
+        if let Some(rejected @ rustls::Error::InvalidCertificate(_)) =
+            inner.downcast_ref::<rustls::Error>()
+        {
+            return Some(rejected.to_string());
+        }
+        source = current.source();
+    }
+    None
 }
 
 #[cfg(test)]

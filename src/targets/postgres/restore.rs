@@ -6,7 +6,9 @@ use std::process::Stdio;
 
 use serde::Deserialize;
 use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio_postgres::Client;
 
+use super::connection::Endpoint;
 use super::sql::{
     compare_counts, count_rows, database_owner, derived_name, drop_database, quote_ident, swap_in,
 };
@@ -77,9 +79,12 @@ impl Postgres {
                  or restore in place explicitly (in_place)"
             )));
         }
-        let owner = match &replaced {
-            Some(original) => database_owner(&admin, original).await?,
-            None => None,
+        let restorer = self.restorer()?;
+        let owner = match (&restorer, &replaced) {
+            // pg_restore connects as this role: the database is its own to fill.
+            (Some(restorer), _) => Some(restore_role(&admin, restorer).await?),
+            (None, Some(original)) => database_owner(&admin, original).await?,
+            (None, None) => None,
         };
         let owner_clause = owner
             .map(|owner| format!(" OWNER {}", quote_ident(&owner)))
@@ -94,7 +99,7 @@ impl Postgres {
             .await
             .map_err(|err| TargetError::Refused(format!("cannot create `{database}`: {err}")))?;
         let outcome = async {
-            self.pg_restore(decoded, record, &database, &options)
+            self.pg_restore(decoded, record, &database, &options, restorer.as_ref())
                 .await?;
             let restored = self.connect(Some(&database)).await?;
             let scope_tables = facts
@@ -142,6 +147,7 @@ impl Postgres {
         record: &ArtifactRecord,
         database: &str,
         options: &RestoreOptions,
+        restorer: Option<&Endpoint>,
     ) -> Result<(), TargetError> {
         // A plain identifier (checked), given as a connection string with nothing else in it:
         // pg_restore reads --dbname as one when it holds `=`.
@@ -152,13 +158,18 @@ impl Postgres {
             "--single-transaction",
             dbname.as_str(),
         ];
-        if options.no_owner {
+        // As the restore role, ownership stays with it: it may not give objects away.
+        if options.no_owner || restorer.is_some() {
             args.push("--no-owner");
         }
+        let env = match restorer {
+            Some(restorer) => restorer.tool_env(database),
+            None => self.tool_env(database)?,
+        };
         let mut process = ToolProcess::spawn(
             &self.tool("pg_restore"),
             &args,
-            &self.tool_env(database)?,
+            &env,
             Stdio::piped(),
             Stdio::null(),
         )?;
@@ -268,5 +279,33 @@ impl Postgres {
         Ok(format!(
             "pg_restore --list: {entries} entries, {table_data} with table data"
         ))
+    }
+}
+
+/// The user of `postgres.restore_url`, once the server confirms it exists and is no superuser
+/// (what a restored dump runs must not be able to reach beyond it).
+async fn restore_role(admin: &Client, restorer: &Endpoint) -> Result<String, TargetError> {
+    let invalid = |message: String| TargetError::InvalidOptions {
+        target: super::KIND,
+        message,
+    };
+    let user = restorer
+        .config()
+        .get_user()
+        .ok_or_else(|| invalid("postgres.restore_url names no user".into()))?
+        .to_string();
+    let row = admin
+        .query_opt("SELECT rolsuper FROM pg_roles WHERE rolname = $1", &[&user])
+        .await
+        .map_err(|err| super::unreachable(&err))?;
+    match row.map(|row| row.get::<_, bool>(0)) {
+        None => Err(invalid(format!(
+            "postgres.restore_url: role `{user}` does not exist"
+        ))),
+        Some(true) => Err(invalid(format!(
+            "postgres.restore_url: role `{user}` is a superuser; restores must run as a role \
+             without SUPERUSER"
+        ))),
+        Some(false) => Ok(user),
     }
 }
