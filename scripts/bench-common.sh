@@ -80,3 +80,29 @@ row() { # <name> <label> <baseline label>
   printf '| %s | %s | %s | %sx | %s | %s |\n' "$1" "$(col "$2" 1)" "$(div "$(col "$2" 2)" 1024)" \
     "$(div "$(col "$2" 1)" "$(col "$3" 1)")" "$cpu" "$(div "$cpu" "$CORES")"
 }
+
+# The PostgreSQL benchmarks' tools, Garage, and this tree's release build in $BIN.
+postgres_bench_setup() {
+  command -v pgbench >/dev/null || apt-get install -y -q postgresql-contrib >/dev/null
+  command -v zstd >/dev/null || apt-get install -y -q zstd >/dev/null
+  command -v minisign >/dev/null || apt-get install -y -q minisign >/dev/null
+  eval "$(./scripts/garage.sh)"
+  cargo build --release --locked -q
+  BIN=$PWD/target/release/crm-backup
+}
+
+pgbench_db() { # <scale>: the database pgbench made at that scale (made once), its name on stdout
+  local db=crm_bench_$1
+  if [ "$(psql -X -At -d "$PG/postgres" -c "SELECT count(*) FROM pg_database WHERE datname = '$db'")" = 0 ]; then
+    echo "creating $db with pgbench -i -s $1 ..." >&2
+    psql -X -q -d "$PG/postgres" -c "CREATE DATABASE $db"
+    pgbench -i -q -s "$1" "$PG/$db" >&2
+  fi
+  echo "$db"
+}
+
+use_garage() { # crm-backup writes to the Garage bucket, under bench/<time>
+  export BACKUP_S3_ENDPOINT="$BACKUP_TEST_S3_ENDPOINT" BACKUP_S3_BUCKET="$BACKUP_TEST_S3_BUCKET" \
+    BACKUP_S3_REGION="$BACKUP_TEST_S3_REGION" BACKUP_S3_ACCESS_KEY="$BACKUP_TEST_S3_ACCESS_KEY" \
+    BACKUP_S3_SECRET_KEY="$BACKUP_TEST_S3_SECRET_KEY" BACKUP_STORAGE_PREFIX="bench/$(date +%s)"
+}

@@ -8,7 +8,8 @@
 #
 # Prints medians of wall time, peak RSS (/usr/bin/time) and the whole machine's CPU time (see
 # scripts/bench-common.sh), and the ratios the targets use: crm-backup <= 1.05x pg_dump alone,
-# peak RSS <= 64 MiB, and flat when the database is 4x larger.
+# peak RSS <= 64 MiB, and flat when the database is 4x larger. crm-backup signs its manifests
+# (as production does); the same binary without a signing key runs too: signing's cost.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
@@ -21,29 +22,16 @@ WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 
 . scripts/bench-common.sh
-command -v pgbench >/dev/null || apt-get install -y -q postgresql-contrib >/dev/null
-command -v zstd >/dev/null || apt-get install -y -q zstd >/dev/null
-eval "$(./scripts/garage.sh)"
-cargo build --release --locked -q
-BIN=$PWD/target/release/crm-backup
+postgres_bench_setup
 BASE=${BENCH_BASELINE_BIN:-}
+# The baseline reads its own release's configuration (BENCH_BASELINE_CONFIG, default: the
+# `config/` beside the binary's `target/`), which may lack this one's sections.
+BASE_CONFIG=${BENCH_BASELINE_CONFIG:-$(dirname "$(dirname "$(dirname "${BASE:-/x/x/x}")")")/config}
 
-ensure_db() { # <scale>
-  local db=crm_bench_$1
-  if [ "$(psql -X -At -d "$PG/postgres" -c "SELECT count(*) FROM pg_database WHERE datname = '$db'")" = 0 ]; then
-    echo "creating $db with pgbench -i -s $1 ..." >&2
-    psql -X -q -d "$PG/postgres" -c "CREATE DATABASE $db"
-    pgbench -i -q -s "$1" "$PG/$db" >&2
-  fi
-  echo "$db"
-}
+use_garage
+minisign -G -W -s "$WORK/worker.key" -p "$WORK/worker.pub" >/dev/null </dev/null
 
-# crm-backup writes to the Garage bucket under bench/.
-export BACKUP_S3_ENDPOINT="$BACKUP_TEST_S3_ENDPOINT" BACKUP_S3_BUCKET="$BACKUP_TEST_S3_BUCKET" \
-  BACKUP_S3_REGION="$BACKUP_TEST_S3_REGION" BACKUP_S3_ACCESS_KEY="$BACKUP_TEST_S3_ACCESS_KEY" \
-  BACKUP_S3_SECRET_KEY="$BACKUP_TEST_S3_SECRET_KEY" BACKUP_STORAGE_PREFIX="bench/$(date +%s)"
-
-DB=$(ensure_db "$SCALE")
+DB=$(pgbench_db "$SCALE")
 SIZE=$(psql -X -At -d "$PG/postgres" -c "SELECT pg_size_pretty(pg_database_size('$DB'))")
 pg_dump -Fc -Z0 -d "$PG/$DB" > /dev/null   # warm the cache once
 
@@ -51,12 +39,13 @@ pg_run() { # <label>: one command of a round
   case $1 in
     pg_dump) measure pg_dump pg_dump -Fc -Z0 -d "$PG/$DB" ;;
     shell) measure shell sh -c "pg_dump -Fc -Z0 -d '$PG/$DB' | zstd -3 -T0 -q > '$WORK/dump.zst'" ;;
-    crm) measure crm env DATABASE_URL="$PG/$DB" "$BIN" run postgres ;;
-    crm_base) measure crm_base env DATABASE_URL="$PG/$DB" "$BASE" run postgres ;;
+    crm) measure crm env DATABASE_URL="$PG/$DB" BACKUP_SIGNING_KEY_FILE="$WORK/worker.key" "$BIN" run postgres ;;
+    crm_unsigned) measure crm_unsigned env DATABASE_URL="$PG/$DB" "$BIN" run postgres ;;
+    crm_base) measure crm_base env BACKUP_CONFIG_DIR="$BASE_CONFIG" DATABASE_URL="$PG/$DB" "$BASE" run postgres ;;
   esac
   rm -f "$WORK/dump.zst"
 }
-PG_COMMANDS=(pg_dump shell crm)
+PG_COMMANDS=(pg_dump shell crm crm_unsigned)
 [ -n "$BASE" ] && PG_COMMANDS+=(crm_base)
 for round in $(seq 1 "$ROUNDS"); do
   echo "round $round/$ROUNDS" >&2
@@ -67,13 +56,15 @@ printf '\nPostgreSQL backup, database %s (%s), median of %s rounds, storage: Gar
 table_head pg_dump
 row '`pg_dump -Fc -Z0 > /dev/null`' pg_dump pg_dump
 row '`pg_dump -Fc -Z0 | zstd -3 -T0 > file`' shell pg_dump
-row '`crm-backup run postgres` (to Garage)' crm pg_dump
+row '`crm-backup run postgres` (to Garage, manifest signed)' crm pg_dump
+row '`crm-backup run postgres` (to Garage, no signing key)' crm_unsigned pg_dump
 [ -n "$BASE" ] && row "baseline \`$BASE run postgres\` (to Garage)" crm_base pg_dump
+printf '\nsigning: signed vs unsigned %sx\n' "$(div "$(col crm 1)" "$(col crm_unsigned 1)")"
 printf '\nseconds of each round:\n'
-rounds pg_dump shell crm crm_base
+rounds pg_dump shell crm crm_unsigned crm_base
 
 if [ "$LARGE_SCALE" != 0 ]; then
-  LARGE=$(ensure_db "$LARGE_SCALE")
+  LARGE=$(pgbench_db "$LARGE_SCALE")
   LARGE_SIZE=$(psql -X -At -d "$PG/postgres" -c "SELECT pg_size_pretty(pg_database_size('$LARGE'))")
   measure crm_large env DATABASE_URL="$PG/$LARGE" "$BIN" run postgres
   small=$(col crm 2); large=$(col crm_large 2)
