@@ -730,3 +730,146 @@ async fn restores_send_neither_data_nor_credentials_where_they_do_not_belong() {
     assert!(!std::path::Path::new("/etc/x.rdb").exists());
     assert_eq!(elsewhere.connections(), 0);
 }
+
+/// What a Redis impostor answers to a command.
+enum Reply {
+    /// These bytes, then the next command.
+    More(Vec<u8>),
+    /// These bytes, then the connection closed.
+    Last(Vec<u8>),
+}
+
+/// A Redis impostor on a free port: each command gets what `answer` returns for its name
+/// (upper case).
+async fn impostor(answer: fn(&str) -> Reply) -> u16 {
+    use tokio::io::AsyncWriteExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (read, mut write) = socket.into_split();
+                let mut read = tokio::io::BufReader::new(read);
+                while let Some(name) = read_command(&mut read).await {
+                    let (reply, last) = match answer(&name) {
+                        Reply::More(bytes) => (bytes, false),
+                        Reply::Last(bytes) => (bytes, true),
+                    };
+                    if write.write_all(&reply).await.is_err() || last {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+/// The name of the next command a client sends (a RESP array of bulk strings).
+async fn read_command(
+    read: &mut tokio::io::BufReader<tokio::net::tcp::OwnedReadHalf>,
+) -> Option<String> {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt};
+    let mut line = String::new();
+    read.read_line(&mut line).await.ok()?;
+    let count: usize = line.trim().strip_prefix('*')?.parse().ok()?;
+    let mut name = None;
+    for _ in 0..count {
+        line.clear();
+        read.read_line(&mut line).await.ok()?;
+        let len: usize = line.trim().strip_prefix('$')?.parse().ok()?;
+        let mut arg = vec![0; len + 2];
+        read.read_exact(&mut arg).await.ok()?;
+        name.get_or_insert_with(|| String::from_utf8_lossy(&arg[..len]).to_uppercase());
+    }
+    name
+}
+
+/// What a small real server answers to INFO: one database of one key.
+fn honest_info() -> Vec<u8> {
+    let text = "# Server\r\nredis_version:7.0.15\r\n# Memory\r\nused_memory:1000\r\n\
+                # Keyspace\r\ndb0:keys=1,expires=0,avg_ttl=0\r\n";
+    format!("${}\r\n{text}\r\n", text.len()).into_bytes()
+}
+
+/// A terabyte announced, a few bytes sent, the connection closed.
+const TERABYTE_BULK: &[u8] = b"$1099511627776\r\nREDIS0011";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_server_gets_a_typed_error_never_an_allocation_it_chose() {
+    // Each: the impostor's answers, the mode, and what the error must say. Any allocation of
+    // an announced length (a terabyte) would abort this test process, as it did the worker.
+    type Answer = fn(&str) -> Reply;
+    let cases: [(&str, Answer, &str, &str); 6] = [
+        (
+            "INFO answered with a terabyte bulk string",
+            |_| Reply::Last(TERABYTE_BULK.to_vec()),
+            "rdb",
+            "INFO",
+        ),
+        (
+            "INFO answered with a terabyte-element array",
+            |_| Reply::Last(b"*1099511627776\r\n$1\r\nx\r\n".to_vec()),
+            "rdb",
+            "INFO",
+        ),
+        (
+            "REPLCONF answered with an endless line",
+            |name| match name {
+                "INFO" => Reply::More(honest_info()),
+                _ => Reply::Last(vec![b'+'; 1 << 20]),
+            },
+            "rdb",
+            "a reply line longer than 65536 bytes",
+        ),
+        (
+            "SYNC answered with a terabyte RDB that stops",
+            |name| match name {
+                "INFO" => Reply::More(honest_info()),
+                "SYNC" => Reply::Last(TERABYTE_BULK.to_vec()),
+                _ => Reply::More(b"+OK\r\n".to_vec()),
+            },
+            "rdb",
+            "before the RDB ended",
+        ),
+        (
+            "SCAN answered with a terabyte-element key list",
+            |name| match name {
+                "INFO" => Reply::More(honest_info()),
+                "SCAN" => Reply::Last(b"*2\r\n$1\r\n0\r\n*1099511627776\r\n$1\r\nk\r\n".to_vec()),
+                _ => Reply::Last(Vec::new()),
+            },
+            "keys",
+            "SCAN",
+        ),
+        (
+            "DUMP answered with a terabyte payload",
+            |name| match name {
+                "INFO" => Reply::More(honest_info()),
+                "SCAN" => Reply::More(b"*2\r\n$1\r\n0\r\n*1\r\n$1\r\nk\r\n".to_vec()),
+                "DUMP" => Reply::Last(TERABYTE_BULK.to_vec()),
+                _ => Reply::Last(Vec::new()),
+            },
+            "keys",
+            "DUMP",
+        ),
+    ];
+    for (case, answer, mode, says) in cases {
+        let port = impostor(answer).await;
+        let setup = setup_on_port(port, &[("BACKUP__REDIS__MODE", mode)]);
+        let err = tokio::time::timeout(Duration::from_secs(30), try_backup(&setup))
+            .await
+            .unwrap_or_else(|_| panic!("{case}: the backup hung"))
+            .expect_err(case);
+        assert!(
+            matches!(err, JobError::Target(_)),
+            "{case}: a target error, got {err:?}"
+        );
+        assert!(err.to_string().contains(says), "{case}: {err}");
+        assert!(
+            setup.stored_files().is_empty(),
+            "{case}: {:?}",
+            setup.stored_files()
+        );
+    }
+}
