@@ -169,6 +169,8 @@ pub struct BrokerConfig {
     pub messaging: MessagingSettings,
     /// `dlq replay` checks each letter's original sender again.
     pub authorization: AuthorizationSettings,
+    /// Where their audit records go.
+    pub storage: StorageSettings,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -389,6 +391,8 @@ pub struct RetentionSettings {
     pub partial_days: u32,
     /// The furthest `retain_until` may reach.
     pub max_retain: HumanDuration,
+    /// Days audit records are kept.
+    pub audit_days: u32,
 }
 
 impl Settings {
@@ -461,6 +465,16 @@ impl Settings {
             )?;
         }
         Ok(config)
+    }
+
+    /// Loads the storage settings alone (what `history` reads).
+    pub fn storage(env: &HashMap<String, String>) -> Result<StorageSettings, ConfigError> {
+        #[derive(Deserialize)]
+        struct StorageOnly {
+            storage: StorageSettings,
+        }
+        let config: StorageOnly = layered(env)?.try_deserialize()?;
+        Ok(config.storage)
     }
 
     /// Loads what the broker-only commands need; other sections are ignored.

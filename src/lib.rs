@@ -28,6 +28,7 @@
 //! - [`messaging`] — RabbitMQ: topology, command and event types, the confirm-mode
 //!   publisher, the worker (dispatch, leases, retry policy) and dead letters.
 //! - [`schedule`] — pure next-fire computation and fire ids for the scheduler.
+//! - [`audit`] — the audit trail: one record per operation, logged and stored.
 //! - [`metrics`] and [`endpoint`] — the worker's Prometheus counters and its HTTP
 //!   endpoint (`/healthz`, `/readyz`, `/metrics`).
 //!
@@ -35,6 +36,7 @@
 //! `crm-backup-scheduler` (`src/bin/`: publishes scheduled commands; no storage,
 //! database or Redis code linked in).
 
+pub mod audit;
 pub mod authorization;
 mod buffers;
 pub mod config;

@@ -5,13 +5,20 @@ use tracing_subscriber::{EnvFilter, fmt};
 /// Installs the global tracing subscriber, writing to stderr.
 ///
 /// JSON lines when `BACKUP_LOG_FORMAT=json` or `BACKUP_ENV=production`; the level comes
-/// from `RUST_LOG`, else `default_level`. Calling it twice is harmless (tests do).
+/// from `RUST_LOG`, else `default_level`; audit records always pass. Calling it twice is harmless (tests do).
 pub fn init(default_level: &str) {
     let json = std::env::var("BACKUP_LOG_FORMAT").is_ok_and(|v| v == "json")
         || std::env::var("BACKUP_ENV").is_ok_and(|v| v == "production");
-    let filter =
+    let mut filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
-    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Audit records are logged at every level (see `audit`).
+    if let Ok(audit) = "audit=info".parse() {
+        filter = filter.add_directive(audit);
+    }
+    let builder = fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     let _ = if json {
         builder.json().flatten_event(true).try_init()
     } else {
@@ -53,7 +60,7 @@ pub fn redact_url(url: &str) -> String {
 }
 
 /// Whether a query parameter's name says its value is a secret.
-fn names_a_secret(name: &str) -> bool {
+pub fn names_a_secret(name: &str) -> bool {
     let name = name.to_ascii_lowercase();
     [
         "pass",

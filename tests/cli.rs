@@ -55,7 +55,11 @@ fn secrets_in_configuration_never_reach_output() {
         !stdout.contains("hunter2") && !stderr.contains("hunter2"),
         "{stdout}{stderr}"
     );
-    assert!(stderr.starts_with("error: "), "{stderr}");
+    assert_eq!(
+        common::error_lines(&stderr),
+        ["error: postgres: postgres is unreachable: error connecting to server"],
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -270,4 +274,135 @@ fn local_backups_are_readable_by_their_owner_only() {
         }
     }
     assert!(checked >= 2, "an artifact and a manifest");
+}
+
+#[test]
+fn every_operation_leaves_an_audit_record_that_history_shows() {
+    let db = TestDatabase::create("cli_audit");
+    psql(
+        &db.name,
+        "CREATE TABLE t AS SELECT generate_series(1, 100) AS n",
+    );
+    let setup = TestSetup::new(&db.name, Store::Local, &[]);
+    let mut env = setup.env.clone();
+    env.insert("USER".into(), "says-anything".into());
+    // Audit records are logged whatever the level.
+    env.insert("RUST_LOG".into(), "error".into());
+    let into = common::unique("cli_audit_into");
+    let _restored = TestDatabase::adopt(&into);
+
+    let (ok, _, stderr) = run_cli(&env, &["run", "postgres"]);
+    assert!(ok, "{stderr}");
+    assert!(
+        stderr.contains("audit") && stderr.contains("action=backup"),
+        "the record is logged at RUST_LOG=error: {stderr}"
+    );
+    // A record past retention.audit_days (400), which the prune below deletes.
+    let old_day = setup.storage_path().join("audit/2020/01/01");
+    std::fs::create_dir_all(&old_day).unwrap();
+    std::fs::write(old_day.join("000000.000Z-old.json"), b"{}").unwrap();
+    for args in [
+        &["verify", "postgres"][..],
+        &["restore", "postgres", "--into", &into],
+        &["prune", "postgres"],
+    ] {
+        let (ok, _, stderr) = run_cli(&env, args);
+        assert!(ok, "{args:?}: {stderr}");
+    }
+    let (ok, _, stderr) = run_cli(&env, &["restore", "postgres", "--in-place"]);
+    assert!(!ok);
+    assert_eq!(
+        common::error_lines(&stderr),
+        ["error: this restore changes the live source (in place); add --yes to confirm"]
+    );
+
+    // Another process reads them back from storage, newest first.
+    let (ok, stdout, stderr) = run_cli(&setup.env, &["history", "--json"]);
+    assert!(ok, "{stderr}");
+    let records: Vec<serde_json::Value> = serde_json::from_str(&stdout).unwrap();
+    let seen: Vec<(&str, &str)> = records
+        .iter()
+        .map(|r| {
+            (
+                r["action"].as_str().unwrap(),
+                r["outcome"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("restore", "refused"),
+            ("prune", "completed"),
+            ("restore", "completed"),
+            ("verify", "completed"),
+            ("backup", "completed")
+        ],
+        "{stdout}"
+    );
+    let os_user = std::process::Command::new("id")
+        .arg("-un")
+        .output()
+        .unwrap();
+    let os_user = String::from_utf8_lossy(&os_user.stdout).trim().to_string();
+    let backup_id = records[4]["backup_id"].as_str().unwrap();
+    for record in &records {
+        assert_eq!(record["origin"], "cli");
+        assert_eq!(
+            record["user"],
+            os_user.as_str(),
+            "the verified user, not $USER"
+        );
+        assert_eq!(record["requested_by"], "cli:says-anything");
+        assert_eq!(record["target"], "postgres");
+        assert!(record["duration_ms"].is_u64());
+    }
+    assert_eq!(records[2]["backup_id"], backup_id);
+    assert_eq!(
+        records[2]["details"]["destination"],
+        format!("postgres database {into}")
+    );
+    assert_eq!(records[2]["options"]["into"], into.as_str());
+    assert_eq!(records[3]["backup_id"], backup_id);
+    assert!(records[4]["raw_bytes"].as_u64() > Some(0));
+    assert_eq!(records[0]["error_kind"], "unconfirmed");
+    assert_eq!(records[1]["details"]["audit_records_deleted"], 1);
+    assert!(!old_day.join("000000.000Z-old.json").exists());
+
+    // Stored one object per record under audit/<yyyy>/<mm>/<dd>/.
+    let day = chrono::Utc::now().format("%Y/%m/%d").to_string();
+    let stored = std::fs::read_dir(setup.storage_path().join("audit").join(&day))
+        .unwrap()
+        .count();
+    assert_eq!(stored, 5);
+
+    // The table, and the filters.
+    let (ok, stdout, _) = run_cli(&setup.env, &["history"]);
+    assert!(ok);
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 6, "{stdout}");
+    assert!(lines[0].starts_with("WHEN (UTC)"), "{stdout}");
+    assert!(
+        lines[1].contains("restore") && lines[1].contains("refused") && lines[1].contains("--yes"),
+        "{stdout}"
+    );
+    assert!(
+        lines[3].contains(&format!("into postgres database {into}")),
+        "{stdout}"
+    );
+    let (ok, stdout, _) = run_cli(&setup.env, &["history", "redis"]);
+    assert!(
+        ok && stdout.starts_with("nothing recorded since"),
+        "{stdout}"
+    );
+    let (ok, stdout, _) = run_cli(&setup.env, &["history", "--since", "1s"]);
+    assert!(ok, "{stdout}");
+    let (ok, stdout, _) = run_cli(&setup.env, &["history", "--limit", "2", "--json"]);
+    assert!(ok);
+    assert_eq!(
+        serde_json::from_str::<Vec<serde_json::Value>>(&stdout)
+            .unwrap()
+            .len(),
+        2
+    );
 }

@@ -561,7 +561,7 @@ async fn a_flipped_byte_fails_verify_and_restore() {
             run_cli(&setup.env, &["verify", "--backup", manifest.id.as_str()]);
         assert!(!ok, "verify must fail (offset {offset}): {stdout}");
         assert!(stderr.contains(&key), "stderr names the artifact: {stderr}");
-        assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
+        assert_eq!(common::error_lines(&stderr).len(), 1, "one line: {stderr}");
         assert!(
             started.elapsed() < std::time::Duration::from_secs(30),
             "verify took {:?}",

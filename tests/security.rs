@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use common::harness::{Harness, backup_command};
+use crm_backup::audit;
 use crm_backup::messaging::command::Command as BackupCommand;
 use crm_backup::messaging::dlq::{self, ReplayRules, Selection};
 use crm_backup::messaging::event;
@@ -129,6 +130,61 @@ async fn nobody_is_trusted_implicitly_and_refused_letters_stay_dead() {
         .unwrap();
     assert_eq!(letters.len(), 2, "both letters stay dead");
     assert!(!common::database_exists(&into));
+
+    // An operator's replay from the CLI: recorded with what it skipped.
+    let env = h.setup.env.clone();
+    let (ok, stdout, stderr) =
+        tokio::task::spawn_blocking(move || common::run_cli(&env, &["dlq", "replay", "--all"]))
+            .await
+            .unwrap();
+    assert!(ok, "{stdout}{stderr}");
+
+    // The step and both refusals left audit records in storage, with the verified user.
+    let since = chrono::Utc::now() - chrono::Duration::hours(1);
+    let mut history = audit::read(&h.setup.ctx.storage, since, None, 100)
+        .await
+        .unwrap();
+    let replay = history.records.remove(0);
+    assert_eq!(
+        (replay.action.as_str(), replay.origin),
+        ("dlq-replay", audit::Origin::Cli),
+        "{replay:#?}"
+    );
+    let details = replay.details.unwrap();
+    assert_eq!(
+        details["replayed"].as_array().unwrap().len(),
+        0,
+        "{details}"
+    );
+    assert_eq!(details["skipped"].as_array().unwrap().len(), 2, "{details}");
+    let seen: Vec<(&str, &str, &str)> = history
+        .records
+        .iter()
+        .map(|r| (r.action.as_str(), r.outcome.as_str(), r.user.as_str()))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("verify", "refused", "guest"),
+            ("restore", "refused", "guest"),
+            ("backup", "completed", "guest")
+        ],
+        "{history:#?}"
+    );
+    for record in &history.records {
+        assert_eq!(record.origin, audit::Origin::Worker);
+        assert_eq!(record.requested_by, "test-suite");
+    }
+    assert_eq!(
+        history.records[1].error_kind.as_deref(),
+        Some("unauthorized")
+    );
+    assert_eq!(history.records[1].options["into"], into.as_str());
+    assert_eq!(
+        history.records[2].command_id.as_deref(),
+        Some(backup.id.as_str())
+    );
+    assert!(history.records[2].backup_id.is_some() && history.records[2].raw_bytes > Some(0));
     h.stop_workers().await;
 }
 

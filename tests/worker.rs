@@ -2,6 +2,8 @@
 
 mod common;
 
+use crm_backup::audit::{Origin, Outcome};
+
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -658,6 +660,36 @@ async fn enqueue_wait_exits_with_the_commands_result() {
         stderr.contains("possible values: backup, restore"),
         "{stderr}"
     );
+
+    // Both enqueues left a record (the unparsable one ran nothing), and so did the worker's
+    // steps, under the same command ids.
+    let since = chrono::Utc::now() - chrono::Duration::hours(1);
+    let history = crm_backup::audit::read(&h.setup.ctx.storage, since, None, 100)
+        .await
+        .unwrap();
+    let enqueued: Vec<_> = history
+        .records
+        .iter()
+        .filter(|r| r.action == "enqueue")
+        .collect();
+    assert_eq!(enqueued.len(), 2, "{history:#?}");
+    assert_eq!(enqueued[0].outcome, Outcome::Failed);
+    assert_eq!(enqueued[1].outcome, Outcome::Completed);
+    assert_eq!(enqueued[1].origin, Origin::Cli);
+    assert_eq!(enqueued[1].details.as_ref().unwrap()["action"], "backup");
+    for (enqueue, action, outcome) in [
+        (enqueued[1], "backup", Outcome::Completed),
+        (enqueued[0], "verify", Outcome::Failed),
+    ] {
+        assert!(
+            history.records.iter().any(|r| r.origin == Origin::Worker
+                && r.action == action
+                && r.outcome == outcome
+                && r.user == "guest"
+                && r.command_id == enqueue.command_id),
+            "{history:#?}"
+        );
+    }
     h.stop_workers().await;
 }
 

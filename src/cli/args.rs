@@ -109,6 +109,20 @@ pub enum Command {
         #[command(flatten)]
         output: Output,
     },
+    /// What happened, newest first: backups, failures, restores, drills, prunes, replays,
+    /// from the audit records in storage (of the worker and of the CLI).
+    History {
+        #[command(flatten)]
+        target: TargetArgs,
+        /// How far back, e.g. 7d, 12h, 30d.
+        #[arg(long, default_value = "7d")]
+        since: String,
+        /// At most this many records.
+        #[arg(long, default_value_t = 200)]
+        limit: usize,
+        #[command(flatten)]
+        output: Output,
+    },
     /// Consume `backup.commands` and run steps until SIGTERM/SIGINT.
     Worker,
     /// Declare the RabbitMQ exchanges and queues (idempotent).

@@ -1,11 +1,15 @@
-//! The commands that work on storage: run, list, show, restore, verify, drill, prune.
+//! The commands that work on storage: run, list, show, restore, verify, drill, prune,
+//! history.
 
 use std::process::ExitCode;
+use std::time::Instant;
 
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
+use super::trail::{self, Trail};
 use super::{Failure, output, requester};
+use crm_backup::audit::Outcome;
 use crm_backup::jobs::JobContext;
 use crm_backup::jobs::backup::{BackupRequest, run_backup};
 use crm_backup::jobs::drill::{DrillRequest, run_drill};
@@ -22,6 +26,7 @@ type Options = serde_json::Map<String, serde_json::Value>;
 /// Backs up one target or every enabled one; a target that fails does not stop the others.
 pub async fn run(
     ctx: &JobContext,
+    trail: &Trail,
     target: TargetSelector,
     options: Options,
     reason: Option<String>,
@@ -41,9 +46,21 @@ pub async fn run(
         request.reason = reason.clone();
         request.set_id = set_id.clone();
         request.options = options_for(kind, &options, target == TargetSelector::All);
+        let started = Instant::now();
+        let record = trail
+            .record("backup", Some(kind.as_str()))
+            .with_options(&request.options);
         match run_backup(ctx, &request, &cancel).await {
-            Ok(manifest) => output::backup(&ctx.storage, &manifest, json),
+            Ok(manifest) => {
+                let mut record = record;
+                record.backup_id = Some(manifest.id.to_string());
+                record.raw_bytes = Some(manifest.raw_size());
+                record.stored_bytes = Some(manifest.stored_size());
+                trail.write(record, started).await;
+                output::backup(&ctx.storage, &manifest, json);
+            }
             Err(err) => {
+                trail.write(trail::failed(record, &err), started).await;
                 output::failure(kind, &err, json);
                 failed.push(format!("{kind}: {err}"));
             }
@@ -127,25 +144,48 @@ pub async fn show(
 /// needs `yes`.
 pub async fn restore(
     ctx: &JobContext,
+    trail: &Trail,
     target: Option<TargetSelector>,
     backup: &str,
     options: Options,
     yes: bool,
     json: bool,
 ) -> Result<ExitCode, Failure> {
-    let (target, backup) = one_backup(target, backup)?;
+    let started = Instant::now();
+    let (target, backup_ref) = one_backup(target, backup)?;
     let options = serde_json::Value::Object(options);
+    let mut record = trail
+        .record("restore", Some(target.as_str()))
+        .with_options(&options);
+    record.backup_id = Some(backup.to_string());
     if ctx.targets.get(target)?.check_restore(&options)? && !yes {
-        return Err(Failure(
-            "this restore changes the live source (in place); add --yes to confirm".into(),
-        ));
+        let message = "this restore changes the live source (in place); add --yes to confirm";
+        trail
+            .write(
+                record.failed(Outcome::Refused, "unconfirmed", message),
+                started,
+            )
+            .await;
+        return Err(Failure(message.into()));
     }
     let request = RestoreRequest {
         target,
-        backup,
+        backup: backup_ref,
         options,
     };
-    let (manifest, trust, report) = run_restore(ctx, &request).await?;
+    let (manifest, trust, report) = match run_restore(ctx, &request).await {
+        Ok(restored) => restored,
+        Err(err) => {
+            trail.write(trail::failed(record, &err), started).await;
+            return Err(err.into());
+        }
+    };
+    record.backup_id = Some(manifest.id.to_string());
+    record.raw_bytes = Some(manifest.raw_size());
+    record.stored_bytes = Some(manifest.stored_size());
+    record.details =
+        Some(json!({"destination": report.destination, "manifest": trust.to_string()}));
+    trail.write(record, started).await;
     if json {
         println!(
             "{}",
@@ -161,6 +201,7 @@ pub async fn restore(
 
 pub async fn verify(
     ctx: &JobContext,
+    trail: &Trail,
     target: Option<TargetSelector>,
     backup: &str,
     json: bool,
@@ -168,7 +209,23 @@ pub async fn verify(
     let manifests = chosen_backups(ctx, target, backup).await?;
     let mut failures = Vec::new();
     for manifest in &manifests {
-        let report = verify_backup(ctx, manifest).await?;
+        let started = Instant::now();
+        let mut record = trail.record("verify", Some(manifest.target.as_str()));
+        record.backup_id = Some(manifest.id.to_string());
+        record.raw_bytes = Some(manifest.raw_size());
+        record.stored_bytes = Some(manifest.stored_size());
+        let report = match verify_backup(ctx, manifest).await {
+            Ok(report) => report,
+            Err(err) => {
+                trail.write(trail::failed(record, &err), started).await;
+                return Err(err.into());
+            }
+        };
+        let record = match report.failure() {
+            Some(failure) => record.failed(Outcome::Failed, "verify_failed", &failure),
+            None => record,
+        };
+        trail.write(record, started).await;
         if json {
             println!(
                 "{}",
@@ -203,6 +260,7 @@ pub async fn verify(
 
 pub async fn drill(
     ctx: &JobContext,
+    trail: &Trail,
     target: Option<TargetSelector>,
     backup: &str,
     json: bool,
@@ -217,15 +275,28 @@ pub async fn drill(
             target: kind,
             backup: backup.parse()?,
         };
+        let started = Instant::now();
+        let mut record = trail.record("drill", Some(kind.as_str()));
+        record.backup_id = Some(backup.to_string());
         match run_drill(ctx, &request).await {
-            Ok((_, report)) if json => println!("{}", serde_json::to_string(&report)?),
-            Ok((_, report)) => println!(
-                "drill passed: {} verified ({} artifacts) and restored into {}",
-                report.backup_id,
-                report.verify.artifacts.len(),
-                report.scratch
-            ),
+            Ok((manifest, report)) => {
+                record.backup_id = Some(manifest.id.to_string());
+                record.raw_bytes = Some(manifest.raw_size());
+                record.stored_bytes = Some(manifest.stored_size());
+                trail.write(record, started).await;
+                if json {
+                    println!("{}", serde_json::to_string(&report)?);
+                } else {
+                    println!(
+                        "drill passed: {} verified ({} artifacts) and restored into {}",
+                        report.backup_id,
+                        report.verify.artifacts.len(),
+                        report.scratch
+                    );
+                }
+            }
             Err(err) => {
+                trail.write(trail::failed(record, &err), started).await;
                 output::failure(kind, &err, json);
                 failed.push(format!("{kind}: {err}"));
             }
@@ -236,16 +307,30 @@ pub async fn drill(
 
 pub async fn prune(
     ctx: &JobContext,
+    trail: &Trail,
     target: Option<TargetSelector>,
     dry_run: bool,
     json: bool,
 ) -> Result<ExitCode, Failure> {
+    let started = Instant::now();
     let targets = match target {
         Some(TargetSelector::One(kind)) => vec![kind],
         None | Some(TargetSelector::All) => TargetKind::ALL.to_vec(),
     };
+    let selector = target.unwrap_or(TargetSelector::All).to_string();
+    let mut record = trail
+        .record("prune", Some(&selector))
+        .with_options(&json!({"dry_run": dry_run}));
     let request = PruneRequest { targets, dry_run };
-    let report = run_prune(ctx, &request, chrono::Utc::now()).await?;
+    let report = match run_prune(ctx, &request, chrono::Utc::now()).await {
+        Ok(report) => report,
+        Err(err) => {
+            trail.write(trail::failed(record, &err), started).await;
+            return Err(err.into());
+        }
+    };
+    record.details = Some(report.summary());
+    trail.write(record, started).await;
     if json {
         println!("{}", serde_json::to_string(&report)?);
         return Ok(ExitCode::SUCCESS);
@@ -357,4 +442,36 @@ fn all_succeeded(mut failures: Vec<String>, what: &str) -> Result<ExitCode, Fail
         1 => Err(Failure(failures.remove(0))),
         n => Err(Failure(format!("{n} {what}: {}", failures.join("; ")))),
     }
+}
+
+/// The audit records since `since`, newest first.
+pub async fn history(
+    storage: &crm_backup::storage::Storage,
+    target: Option<TargetSelector>,
+    since: std::time::Duration,
+    limit: usize,
+    json: bool,
+) -> Result<ExitCode, Failure> {
+    let since = chrono::Utc::now()
+        - chrono::Duration::from_std(since).map_err(|_| Failure("--since is too long".into()))?;
+    let target = target.map(|t| t.to_string());
+    let history = crm_backup::audit::read(storage, since, target.as_deref(), limit).await?;
+    for (key, reason) in &history.unreadable {
+        tracing::warn!(%key, %reason, "skipping an unreadable audit record");
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&history.records)?);
+    } else if history.records.is_empty() {
+        println!(
+            "nothing recorded since {} in {}",
+            since.format("%Y-%m-%d %H:%M:%SZ"),
+            storage.location_of(crm_backup::audit::DIR)
+        );
+    } else {
+        println!("{}", output::HISTORY_HEADER);
+        for record in &history.records {
+            println!("{}", output::history(record));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }

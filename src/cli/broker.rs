@@ -8,6 +8,7 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use super::args::DlqCommand;
+use super::trail::{self, Trail};
 use super::{Failure, requester};
 use crm_backup::config::BrokerConfig;
 use crm_backup::jobs::JobContext;
@@ -156,7 +157,37 @@ pub async fn enqueue(
     }
 }
 
-pub async fn dlq(config: &BrokerConfig, command: DlqCommand) -> Result<ExitCode, Failure> {
+pub async fn dlq(
+    config: &BrokerConfig,
+    trail: &Trail,
+    command: DlqCommand,
+) -> Result<ExitCode, Failure> {
+    let started = std::time::Instant::now();
+    let mut record = match &command {
+        DlqCommand::Replay {
+            ids,
+            all,
+            include_restores,
+            dry_run,
+            ..
+        } => Some(trail.record("dlq-replay", None).with_options(&json!({
+            "ids": ids, "all": all, "include_restores": include_restores, "dry_run": dry_run,
+        }))),
+        DlqCommand::List { .. } => None,
+    };
+    let result = dlq_command(config, command, &mut record).await;
+    if let Some(record) = record {
+        trail.write(trail::finished(record, &result), started).await;
+    }
+    result
+}
+
+/// `dlq list` or `dlq replay`; a replay says in `record` what it replayed and skipped.
+async fn dlq_command(
+    config: &BrokerConfig,
+    command: DlqCommand,
+    record: &mut Option<crm_backup::audit::AuditRecord>,
+) -> Result<ExitCode, Failure> {
     let connection = messaging::connect(&config.rabbitmq, "crm-backup dlq").await?;
     match command {
         DlqCommand::List { output } => {
@@ -205,6 +236,17 @@ pub async fn dlq(config: &BrokerConfig, command: DlqCommand) -> Result<ExitCode,
             let replayed =
                 messaging::dlq::replay(&connection, &publisher, &selection, &rules, dry_run)
                     .await?;
+            if let Some(record) = record.as_mut() {
+                let (done, skipped): (Vec<_>, Vec<_>) =
+                    replayed.iter().partition(|replay| replay.skipped.is_none());
+                record.details = Some(json!({
+                    "replayed": done.iter().map(|r| &r.letter.id).collect::<Vec<_>>(),
+                    "skipped": skipped
+                        .iter()
+                        .map(|r| json!({"id": r.letter.id, "reason": r.skipped}))
+                        .collect::<Vec<_>>(),
+                }));
+            }
             if output.json {
                 println!(
                     "{}",

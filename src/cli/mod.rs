@@ -1,6 +1,6 @@
 //! The operator CLI: `args` (the grammar), `backups` (run, list, show, restore, verify,
-//! drill, prune: the commands that need storage), `broker` (worker, setup, enqueue, dlq),
-//! `output` (how results print).
+//! drill, prune, history: the commands that need storage), `broker` (worker, setup, enqueue,
+//! dlq), `output` (how results print), `trail` (the audit record of each operation).
 //!
 //! Exit status 0 means success; anything else failed, with a one-line reason on stderr.
 
@@ -8,9 +8,11 @@ mod args;
 mod backups;
 mod broker;
 mod output;
+mod trail;
 
 use std::collections::HashMap;
 use std::process::ExitCode;
+use std::time::Instant;
 
 use clap::Parser;
 use serde_json::json;
@@ -62,7 +64,27 @@ async fn dispatch(command: Command) -> Result<ExitCode, Failure> {
     // The broker-only commands read the broker's settings and nothing else.
     match command {
         Command::Setup { output } => {
-            return broker::setup(&Settings::broker(&env)?, output.json).await;
+            let config = Settings::broker(&env)?;
+            let trail = broker_trail(&config);
+            let started = Instant::now();
+            let result = broker::setup(&config, output.json).await;
+            trail
+                .write(
+                    trail::finished(trail.record("setup", None), &result),
+                    started,
+                )
+                .await;
+            return result;
+        }
+        Command::History {
+            target,
+            since,
+            limit,
+            output,
+        } => {
+            let storage = crm_backup::storage::Storage::open(&Settings::storage(&env)?)?;
+            let since = crm_backup::config::parse_duration(&since).map_err(Failure)?;
+            return backups::history(&storage, target.selector(), since, limit, output.json).await;
         }
         Command::Enqueue {
             action,
@@ -86,13 +108,28 @@ async fn dispatch(command: Command) -> Result<ExitCode, Failure> {
                     .then_some(backup.backup),
                 options: typed_options(action, target, &options)?,
                 reason,
-                id,
+                // Known before it is published, for the audit record.
+                id: Some(id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string())),
                 wait,
                 timeout: crm_backup::config::parse_duration(&timeout).map_err(Failure)?,
             };
-            return broker::enqueue(&Settings::broker(&env)?, &request, output.json).await;
+            let config = Settings::broker(&env)?;
+            let trail = broker_trail(&config);
+            let started = Instant::now();
+            let mut record = trail
+                .record("enqueue", Some(&target.to_string()))
+                .with_options(&serde_json::Value::Object(request.options.clone()));
+            record.command_id = request.id.clone();
+            record.backup_id = request.backup.clone();
+            record.details = Some(json!({"action": action.as_str()}));
+            let result = broker::enqueue(&config, &request, output.json).await;
+            trail.write(trail::finished(record, &result), started).await;
+            return result;
         }
-        Command::Dlq { command } => return broker::dlq(&Settings::broker(&env)?, command).await,
+        Command::Dlq { command } => {
+            let config = Settings::broker(&env)?;
+            return broker::dlq(&config, &broker_trail(&config), command).await;
+        }
         _ => {}
     }
     let settings = Settings::load(&env)?;
@@ -100,6 +137,7 @@ async fn dispatch(command: Command) -> Result<ExitCode, Failure> {
         rustix::process::umask(rustix::fs::Mode::from_bits_truncate(bits));
     }
     let ctx = JobContext::new(settings)?;
+    let trail = trail::Trail::new(Some(ctx.storage.clone()));
     match command {
         Command::Worker => broker::worker(ctx).await,
         Command::Run {
@@ -133,7 +171,7 @@ async fn dispatch(command: Command) -> Result<ExitCode, Failure> {
                     options.insert(key, value);
                 }
             }
-            backups::run(&ctx, target, options, reason, output.json).await
+            backups::run(&ctx, &trail, target, options, reason, output.json).await
         }
         Command::List { target, output } => {
             backups::list(&ctx, target.selector(), output.json).await
@@ -172,26 +210,50 @@ async fn dispatch(command: Command) -> Result<ExitCode, Failure> {
             if no_owner {
                 restore.insert("no_owner".into(), json!(true));
             }
-            backups::restore(&ctx, selector, &backup.backup, restore, yes, output.json).await
+            backups::restore(
+                &ctx,
+                &trail,
+                selector,
+                &backup.backup,
+                restore,
+                yes,
+                output.json,
+            )
+            .await
         }
         Command::Verify {
             target,
             backup,
             output,
-        } => backups::verify(&ctx, target.selector(), &backup.backup, output.json).await,
+        } => backups::verify(&ctx, &trail, target.selector(), &backup.backup, output.json).await,
         Command::Drill {
             target,
             backup,
             output,
-        } => backups::drill(&ctx, target.selector(), &backup.backup, output.json).await,
+        } => backups::drill(&ctx, &trail, target.selector(), &backup.backup, output.json).await,
         Command::Prune {
             target,
             dry_run,
             output,
-        } => backups::prune(&ctx, target.selector(), dry_run, output.json).await,
-        Command::Setup { .. } | Command::Enqueue { .. } | Command::Dlq { .. } => Err(Failure(
+        } => backups::prune(&ctx, &trail, target.selector(), dry_run, output.json).await,
+        Command::Setup { .. }
+        | Command::Enqueue { .. }
+        | Command::Dlq { .. }
+        | Command::History { .. } => Err(Failure(
             "a broker command reached the storage commands".into(),
         )),
+    }
+}
+
+/// The audit trail of a broker command: into the configured storage, or the log only when
+/// that cannot be opened (a broker command must not fail for it).
+fn broker_trail(config: &crm_backup::config::BrokerConfig) -> trail::Trail {
+    match crm_backup::storage::Storage::open(&config.storage) {
+        Ok(storage) => trail::Trail::new(Some(storage)),
+        Err(err) => {
+            tracing::warn!(error = %err, "storage cannot be opened: audit records go to the log only");
+            trail::Trail::new(None)
+        }
     }
 }
 

@@ -2,6 +2,7 @@
 
 use serde_json::json;
 
+use crm_backup::audit::AuditRecord;
 use crm_backup::jobs::JobError;
 use crm_backup::model::TargetKind;
 use crm_backup::storage::Storage;
@@ -84,6 +85,42 @@ pub fn listed(manifest: &Manifest) -> String {
             .map(|r| format!(" ({r})"))
             .unwrap_or_default(),
     )
+}
+
+/// The header of `history`'s table.
+pub const HISTORY_HEADER: &str = "WHEN (UTC)           ACTION      TARGET     OUTCOME    USER / REQUESTED BY                BACKUP                                        SIZE        TOOK     NOTE";
+
+/// One line of `history`.
+pub fn history(record: &AuditRecord) -> String {
+    let who = if record.requested_by.is_empty() || record.requested_by == record.user {
+        or_dash(&record.user).to_string()
+    } else {
+        format!("{} / {}", or_dash(&record.user), record.requested_by)
+    };
+    let note = match (
+        &record.error,
+        record.details.as_ref().and_then(|d| d.get("destination")),
+    ) {
+        (Some(error), _) => error.replace('\n', " "),
+        (None, Some(destination)) => format!("into {}", destination.as_str().unwrap_or_default()),
+        (None, None) => String::new(),
+    };
+    format!(
+        "{}  {:<11} {:<10} {:<10} {:<34} {:<45} {:>10}  {:>7}  {}",
+        record.at.format("%Y-%m-%d %H:%M:%S"),
+        record.action,
+        record.target.as_deref().unwrap_or("-"),
+        record.outcome.as_str(),
+        who,
+        record.backup_id.as_deref().unwrap_or("-"),
+        record.raw_bytes.map_or("-".to_string(), human_bytes),
+        format!("{:.1}s", record.duration_ms as f64 / 1000.0),
+        note,
+    )
+}
+
+fn or_dash(text: &str) -> &str {
+    if text.is_empty() { "-" } else { text }
 }
 
 /// The summary of one manifest that `show` prints without `--json`.

@@ -5,7 +5,8 @@
 //! its artifacts; a prune that stops half-way leaves debris, which the next one removes.
 //! Debris is a backup directory without a manifest whose newest object is older than
 //! `retention.debris_grace`, so a backup still being written is never touched. A manifest
-//! that cannot be read is never deleted, nor anything beside it.
+//! that cannot be read is never deleted, nor anything beside it. Audit records older than
+//! `retention.audit_days` go too.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -38,6 +39,8 @@ pub struct PruneReport {
     pub debris: Vec<Debris>,
     /// Manifests that could not be read: kept, with everything beside them.
     pub unreadable: Vec<String>,
+    /// Audit records deleted, past `retention.audit_days` (none in a dry run).
+    pub audit_records_deleted: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -61,6 +64,7 @@ impl PruneReport {
             "deleted": self.deleted,
             "debris": self.debris.iter().map(|d| &d.dir).collect::<Vec<_>>(),
             "unreadable": self.unreadable,
+            "audit_records_deleted": self.audit_records_deleted,
         })
     }
 }
@@ -100,6 +104,14 @@ pub async fn run_prune(
             grace,
             request.dry_run,
             &mut report,
+        )
+        .await?;
+    }
+    if !request.dry_run {
+        report.audit_records_deleted = crate::audit::prune(
+            &ctx.storage,
+            ctx.settings.retention.audit_days,
+            now.date_naive(),
         )
         .await?;
     }

@@ -31,6 +31,7 @@ use super::retry::{Decision, RetryPolicy};
 use super::{
     MessagingError, RECONNECT_MAX_PAUSE, amqp_user, connect, headers, reconnect_backoff, topology,
 };
+use crate::audit::{self, AuditRecord, Origin, Outcome};
 use crate::authorization::{Policy, Request};
 use crate::jobs::{JobContext, JobError};
 use crate::metrics::{Metrics, WorkerState};
@@ -267,11 +268,13 @@ async fn process(
                 .map_or("unknown".to_string(), |id| id.as_str().to_string());
             let mut failed = received.event(event::FAILED, &id, None);
             (failed.action, failed.target) = loose_action_target(&delivery.data);
+            audit_refusal(env, &received, &failed, None, err.kind(), &err.to_string()).await;
             return dead_letter(env, &received, failed, err.kind(), &err.to_string(), false).await;
         }
     };
     if let Err((kind, message)) = authorize(env, &received, &command) {
         let failed = received.event(event::FAILED, &command.id, Some(&command));
+        audit_refusal(env, &received, &failed, Some(&command), kind, &message).await;
         return dead_letter(env, &received, failed, kind, &message, false).await;
     }
     if let Some(settle) = announce_if_done(env, &received, &command).await? {
@@ -334,6 +337,15 @@ async fn announce_if_done(
                  target, options, backup or sender)",
                 command.id
             );
+            audit_refusal(
+                env,
+                received,
+                &failed,
+                Some(command),
+                "id_conflict",
+                &message,
+            )
+            .await;
             dead_letter(env, received, failed, "id_conflict", &message, false)
                 .await
                 .map(Some)
@@ -457,7 +469,11 @@ async fn run_leased(
         // Only prune runs `all` as one step; every other action fans out per target.
         None => prune_step(&env.ctx, command, TargetKind::ALL.to_vec()).await,
     };
-    audit(command, received.attempt, &result, started.elapsed());
+    audit::write(
+        &env.ctx.storage,
+        &step_record(received, command, &result, started.elapsed()),
+    )
+    .await;
     let outcome = match &result {
         Ok(_) => "completed",
         Err(JobError::Cancelled) => "cancelled",
@@ -711,38 +727,87 @@ fn loose_action_target(body: &[u8]) -> (Option<String>, Option<String>) {
     (field("action"), field("target"))
 }
 
-/// One audit line per operation.
-fn audit(
+/// The audit record of a step that ran.
+fn step_record(
+    received: &Received<'_>,
     command: &Command,
-    attempt: u32,
     result: &Result<StepOutcome, JobError>,
     elapsed: Duration,
-) {
-    let duration_ms = elapsed.as_millis() as u64;
+) -> AuditRecord {
+    let mut record = command_record(received, command);
+    record.duration_ms = elapsed.as_millis() as u64;
     match result {
-        Ok(outcome) => tracing::info!(
-            audit = true,
-            command_id = %command.id,
-            requested_by = %command.requested_by,
-            action = %command.action,
-            target = %command.target,
-            attempt,
-            outcome = "completed",
-            backup_id = outcome.backup_id.as_deref().unwrap_or(""),
-            size_bytes = outcome.size_bytes.unwrap_or(0),
-            duration_ms,
+        Ok(outcome) => {
+            record.backup_id = outcome.backup_id.clone().or(record.backup_id);
+            record.stored_bytes = outcome.size_bytes;
+            record.raw_bytes = outcome.raw_size_bytes;
+            // Where a restore went is what its record is for; reports too large are left
+            // to the event.
+            record.details = outcome.details.clone().filter(|details| {
+                command.action == Action::Restore && details.to_string().len() <= 16 * 1024
+            });
+            record
+        }
+        Err(JobError::Cancelled) => record.failed(
+            Outcome::Cancelled,
+            "cancelled",
+            "cancelled before it finished: it runs again",
         ),
-        Err(err) => tracing::warn!(
-            audit = true,
-            command_id = %command.id,
-            requested_by = %command.requested_by,
-            action = %command.action,
-            target = %command.target,
-            attempt,
-            outcome = "failed",
-            error_kind = err.kind(),
-            error = %err,
-            duration_ms,
-        ),
+        Err(err) => record.failed(Outcome::Failed, err.kind(), &err.to_string()),
     }
+}
+
+/// A record of `command` as received: who sent it, what it asks for.
+fn command_record(received: &Received<'_>, command: &Command) -> AuditRecord {
+    let mut record = AuditRecord::new(
+        Origin::Worker,
+        received.sender.as_deref().unwrap_or_default(),
+        &command.requested_by,
+        command.action.as_str(),
+    )
+    .with_options(&command.options);
+    record.target = Some(command.target.to_string());
+    record.command_id = Some(command.id.clone());
+    record.backup_id = command.backup_id.clone();
+    record.attempt = Some(received.attempt);
+    record
+}
+
+/// The audit record of a command that was not run: not valid, not authorized, or its id
+/// taken by another command.
+async fn audit_refusal(
+    env: &StepEnv,
+    received: &Received<'_>,
+    failed: &Event,
+    command: Option<&Command>,
+    kind: &str,
+    message: &str,
+) {
+    let record = match command {
+        Some(command) => command_record(received, command),
+        None => {
+            let mut record = AuditRecord::new(
+                Origin::Worker,
+                received.sender.as_deref().unwrap_or_default(),
+                "",
+                &failed
+                    .action
+                    .as_deref()
+                    .unwrap_or("unknown")
+                    .chars()
+                    .take(64)
+                    .collect::<String>(),
+            );
+            // As the message said them: cut to a sane length.
+            record.target = failed.target.as_ref().map(|t| t.chars().take(64).collect());
+            record.command_id = Some(failed.command_id.clone()).filter(|id| !id.is_empty());
+            record.attempt = Some(received.attempt);
+            record
+        }
+    };
+    audit::write(
+        &env.ctx.storage,
+        &record.failed(Outcome::Refused, kind, message),
+    )
+    .await;
 }

@@ -307,6 +307,14 @@ pub fn run_cli(env: &HashMap<String, String>, args: &[&str]) -> (bool, String, S
     )
 }
 
+/// The CLI's stderr without its audit log lines: what a failure says.
+pub fn error_lines(stderr: &str) -> Vec<&str> {
+    stderr
+        .lines()
+        .filter(|line| !line.contains(" audit: audit "))
+        .collect()
+}
+
 /// A `pg_dump` wrapper in its own directory; `script` is the shell body run before the
 /// real pg_dump (`$@` are its arguments). `--version` always answers.
 pub fn pg_dump_wrapper(dir: &Path, script: &str) -> String {

@@ -364,7 +364,11 @@ mod tests {
                 state ^= state << 13;
                 state ^= state >> 7;
                 state ^= state << 17;
-                bytes.push(if state % 3 == 0 { RECORD } else { state as u8 });
+                bytes.push(if state.is_multiple_of(3) {
+                    RECORD
+                } else {
+                    state as u8
+                });
             }
             let mut decoder = KeysDecoder::default();
             decoder.feed(&bytes);
