@@ -29,6 +29,7 @@ ensure_tools() {
   need redis-cli redis-tools
   need nm binutils
   need openssl openssl
+  need promtool prometheus
 }
 
 ensure_postgres() {

@@ -202,6 +202,10 @@ pub async fn read(
             if history.records.len() >= limit {
                 break;
             }
+            // The key says when the record was written: older ones are not read at all.
+            if key_time(&object.key).is_some_and(|at| at < since - Days::seconds(1)) {
+                continue;
+            }
             if object.size > MAX_RECORD_BYTES {
                 history
                     .unreadable
@@ -277,6 +281,14 @@ fn day_dir(day: NaiveDate) -> String {
         day.month(),
         day.day()
     )
+}
+
+/// When the record under `key` ended, as its key says (`audit/<date>/<hhmmss.mmm>Z-…`).
+fn key_time(key: &str) -> Option<DateTime<Utc>> {
+    let (dir, name) = key.rsplit_once('/')?;
+    let day = parse_day_dir(&format!("{dir}/"))?;
+    let time = chrono::NaiveTime::parse_from_str(name.get(..10)?, "%H%M%S%.3f").ok()?;
+    Some(day.and_time(time).and_utc())
 }
 
 /// `audit/2026/12/04/` → 2026-12-04; anything else → None.
@@ -365,6 +377,15 @@ mod tests {
             assert_eq!(parse_day_dir(stranger), None, "{stranger}");
         }
         assert_eq!(day_dir(day("2026-02-03")), "audit/2026/02/03/");
+    }
+
+    #[test]
+    fn keys_say_when_their_record_ended() {
+        let mut record = AuditRecord::new(Origin::Cli, "ops", "cli:ops", "backup");
+        record.at = "2026-12-04T09:05:01.002Z".parse().unwrap();
+        assert_eq!(key_time(&record.key()), Some(record.at));
+        assert_eq!(key_time("audit/2026/12/04/garbage.json"), None);
+        assert_eq!(key_time("audit/2026/12/04/"), None);
     }
 
     #[test]

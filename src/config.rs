@@ -105,6 +105,9 @@ pub struct Settings {
 pub struct HttpSettings {
     /// `host:port`; empty: no endpoint.
     pub listen: String,
+    /// How often the metrics are read again from storage (catalog, audit records) and the
+    /// dead letters counted.
+    pub metrics_refresh: HumanDuration,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -170,3 +170,23 @@ async fn the_readme_python_snippet_requests_a_backup_and_gets_its_result() {
     shutdown.cancel();
     let _ = worker.await;
 }
+
+#[test]
+fn alert_rules_are_valid_and_pass_their_unit_tests() {
+    for args in [
+        ["check", "rules", "alerts.yml"],
+        ["test", "rules", "alerts.test.yml"],
+    ] {
+        let out = std::process::Command::new("promtool")
+            .args(args)
+            .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy"))
+            .output()
+            .expect("promtool runs (scripts/test.sh installs Debian's prometheus package)");
+        assert!(
+            out.status.success(),
+            "promtool {args:?}:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}

@@ -3,6 +3,7 @@
 mod common;
 
 use crm_backup::audit::{Origin, Outcome};
+use crm_backup::metrics::from_storage;
 
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::Ordering;
@@ -857,7 +858,7 @@ async fn drill_and_prune_commands_run_through_the_worker() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_http_endpoint_reports_health_readiness_and_metrics() {
-    let mut h = Harness::new("w_http", &[]);
+    let mut h = Harness::new("w_http", &[("BACKUP__HTTP__METRICS_REFRESH", "500ms")]);
     h.start_worker().await;
     let state = h.workers[0].2.clone();
     let stop = CancellationToken::new();
@@ -905,6 +906,25 @@ async fn the_http_endpoint_reports_health_readiness_and_metrics() {
     assert!(metrics.contains(
         "crm_backup_last_success_timestamp_seconds{action=\"backup\",target=\"postgres\"} "
     ));
+    // The letter waits in the dead-letter queue: a gauge of its depth, not a rate.
+    let mut counted = false;
+    for _ in 0..100 {
+        if get("/metrics")
+            .await
+            .1
+            .lines()
+            .any(|l| l == "crm_backup_dead_letters 1")
+        {
+            counted = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        counted,
+        "the dead letter is counted: {}",
+        get("/metrics").await.1
+    );
 
     // A worker that is not consuming is not ready.
     h.stop_workers().await;
@@ -912,4 +932,78 @@ async fn the_http_endpoint_reports_health_readiness_and_metrics() {
     assert_eq!(status, 503, "{body}");
     stop.cancel();
     server.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn metrics_come_from_storage_so_a_restart_or_a_cli_run_forgets_nothing() {
+    let mut h = Harness::new("w_seed", &[]);
+    h.start_worker().await;
+    let mut client = h.client().await;
+    let backup = backup_command(TargetKind::Postgres);
+    client.send(&backup).await;
+    assert_eq!(
+        client.follow(&backup).await.last().unwrap().event,
+        event::COMPLETED
+    );
+    let mut drill = BackupCommand::new(
+        Action::Drill,
+        TargetSelector::One(TargetKind::Postgres),
+        "test-suite",
+    );
+    drill.backup_id = Some("latest".into());
+    client.send(&drill).await;
+    assert_eq!(
+        client.follow(&drill).await.last().unwrap().event,
+        event::COMPLETED
+    );
+    h.stop_workers().await;
+    // While no worker runs, an operator verifies from the CLI.
+    let env = h.setup.env.clone();
+    let (ok, _, stderr) =
+        tokio::task::spawn_blocking(move || common::run_cli(&env, &["verify", "postgres"]))
+            .await
+            .unwrap();
+    assert!(ok, "{stderr}");
+
+    // A new worker knows all of it from storage alone.
+    let state = crm_backup::metrics::WorkerState::default();
+    let since = chrono::Utc::now() - from_storage::FIRST_LOOKBACK;
+    from_storage::refresh(&h.setup.ctx.storage, &state.metrics, since).await;
+    let text = state.render();
+    let manifest = catalog::latest(&h.setup.ctx.storage, TargetKind::Postgres)
+        .await
+        .unwrap()
+        .unwrap();
+    for action in ["backup", "drill", "verify"] {
+        for metric in [
+            "crm_backup_last_success_timestamp_seconds",
+            "crm_backup_last_duration_seconds",
+        ] {
+            let series = format!("{metric}{{action=\"{action}\",target=\"postgres\"}} ");
+            assert!(text.contains(&series), "{series} missing in\n{text}");
+        }
+    }
+    for expected in [
+        format!(
+            "crm_backup_last_raw_bytes{{target=\"postgres\"}} {}",
+            manifest.raw_size()
+        ),
+        format!(
+            "crm_backup_last_stored_bytes{{target=\"postgres\"}} {}",
+            manifest.stored_size()
+        ),
+        "crm_backup_build_info{version=\"0.1.0\"} 1".to_string(),
+    ] {
+        assert!(
+            text.lines().any(|l| l == expected),
+            "{expected} missing in\n{text}"
+        );
+    }
+    let stored: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("crm_backup_storage_bytes{target=\"postgres\"} "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(stored >= manifest.stored_size() as f64, "{text}");
 }

@@ -15,9 +15,8 @@ use crm_backup::jobs::JobContext;
 use crm_backup::messaging::{
     self, client::EventSubscription, command::Command, dlq::Selection, event, publisher::Publisher,
 };
-use crm_backup::metrics::WorkerState;
-use crm_backup::model::{Action, TargetKind, TargetSelector};
-use crm_backup::storage::catalog;
+use crm_backup::metrics::{WorkerState, from_storage};
+use crm_backup::model::{Action, TargetSelector};
 
 pub async fn worker(ctx: JobContext) -> Result<ExitCode, Failure> {
     let shutdown = CancellationToken::new();
@@ -30,20 +29,24 @@ pub async fn worker(ctx: JobContext) -> Result<ExitCode, Failure> {
         }
     });
     let state = Arc::new(WorkerState::default());
-    // Last-success gauges start from the catalog, not from "never", after a restart.
-    for target in TargetKind::ALL {
-        match catalog::latest(&ctx.storage, target).await {
-            Ok(Some(manifest)) => {
-                state
-                    .metrics
-                    .seed_last_success("backup", target.as_str(), manifest.finished_at)
-            }
-            Ok(None) => {}
-            Err(err) => {
-                tracing::warn!(%target, error = %err, "could not read the catalog for the metrics")
+    // The gauges start from storage, not from "never", and follow what CLI runs and other
+    // workers do.
+    let since = chrono::Utc::now() - from_storage::FIRST_LOOKBACK;
+    let mut since = from_storage::refresh(&ctx.storage, &state.metrics, since).await;
+    tokio::spawn({
+        let (storage, metrics, shutdown) =
+            (ctx.storage.clone(), state.metrics.clone(), shutdown.clone());
+        let every = ctx.settings.http.metrics_refresh.0;
+        async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(every) => {}
+                    _ = shutdown.cancelled() => return,
+                }
+                since = from_storage::refresh(&storage, &metrics, since).await;
             }
         }
-    }
+    });
     let listen = ctx.settings.http.listen.clone();
     if !listen.is_empty() {
         crm_backup::endpoint::serve(&listen, state.clone(), shutdown.clone()).await?;

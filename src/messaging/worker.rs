@@ -123,9 +123,11 @@ async fn session(
 
     let steps_cancel = CancellationToken::new();
     let mut steps = JoinSet::new();
+    let mut count_dead = tokio::time::interval(settings.http.metrics_refresh.0);
     let ended = loop {
         tokio::select! {
             _ = shutdown.cancelled() => break Ok(()),
+            _ = count_dead.tick() => count_dead_letters(&connection, &settings.messaging.dead_queue, &env.metrics).await,
             next = consumer.next() => match next {
                 Some(Ok(delivery)) => {
                     steps.spawn(handle(env.clone(), delivery, steps_cancel.child_token()));
@@ -173,6 +175,30 @@ async fn session(
     }
     let _ = connection.close(200, "worker stopping".into()).await;
     ended
+}
+
+/// Sets the dead-letter gauge to the depth of `queue` (a passive declare on a channel of its
+/// own, so that a failure cannot close the consuming one).
+async fn count_dead_letters(connection: &lapin::Connection, queue: &str, metrics: &Metrics) {
+    let counted = async {
+        let channel = connection.create_channel().await?;
+        let declared = channel
+            .queue_declare(
+                queue.into(),
+                lapin::options::QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        let _ = channel.close(200, "counted".into()).await;
+        Ok::<u32, lapin::Error>(declared.message_count())
+    };
+    match counted.await {
+        Ok(letters) => metrics.set_dead_letters(letters),
+        Err(err) => tracing::warn!(error = %err, %queue, "cannot count the dead letters"),
+    }
 }
 
 async fn drain(steps: &mut JoinSet<()>) {
@@ -484,7 +510,10 @@ async fn run_leased(
         &command.target.to_string(),
         outcome,
         started.elapsed(),
-        result.as_ref().ok().and_then(|outcome| outcome.size_bytes),
+        result
+            .as_ref()
+            .ok()
+            .and_then(|outcome| Some((outcome.raw_size_bytes?, outcome.size_bytes?))),
     );
     match result {
         Ok(outcome) => complete(env, received, command, outcome, started.elapsed()).await,

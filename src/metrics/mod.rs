@@ -9,10 +9,20 @@
 //! | `crm_backup_steps_total` | counter | action, target, outcome (`completed`, `failed`, `cancelled`) |
 //! | `crm_backup_step_duration_seconds` | histogram | action, target |
 //! | `crm_backup_last_success_timestamp_seconds` | gauge | action, target |
+//! | `crm_backup_last_duration_seconds` | gauge | action, target (of the last success) |
+//! | `crm_backup_last_raw_bytes` | gauge | target (the last backup's raw size) |
 //! | `crm_backup_last_stored_bytes` | gauge | target (the last backup's stored size) |
+//! | `crm_backup_storage_bytes` | gauge | target (everything stored under the target) |
 //! | `crm_backup_dead_lettered_total` | counter | reason (error kind) |
+//! | `crm_backup_dead_letters` | gauge | (letters waiting in the dead-letter queue) |
 //! | `crm_backup_steps_running` | gauge | |
 //! | `crm_backup_consuming` | gauge | 1 while consuming `backup.commands` |
+//! | `crm_backup_build_info` | gauge | version (always 1) |
+//!
+//! The last-success, duration and size gauges come from storage too (`from_storage`): what a
+//! CLI run or another worker did shows here, and a restart forgets nothing.
+
+pub mod from_storage;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -28,8 +38,13 @@ use metrics_exporter_prometheus::{
 const STEPS: &str = "crm_backup_steps_total";
 const STEP_DURATION: &str = "crm_backup_step_duration_seconds";
 const LAST_SUCCESS: &str = "crm_backup_last_success_timestamp_seconds";
+const LAST_DURATION: &str = "crm_backup_last_duration_seconds";
+const LAST_RAW_BYTES: &str = "crm_backup_last_raw_bytes";
 const LAST_STORED_BYTES: &str = "crm_backup_last_stored_bytes";
+const STORAGE_BYTES: &str = "crm_backup_storage_bytes";
 const DEAD_LETTERED: &str = "crm_backup_dead_lettered_total";
+const DEAD_LETTERS: &str = "crm_backup_dead_letters";
+const BUILD_INFO: &str = "crm_backup_build_info";
 const RUNNING: &str = "crm_backup_steps_running";
 const CONSUMING: &str = "crm_backup_consuming";
 
@@ -77,6 +92,8 @@ pub struct Metrics {
     handle: PrometheusHandle,
     /// Last success per (action, target): a seed from storage never moves it backwards.
     last_success: Mutex<BTreeMap<(String, String), DateTime<Utc>>>,
+    /// When the last backup's sizes were recorded, per target.
+    last_sizes: Mutex<BTreeMap<String, DateTime<Utc>>>,
 }
 
 impl Metrics {
@@ -103,9 +120,34 @@ impl Metrics {
                 "Unix time of the last completed step, by action and target.",
             ),
             (
+                LAST_DURATION,
+                Unit::Seconds,
+                "How long the last completed step took, by action and target.",
+            ),
+            (
+                LAST_RAW_BYTES,
+                Unit::Bytes,
+                "Raw size of the last completed backup, by target.",
+            ),
+            (
                 LAST_STORED_BYTES,
                 Unit::Bytes,
                 "Stored size of the last completed backup, by target.",
+            ),
+            (
+                STORAGE_BYTES,
+                Unit::Bytes,
+                "Bytes stored under each target in storage (every backup kept).",
+            ),
+            (
+                DEAD_LETTERS,
+                Unit::Count,
+                "Commands waiting in the dead-letter queue.",
+            ),
+            (
+                BUILD_INFO,
+                Unit::Count,
+                "Always 1; the version of crm-backup in its label.",
             ),
             (
                 DEAD_LETTERED,
@@ -133,10 +175,17 @@ impl Metrics {
             recorder,
             handle,
             last_success: Mutex::new(BTreeMap::new()),
+            last_sizes: Mutex::new(BTreeMap::new()),
         };
         // Present from the start, at zero, so that dashboards and rules see them.
         metrics.gauge(RUNNING, Vec::new()).set(0.0);
         metrics.gauge(CONSUMING, Vec::new()).set(0.0);
+        metrics
+            .gauge(
+                BUILD_INFO,
+                vec![Label::new("version", env!("CARGO_PKG_VERSION"))],
+            )
+            .set(1.0);
         metrics
     }
 
@@ -145,14 +194,14 @@ impl Metrics {
     }
 
     /// A step ended: `outcome` is `completed`, `failed` or `cancelled` (by a shutdown);
-    /// `stored_bytes` for a completed backup.
+    /// `sizes` (raw, stored) for a completed backup.
     pub fn step_finished(
         &self,
         action: &str,
         target: &str,
         outcome: &'static str,
         elapsed: Duration,
-        stored_bytes: Option<u64>,
+        sizes: Option<(u64, u64)>,
     ) {
         self.gauge(RUNNING, Vec::new()).decrement(1.0);
         let step = step_labels(action, target);
@@ -162,29 +211,69 @@ impl Metrics {
         self.histogram(STEP_DURATION, step)
             .record(elapsed.as_secs_f64());
         if outcome == "completed" {
-            self.seed_last_success(action, target, Utc::now());
-            if let (Some(bytes), "backup") = (stored_bytes, action) {
-                self.gauge(
-                    LAST_STORED_BYTES,
-                    vec![Label::new("target", target.to_string())],
-                )
-                .set(bytes as f64);
+            let now = Utc::now();
+            self.seed_success(action, target, now, Some(elapsed));
+            if let (Some((raw, stored)), "backup") = (sizes, action) {
+                self.seed_backup_sizes(target, now, raw, stored);
             }
         }
     }
 
-    /// Records a success at `at` unless a later one is known: at start, seeded from storage,
-    /// so that a restarted worker does not report "never" for what happened before it.
-    pub fn seed_last_success(&self, action: &str, target: &str, at: DateTime<Utc>) {
+    /// Records a success at `at` (and how long it took) unless a later one is known: from
+    /// the worker's own steps, and from storage (manifests, audit records), so that a
+    /// restarted worker does not report "never" for what happened before it.
+    pub fn seed_success(
+        &self,
+        action: &str,
+        target: &str,
+        at: DateTime<Utc>,
+        took: Option<Duration>,
+    ) {
         let Ok(mut known) = self.last_success.lock() else {
             return;
         };
         let latest = known
             .entry((action.to_string(), target.to_string()))
             .or_insert(at);
-        *latest = (*latest).max(at);
+        if at < *latest {
+            return;
+        }
+        *latest = at;
         self.gauge(LAST_SUCCESS, step_labels(action, target))
-            .set(latest.timestamp() as f64);
+            .set(at.timestamp() as f64);
+        if let Some(took) = took {
+            self.gauge(LAST_DURATION, step_labels(action, target))
+                .set(took.as_secs_f64());
+        }
+    }
+
+    /// The sizes of a backup of `target` that finished at `at`, unless a later one is known.
+    pub fn seed_backup_sizes(&self, target: &str, at: DateTime<Utc>, raw: u64, stored: u64) {
+        let Ok(mut known) = self.last_sizes.lock() else {
+            return;
+        };
+        let latest = known.entry(target.to_string()).or_insert(at);
+        if at < *latest {
+            return;
+        }
+        *latest = at;
+        let labels = || vec![Label::new("target", target.to_string())];
+        self.gauge(LAST_RAW_BYTES, labels()).set(raw as f64);
+        self.gauge(LAST_STORED_BYTES, labels()).set(stored as f64);
+    }
+
+    /// Bytes stored under `target` now.
+    pub fn set_storage_bytes(&self, target: &str, bytes: u64) {
+        self.gauge(
+            STORAGE_BYTES,
+            vec![Label::new("target", target.to_string())],
+        )
+        .set(bytes as f64);
+    }
+
+    /// Letters waiting in the dead-letter queue now.
+    pub fn set_dead_letters(&self, letters: u32) {
+        self.gauge(DEAD_LETTERS, Vec::new()).set(f64::from(letters));
     }
 
     pub fn dead_lettered(&self, reason: &str) {
@@ -238,7 +327,7 @@ mod tests {
             "postgres",
             "completed",
             Duration::from_millis(1500),
-            Some(42),
+            Some((100, 42)),
         );
         metrics.step_started();
         metrics.step_finished(
@@ -262,6 +351,9 @@ mod tests {
             "crm_backup_step_duration_seconds_sum{action=\"backup\",target=\"postgres\"} 2",
             "crm_backup_step_duration_seconds_count{action=\"backup\",target=\"postgres\"} 2",
             "crm_backup_last_stored_bytes{target=\"postgres\"} 42",
+            "crm_backup_last_raw_bytes{target=\"postgres\"} 100",
+            "crm_backup_last_duration_seconds{action=\"backup\",target=\"postgres\"} 1.5",
+            "crm_backup_build_info{version=\"0.1.0\"} 1",
             "crm_backup_dead_lettered_total{reason=\"invalid_json\"} 1",
             "crm_backup_steps_running 1",
             "crm_backup_consuming 1",
@@ -284,12 +376,18 @@ mod tests {
         let metrics = Metrics::new();
         let early = DateTime::from_timestamp(1_000_000, 0).unwrap();
         let late = DateTime::from_timestamp(2_000_000, 0).unwrap();
-        metrics.seed_last_success("drill", "redis", late);
-        metrics.seed_last_success("drill", "redis", early);
+        metrics.seed_success("drill", "redis", late, Some(Duration::from_secs(7)));
+        metrics.seed_success("drill", "redis", early, Some(Duration::from_secs(9)));
         let text = metrics.handle.render();
         assert!(
             text.lines().any(|l| l
                 == "crm_backup_last_success_timestamp_seconds{action=\"drill\",target=\"redis\"} 2000000"),
+            "{text}"
+        );
+        assert!(
+            text.lines()
+                .any(|l| l
+                    == "crm_backup_last_duration_seconds{action=\"drill\",target=\"redis\"} 7"),
             "{text}"
         );
     }
