@@ -86,6 +86,7 @@ pub struct Settings {
     pub pipeline: PipelineSettings,
     pub postgres: PostgresSettings,
     pub retention: RetentionSettings,
+    pub size_check: SizeCheckSettings,
     pub rabbitmq: RabbitmqSettings,
     pub http: HttpSettings,
     pub messaging: MessagingSettings,
@@ -378,6 +379,15 @@ pub struct PostgresSettings {
     pub schemas: Vec<String>,
     pub exclude_schemas: Vec<String>,
     pub globals: bool,
+}
+
+/// A full backup whose raw size is below `drop_ratio` or above `jump_ratio` of the previous
+/// full backup's is flagged (`size_drop`, `size_jump`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SizeCheckSettings {
+    pub drop_ratio: f64,
+    pub jump_ratio: f64,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -28,6 +28,7 @@
 //! - [`messaging`] — RabbitMQ: topology, command and event types, the confirm-mode
 //!   publisher, the worker (dispatch, leases, retry policy) and dead letters.
 //! - [`schedule`] — pure next-fire computation and fire ids for the scheduler.
+//! - [`size_check`] — the pure size-drop / size-jump check of a finished backup.
 //! - [`audit`] — the audit trail: one record per operation, logged and stored.
 //! - [`metrics`] and [`endpoint`] — the worker's Prometheus counters and its HTTP
 //!   endpoint (`/healthz`, `/readyz`, `/metrics`).
@@ -50,6 +51,7 @@ pub mod pipeline;
 mod private_file;
 pub mod retention;
 pub mod schedule;
+pub mod size_check;
 pub mod storage;
 pub mod targets;
 pub mod telemetry;

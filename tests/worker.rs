@@ -1007,3 +1007,56 @@ async fn metrics_come_from_storage_so_a_restart_or_a_cli_run_forgets_nothing() {
         .unwrap();
     assert!(stored >= manifest.stored_size() as f64, "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_backup_much_smaller_than_the_last_is_flagged_everywhere() {
+    let mut h = Harness::new("w_size", &[]);
+    h.start_worker().await;
+    let mut client = h.client().await;
+    let first = backup_once(&mut client).await;
+    assert_eq!(first.event, event::COMPLETED);
+    assert_eq!(
+        first.warnings, None,
+        "a first backup has nothing to compare with"
+    );
+    // The same data again: nothing to say.
+    let same = backup_once(&mut client).await;
+    assert_eq!(same.warnings, None);
+    // 60 % of the rows gone: the dump is about 40 % of the last one.
+    psql(&h._db.name, "DELETE FROM crm_notes WHERE i > 800");
+    let smaller = backup_once(&mut client).await;
+    assert_eq!(
+        smaller.event,
+        event::COMPLETED,
+        "a flagged backup is still a backup"
+    );
+    assert_eq!(
+        smaller.warnings,
+        Some(vec!["size_drop".to_string()]),
+        "raw {:?} after {:?}",
+        smaller.raw_size_bytes,
+        same.raw_size_bytes
+    );
+    let manifest = catalog::get(
+        &h.setup.ctx.storage,
+        &smaller.backup_id.clone().unwrap().parse().unwrap(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(manifest.warnings, ["size_drop"]);
+    let text = h.workers[0].2.render();
+    assert!(
+        text.lines()
+            .any(|l| l
+                == "crm_backup_last_backup_warning{target=\"postgres\",warning=\"size_drop\"} 1"),
+        "{text}"
+    );
+    h.stop_workers().await;
+}
+
+/// Sends one PostgreSQL backup and returns its final event.
+async fn backup_once(client: &mut common::harness::Client) -> event::Event {
+    let command = backup_command(TargetKind::Postgres);
+    client.send(&command).await;
+    client.follow(&command).await.pop().unwrap()
+}

@@ -5,8 +5,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::{JobContext, JobError};
 use crate::model::{BackupId, TargetKind};
+use crate::size_check;
 use crate::storage::catalog;
-use crate::storage::manifest::{MANIFEST_FORMAT, Manifest, ToolInfo};
+use crate::storage::manifest::{MANIFEST_FORMAT, Manifest, Scope, ToolInfo};
 use crate::targets::ArtifactSink;
 
 /// What to back up, and on whose behalf.
@@ -33,6 +34,42 @@ impl BackupRequest {
             retain_until: None,
         }
     }
+}
+
+/// What the size check says of `manifest` against the previous full backup of its target.
+/// Only full, non-incremental backups are compared (an incremental holds only what changed);
+/// a catalog that cannot be read skips the check rather than the backup.
+async fn size_warnings(ctx: &JobContext, manifest: &Manifest) -> Vec<String> {
+    if manifest.scope != Scope::Full || manifest.parent.is_some() {
+        return Vec::new();
+    }
+    let comparable = |m: &Manifest| m.scope == Scope::Full && m.parent.is_none();
+    let previous = match catalog::latest_where(&ctx.storage, manifest.target, comparable).await {
+        Ok(Some(previous)) => previous,
+        Ok(None) => return Vec::new(),
+        Err(err) => {
+            tracing::warn!(error = %err, "size check skipped: cannot read the catalog");
+            return Vec::new();
+        }
+    };
+    let check = &ctx.settings.size_check;
+    let warning = size_check::size_warning(
+        previous.raw_size(),
+        manifest.raw_size(),
+        check.drop_ratio,
+        check.jump_ratio,
+    );
+    if let Some(warning) = warning {
+        tracing::warn!(
+            backup_id = %manifest.id,
+            previous = %previous.id,
+            raw = manifest.raw_size(),
+            previous_raw = previous.raw_size(),
+            warning,
+            "the backup's size differs from the previous one's"
+        );
+    }
+    warning.into_iter().map(String::from).collect()
 }
 
 /// Backs up one target. On success the manifest is in storage; on failure or
@@ -91,8 +128,13 @@ pub async fn run_backup(
             .signer
             .as_ref()
             .map(|signer| signer.key_id().to_string()),
+        warnings: Vec::new(),
         source: facts,
         artifacts: sink.records().to_vec(),
+    };
+    let manifest = Manifest {
+        warnings: size_warnings(ctx, &manifest).await,
+        ..manifest
     };
     if let Err(err) = catalog::commit(&ctx.storage, &manifest, ctx.signer.as_deref()).await {
         sink.discard().await;

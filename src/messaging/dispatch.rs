@@ -25,6 +25,8 @@ pub struct StepOutcome {
     pub sha256: Option<String>,
     pub location: Option<String>,
     pub details: Option<serde_json::Value>,
+    /// A backup's size-check warnings.
+    pub warnings: Vec<String>,
 }
 
 impl StepOutcome {
@@ -40,6 +42,7 @@ impl StepOutcome {
                     .location_of(&format!("{}/{}/", manifest.target, manifest.id)),
             ),
             details: None,
+            warnings: manifest.warnings.clone(),
         }
     }
 }

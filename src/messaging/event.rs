@@ -30,6 +30,9 @@ pub struct Event {
     /// Only on `backup.failed`: whether the command will be tried again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub will_retry: Option<bool>,
+    /// `backup.completed` of a backup the size check flagged: `size_drop`, `size_jump`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warnings: Option<Vec<String>>,
     /// Action-specific results (restore destination, verify report, …).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub details: Option<serde_json::Value>,
@@ -63,6 +66,7 @@ impl Event {
             location: None,
             error: None,
             will_retry: None,
+            warnings: None,
             details: None,
         }
     }

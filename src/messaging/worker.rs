@@ -34,7 +34,7 @@ use super::{
 use crate::audit::{self, AuditRecord, Origin, Outcome};
 use crate::authorization::{Policy, Request};
 use crate::jobs::{JobContext, JobError};
-use crate::metrics::{Metrics, WorkerState};
+use crate::metrics::{BackupFacts, Metrics, WorkerState};
 use crate::model::TargetKind;
 use crate::model::{Action, TargetSelector};
 use crate::storage::catalog;
@@ -513,7 +513,14 @@ async fn run_leased(
         result
             .as_ref()
             .ok()
-            .and_then(|outcome| Some((outcome.raw_size_bytes?, outcome.size_bytes?))),
+            .and_then(|outcome| {
+                Some(BackupFacts {
+                    raw_bytes: outcome.raw_size_bytes?,
+                    stored_bytes: outcome.size_bytes?,
+                    warnings: outcome.warnings.clone(),
+                })
+            })
+            .as_ref(),
     );
     match result {
         Ok(outcome) => complete(env, received, command, outcome, started.elapsed()).await,
@@ -538,6 +545,8 @@ async fn complete(
     done.sha256 = outcome.sha256;
     done.location = outcome.location;
     done.details = outcome.details;
+    done.warnings = (command.action == Action::Backup && !outcome.warnings.is_empty())
+        .then_some(outcome.warnings);
     done.duration_ms = Some(elapsed.as_millis() as u64);
     let marker = command_marker_key(&command.id);
     let body = Marker {

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
-use super::Metrics;
+use super::{BackupFacts, Metrics};
 use crate::audit::{self, Outcome};
 use crate::model::TargetKind;
 use crate::storage::Storage;
@@ -31,12 +31,12 @@ pub async fn refresh(storage: &Storage, metrics: &Metrics, since: DateTime<Utc>)
                     manifest.finished_at,
                     Some(manifest.duration()),
                 );
-                metrics.seed_backup_sizes(
-                    target.as_str(),
-                    manifest.finished_at,
-                    manifest.raw_size(),
-                    manifest.stored_size(),
-                );
+                let facts = BackupFacts {
+                    raw_bytes: manifest.raw_size(),
+                    stored_bytes: manifest.stored_size(),
+                    warnings: manifest.warnings.clone(),
+                };
+                metrics.seed_backup(target.as_str(), manifest.finished_at, &facts);
             }
             Ok(None) => {}
             Err(err) => tracing::warn!(%target, error = %err, "metrics: cannot read the catalog"),

@@ -13,6 +13,7 @@
 //! | `crm_backup_last_raw_bytes` | gauge | target (the last backup's raw size) |
 //! | `crm_backup_last_stored_bytes` | gauge | target (the last backup's stored size) |
 //! | `crm_backup_storage_bytes` | gauge | target (everything stored under the target) |
+//! | `crm_backup_last_backup_warning` | gauge | target, warning (`size_drop`, `size_jump`): 1 when the last backup has it |
 //! | `crm_backup_dead_lettered_total` | counter | reason (error kind) |
 //! | `crm_backup_dead_letters` | gauge | (letters waiting in the dead-letter queue) |
 //! | `crm_backup_steps_running` | gauge | |
@@ -42,6 +43,7 @@ const LAST_DURATION: &str = "crm_backup_last_duration_seconds";
 const LAST_RAW_BYTES: &str = "crm_backup_last_raw_bytes";
 const LAST_STORED_BYTES: &str = "crm_backup_last_stored_bytes";
 const STORAGE_BYTES: &str = "crm_backup_storage_bytes";
+const LAST_WARNING: &str = "crm_backup_last_backup_warning";
 const DEAD_LETTERED: &str = "crm_backup_dead_lettered_total";
 const DEAD_LETTERS: &str = "crm_backup_dead_letters";
 const BUILD_INFO: &str = "crm_backup_build_info";
@@ -84,6 +86,15 @@ impl WorkerState {
             .set(f64::from(u8::from(self.is_consuming())));
         self.metrics.handle.render()
     }
+}
+
+/// What the metrics show of a completed backup.
+#[derive(Debug, Clone, Default)]
+pub struct BackupFacts {
+    pub raw_bytes: u64,
+    pub stored_bytes: u64,
+    /// Size-check warnings (`size_drop`, `size_jump`).
+    pub warnings: Vec<String>,
 }
 
 /// The worker's metrics.
@@ -140,6 +151,11 @@ impl Metrics {
                 "Bytes stored under each target in storage (every backup kept).",
             ),
             (
+                LAST_WARNING,
+                Unit::Count,
+                "1 when the last backup of the target has the size-check warning.",
+            ),
+            (
                 DEAD_LETTERS,
                 Unit::Count,
                 "Commands waiting in the dead-letter queue.",
@@ -194,14 +210,14 @@ impl Metrics {
     }
 
     /// A step ended: `outcome` is `completed`, `failed` or `cancelled` (by a shutdown);
-    /// `sizes` (raw, stored) for a completed backup.
+    /// `backup` for a completed backup.
     pub fn step_finished(
         &self,
         action: &str,
         target: &str,
         outcome: &'static str,
         elapsed: Duration,
-        sizes: Option<(u64, u64)>,
+        backup: Option<&BackupFacts>,
     ) {
         self.gauge(RUNNING, Vec::new()).decrement(1.0);
         let step = step_labels(action, target);
@@ -213,8 +229,8 @@ impl Metrics {
         if outcome == "completed" {
             let now = Utc::now();
             self.seed_success(action, target, now, Some(elapsed));
-            if let (Some((raw, stored)), "backup") = (sizes, action) {
-                self.seed_backup_sizes(target, now, raw, stored);
+            if let (Some(backup), "backup") = (backup, action) {
+                self.seed_backup(target, now, backup);
             }
         }
     }
@@ -247,8 +263,8 @@ impl Metrics {
         }
     }
 
-    /// The sizes of a backup of `target` that finished at `at`, unless a later one is known.
-    pub fn seed_backup_sizes(&self, target: &str, at: DateTime<Utc>, raw: u64, stored: u64) {
+    /// The last backup of `target`, finished at `at`, unless a later one is known.
+    pub fn seed_backup(&self, target: &str, at: DateTime<Utc>, backup: &BackupFacts) {
         let Ok(mut known) = self.last_sizes.lock() else {
             return;
         };
@@ -258,8 +274,17 @@ impl Metrics {
         }
         *latest = at;
         let labels = || vec![Label::new("target", target.to_string())];
-        self.gauge(LAST_RAW_BYTES, labels()).set(raw as f64);
-        self.gauge(LAST_STORED_BYTES, labels()).set(stored as f64);
+        self.gauge(LAST_RAW_BYTES, labels())
+            .set(backup.raw_bytes as f64);
+        self.gauge(LAST_STORED_BYTES, labels())
+            .set(backup.stored_bytes as f64);
+        for warning in [crate::size_check::SIZE_DROP, crate::size_check::SIZE_JUMP] {
+            let mut labels = labels();
+            labels.push(Label::new("warning", warning));
+            let has = backup.warnings.iter().any(|w| w == warning);
+            self.gauge(LAST_WARNING, labels)
+                .set(f64::from(u8::from(has)));
+        }
     }
 
     /// Bytes stored under `target` now.
@@ -327,7 +352,11 @@ mod tests {
             "postgres",
             "completed",
             Duration::from_millis(1500),
-            Some((100, 42)),
+            Some(&BackupFacts {
+                raw_bytes: 100,
+                stored_bytes: 42,
+                warnings: vec!["size_drop".into()],
+            }),
         );
         metrics.step_started();
         metrics.step_finished(
@@ -354,6 +383,8 @@ mod tests {
             "crm_backup_last_raw_bytes{target=\"postgres\"} 100",
             "crm_backup_last_duration_seconds{action=\"backup\",target=\"postgres\"} 1.5",
             "crm_backup_build_info{version=\"0.1.0\"} 1",
+            "crm_backup_last_backup_warning{target=\"postgres\",warning=\"size_drop\"} 1",
+            "crm_backup_last_backup_warning{target=\"postgres\",warning=\"size_jump\"} 0",
             "crm_backup_dead_lettered_total{reason=\"invalid_json\"} 1",
             "crm_backup_steps_running 1",
             "crm_backup_consuming 1",

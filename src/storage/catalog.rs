@@ -86,6 +86,15 @@ pub async fn latest(
     storage: &Storage,
     target: TargetKind,
 ) -> Result<Option<Manifest>, CatalogError> {
+    latest_where(storage, target, |_| true).await
+}
+
+/// The newest backup of `target` for which `wanted` holds (see [`latest`]).
+pub async fn latest_where(
+    storage: &Storage,
+    target: TargetKind,
+    wanted: impl Fn(&Manifest) -> bool,
+) -> Result<Option<Manifest>, CatalogError> {
     let base = format!("{target}/");
     let mut ids: Vec<BackupId> = storage
         .list_dirs(&base)
@@ -102,6 +111,7 @@ pub async fn latest(
             break;
         }
         match get(storage, &id).await {
+            Ok(manifest) if !wanted(&manifest) => {}
             Ok(manifest) => {
                 let newer = newest.as_ref().is_none_or(|found| {
                     (manifest.started_at, &manifest.id) > (found.started_at, &found.id)

@@ -33,6 +33,9 @@ pub struct Manifest {
     /// The key id (minisign's) of the key that signed this manifest; none: unsigned.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signing_key: Option<String>,
+    /// What the size check says of this backup (`size_drop`, `size_jump`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
     /// Facts about the source, recorded by the target (versions, counts, …).
     pub source: Facts,
     pub artifacts: Vec<ArtifactRecord>,
