@@ -1044,6 +1044,19 @@ async fn a_backup_much_smaller_than_the_last_is_flagged_everywhere() {
     .await
     .unwrap();
     assert_eq!(manifest.warnings, ["size_drop"]);
+    let history = crm_backup::audit::read(
+        &h.setup.ctx.storage,
+        chrono::Utc::now() - chrono::Duration::hours(1),
+        None,
+        10,
+    )
+    .await
+    .unwrap();
+    assert_eq!(history.records[0].backup_id, smaller.backup_id);
+    assert_eq!(
+        history.records[0].details.as_ref().unwrap()["warnings"],
+        serde_json::json!(["size_drop"])
+    );
     let text = h.workers[0].2.render();
     assert!(
         text.lines()

@@ -56,6 +56,9 @@ pub async fn run(
                 record.backup_id = Some(manifest.id.to_string());
                 record.raw_bytes = Some(manifest.raw_size());
                 record.stored_bytes = Some(manifest.stored_size());
+                if !manifest.warnings.is_empty() {
+                    record.details = Some(json!({"warnings": manifest.warnings}));
+                }
                 trail.write(record, started).await;
                 output::backup(&ctx.storage, &manifest, json);
             }

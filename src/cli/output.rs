@@ -41,17 +41,23 @@ pub fn backup(storage: &Storage, manifest: &Manifest, json: bool) {
                 "duration_ms": duration.as_millis() as u64,
                 "throughput_bytes_per_s": throughput as u64,
                 "location": storage.location_of(&format!("{}/{}/", manifest.target, manifest.id)),
+                "warnings": manifest.warnings,
             })
         );
     } else {
         println!(
-            "{:<10} {}  raw {:>10}  stored {:>10}  {:>7.1} s  {}/s",
+            "{:<10} {}  raw {:>10}  stored {:>10}  {:>7.1} s  {}/s{}",
             manifest.target.as_str(),
             manifest.id,
             human_bytes(manifest.raw_size()),
             human_bytes(manifest.stored_size()),
             seconds,
             human_bytes(throughput as u64),
+            if manifest.warnings.is_empty() {
+                String::new()
+            } else {
+                format!("  WARNING: {}", manifest.warnings.join(", "))
+            }
         );
     }
 }
@@ -97,13 +103,14 @@ pub fn history(record: &AuditRecord) -> String {
     } else {
         format!("{} / {}", or_dash(&record.user), record.requested_by)
     };
-    let note = match (
-        &record.error,
-        record.details.as_ref().and_then(|d| d.get("destination")),
-    ) {
-        (Some(error), _) => error.replace('\n', " "),
-        (None, Some(destination)) => format!("into {}", destination.as_str().unwrap_or_default()),
-        (None, None) => String::new(),
+    let detail = |name: &str| record.details.as_ref().and_then(|d| d.get(name));
+    let note = match (&record.error, detail("destination"), detail("warnings")) {
+        (Some(error), _, _) => error.replace('\n', " "),
+        (None, Some(destination), _) => {
+            format!("into {}", destination.as_str().unwrap_or_default())
+        }
+        (None, None, Some(warnings)) => format!("WARNING: {warnings}"),
+        (None, None, None) => String::new(),
     };
     format!(
         "{}  {:<11} {:<10} {:<10} {:<34} {:<45} {:>10}  {:>7}  {}",

@@ -784,6 +784,9 @@ fn step_record(
             record.details = outcome.details.clone().filter(|details| {
                 command.action == Action::Restore && details.to_string().len() <= 16 * 1024
             });
+            if !outcome.warnings.is_empty() {
+                record.details = Some(serde_json::json!({"warnings": outcome.warnings}));
+            }
             record
         }
         Err(JobError::Cancelled) => record.failed(
