@@ -80,7 +80,7 @@ redis_run() { # <label>: one Redis command; each leaves nothing behind for the n
     redis_cli) measure redis_cli redis-cli -p "$REDIS_PORT" --rdb "$WORK/dump.rdb" ;;
     redis_local) measure redis_local env "${LOCAL[@]}" REDIS_PORT="$REDIS_PORT" "$BIN" run redis ;;
     redis_crm) measure redis_crm env REDIS_PORT="$REDIS_PORT" "$BIN" run redis ;;
-    redis_base) measure redis_base env BACKUP_CONFIG_DIR="$BASE_CONFIG" "${LOCAL[@]}" REDIS_PORT="$REDIS_PORT" "$BASE" run redis ;;
+    redis_base) measure redis_base env "${LOCAL[@]}" BACKUP_CONFIG_DIR="$BASE_CONFIG" REDIS_PORT="$REDIS_PORT" "$BASE" run redis ;;
   esac
   rm -rf "$WORK/dump.rdb" "$WORK/local"
 }
@@ -127,7 +127,7 @@ docs_run() {
     docs_crm)
       measure docs_crm env DOCUMENTS_STORAGE_ROOT="$DOCS" BACKUP__DOCUMENTS__ENABLED=true "$BIN" run documents ;;
     docs_base)
-      measure docs_base env BACKUP_CONFIG_DIR="$BASE_CONFIG" "${LOCAL[@]}" DOCUMENTS_STORAGE_ROOT="$DOCS" BACKUP__DOCUMENTS__ENABLED=true "$BASE" run documents ;;
+      measure docs_base env "${LOCAL[@]}" BACKUP_CONFIG_DIR="$BASE_CONFIG" DOCUMENTS_STORAGE_ROOT="$DOCS" BACKUP__DOCUMENTS__ENABLED=true "$BASE" run documents ;;
     restic)
       # A full backup into a fresh repository each time (into the same one, every round
       # after the first would skip the unchanged files); the repository's creation, with
