@@ -457,6 +457,16 @@ impl Settings {
         })?;
         self.postgres.validate()?;
         self.redis.validate()?;
+        if self.http.metrics_refresh.0.is_zero() {
+            invalid("http.metrics_refresh", "must be longer than zero".into())?;
+        }
+        let ratios = &self.size_check;
+        if !(ratios.drop_ratio >= 0.0 && ratios.drop_ratio <= 1.0) {
+            invalid("size_check.drop_ratio", "must be between 0 and 1".into())?;
+        }
+        if !(ratios.jump_ratio >= 1.0 && ratios.jump_ratio.is_finite()) {
+            invalid("size_check.jump_ratio", "must be 1 or more".into())?;
+        }
         check_http_url(
             "rabbitmq_definitions.management_url",
             &self.rabbitmq_definitions.management_url,

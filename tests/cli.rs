@@ -37,6 +37,21 @@ fn a_bad_configuration_value_stops_start_up_naming_the_key() {
             "0",
             "storage.parts_in_flight",
         ),
+        (
+            "BACKUP__HTTP__METRICS_REFRESH",
+            "0s",
+            "http.metrics_refresh",
+        ),
+        (
+            "BACKUP__SIZE_CHECK__DROP_RATIO",
+            "NaN",
+            "size_check.drop_ratio",
+        ),
+        (
+            "BACKUP__SIZE_CHECK__JUMP_RATIO",
+            "0.5",
+            "size_check.jump_ratio",
+        ),
     ];
     for (name, value, key) in cases {
         let (ok, stdout, stderr) = run_cli(&env_with(&[(name, value)]), &["list"]);
