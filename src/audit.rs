@@ -194,8 +194,16 @@ pub async fn read(
     limit: usize,
 ) -> Result<History, StorageError> {
     let mut history = History::default();
-    let mut day = Utc::now().date_naive();
-    while day >= since.date_naive() && history.records.len() < limit {
+    let mut days: Vec<NaiveDate> = days(storage)
+        .await?
+        .into_iter()
+        .filter(|day| *day >= since.date_naive())
+        .collect();
+    days.sort_unstable_by(|a, b| b.cmp(a));
+    for day in days {
+        if history.records.len() >= limit {
+            break;
+        }
         let mut objects = storage.list(&day_dir(day)).await?;
         objects.sort_by(|a, b| b.key.cmp(&a.key));
         for object in objects {
@@ -212,7 +220,12 @@ pub async fn read(
                     .push((object.key, format!("larger than {MAX_RECORD_BYTES} bytes")));
                 continue;
             }
-            let bytes = storage.get_bytes(&object.key).await?;
+            let bytes = match storage.get_bytes(&object.key).await {
+                Ok(bytes) => bytes,
+                // Pruned since it was listed.
+                Err(StorageError::NotFound { .. }) => continue,
+                Err(err) => return Err(err),
+            };
             match serde_json::from_slice::<AuditRecord>(&bytes) {
                 Ok(record) if record.version != VERSION => history
                     .unreadable
@@ -227,10 +240,6 @@ pub async fn read(
                 Err(err) => history.unreadable.push((object.key, err.to_string())),
             }
         }
-        let Some(previous) = day.pred_opt() else {
-            break;
-        };
-        day = previous;
     }
     history
         .records
@@ -248,6 +257,18 @@ pub async fn prune(
     if keep_days == 0 {
         return Ok(0);
     }
+    let mut deleted = 0;
+    for day in expired_days(&days(storage).await?, keep_days, today) {
+        for object in storage.list(&day_dir(day)).await? {
+            storage.delete(&object.key).await?;
+            deleted += 1;
+        }
+    }
+    Ok(deleted)
+}
+
+/// The days that have records (`audit/<yyyy>/<mm>/<dd>/`); other directories are ignored.
+async fn days(storage: &Storage) -> Result<Vec<NaiveDate>, StorageError> {
     let mut days = Vec::new();
     for year in storage.list_dirs(DIR).await? {
         for month in storage.list_dirs(&year).await? {
@@ -258,14 +279,7 @@ pub async fn prune(
             }
         }
     }
-    let mut deleted = 0;
-    for day in expired_days(&days, keep_days, today) {
-        for object in storage.list(&day_dir(day)).await? {
-            storage.delete(&object.key).await?;
-            deleted += 1;
-        }
-    }
-    Ok(deleted)
+    Ok(days)
 }
 
 /// The days whose records are past their retention: older than `keep_days` before `today`.
