@@ -348,6 +348,8 @@ pub struct StorageSettings {
     pub retry_timeout: HumanDuration,
     /// Permission bits left out of the files and directories crm-backup creates (octal).
     pub umask: String,
+    /// S3 only: the bucket's quota (0: none known), for the free-space gauge.
+    pub quota_bytes: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]

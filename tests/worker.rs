@@ -1006,6 +1006,19 @@ async fn metrics_come_from_storage_so_a_restart_or_a_cli_run_forgets_nothing() {
         .parse()
         .unwrap();
     assert!(stored >= manifest.stored_size() as f64, "{text}");
+    // The local directory's file system: its size and free bytes.
+    let gauge = |name: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .unwrap_or_else(|| panic!("{name} missing in\n{text}"))
+            .parse()
+            .unwrap()
+    };
+    let (capacity, free) = (
+        gauge("crm_backup_storage_capacity_bytes"),
+        gauge("crm_backup_storage_free_bytes"),
+    );
+    assert!(capacity > 0.0 && free > 0.0 && free <= capacity, "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

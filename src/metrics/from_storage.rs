@@ -22,6 +22,7 @@ pub const FIRST_LOOKBACK: chrono::Duration = chrono::Duration::days(35);
 /// had.
 pub async fn refresh(storage: &Storage, metrics: &Metrics, since: DateTime<Utc>) -> DateTime<Utc> {
     let started = Utc::now();
+    let mut used = 0;
     for target in TargetKind::ALL {
         match catalog::latest(storage, target).await {
             Ok(Some(manifest)) => {
@@ -43,10 +44,15 @@ pub async fn refresh(storage: &Storage, metrics: &Metrics, since: DateTime<Utc>)
         }
         match storage.list(&format!("{target}/")).await {
             Ok(objects) => {
-                metrics.set_storage_bytes(target.as_str(), objects.iter().map(|o| o.size).sum())
+                let bytes = objects.iter().map(|o| o.size).sum();
+                used += bytes;
+                metrics.set_storage_bytes(target.as_str(), bytes);
             }
             Err(err) => tracing::warn!(%target, error = %err, "metrics: cannot list storage"),
         }
+    }
+    if let Some(space) = storage.space(used) {
+        metrics.set_storage_space(space.capacity, space.free);
     }
     match audit::read(storage, since, None, usize::MAX).await {
         Ok(history) => {

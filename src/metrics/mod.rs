@@ -13,6 +13,7 @@
 //! | `crm_backup_last_raw_bytes` | gauge | target (the last backup's raw size) |
 //! | `crm_backup_last_stored_bytes` | gauge | target (the last backup's stored size) |
 //! | `crm_backup_storage_bytes` | gauge | target (everything stored under the target) |
+//! | `crm_backup_storage_capacity_bytes`, `crm_backup_storage_free_bytes` | gauge | (the local directory's file system, or the bucket's `storage.quota_bytes`) |
 //! | `crm_backup_last_backup_warning` | gauge | target, warning (`size_drop`, `size_jump`): 1 when the last backup has it |
 //! | `crm_backup_dead_lettered_total` | counter | reason (error kind) |
 //! | `crm_backup_dead_letters` | gauge | (letters waiting in the dead-letter queue) |
@@ -43,6 +44,8 @@ const LAST_DURATION: &str = "crm_backup_last_duration_seconds";
 const LAST_RAW_BYTES: &str = "crm_backup_last_raw_bytes";
 const LAST_STORED_BYTES: &str = "crm_backup_last_stored_bytes";
 const STORAGE_BYTES: &str = "crm_backup_storage_bytes";
+const STORAGE_CAPACITY: &str = "crm_backup_storage_capacity_bytes";
+const STORAGE_FREE: &str = "crm_backup_storage_free_bytes";
 const LAST_WARNING: &str = "crm_backup_last_backup_warning";
 const DEAD_LETTERED: &str = "crm_backup_dead_lettered_total";
 const DEAD_LETTERS: &str = "crm_backup_dead_letters";
@@ -149,6 +152,16 @@ impl Metrics {
                 STORAGE_BYTES,
                 Unit::Bytes,
                 "Bytes stored under each target in storage (every backup kept).",
+            ),
+            (
+                STORAGE_CAPACITY,
+                Unit::Bytes,
+                "Size of the storage: the local directory's file system, or the bucket's quota.",
+            ),
+            (
+                STORAGE_FREE,
+                Unit::Bytes,
+                "Free bytes in the storage (local file system, or quota minus what is stored).",
             ),
             (
                 LAST_WARNING,
@@ -294,6 +307,13 @@ impl Metrics {
             vec![Label::new("target", target.to_string())],
         )
         .set(bytes as f64);
+    }
+
+    /// The storage's size and free bytes now.
+    pub fn set_storage_space(&self, capacity: u64, free: u64) {
+        self.gauge(STORAGE_CAPACITY, Vec::new())
+            .set(capacity as f64);
+        self.gauge(STORAGE_FREE, Vec::new()).set(free as f64);
     }
 
     /// Letters waiting in the dead-letter queue now.

@@ -88,6 +88,13 @@ pub struct ObjectInfo {
     pub staging: bool,
 }
 
+/// The size of the storage and its free bytes (see [`Storage::space`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Space {
+    pub capacity: u64,
+    pub free: u64,
+}
+
 /// Handle on the configured object store.
 #[derive(Clone)]
 pub struct Storage {
@@ -95,6 +102,10 @@ pub struct Storage {
     /// The same store when it is the local directory: uploads there go through
     /// [`local_upload::LocalUpload`].
     local: Option<Arc<LocalFileSystem>>,
+    /// The local directory, for its file system's free space.
+    local_dir: Option<std::path::PathBuf>,
+    /// S3: the bucket's configured quota (0: none known).
+    quota_bytes: u64,
     prefix: String,
     /// Where the store is, for humans and events: `s3://bucket/prefix/` or `file:///dir/`.
     base_location: String,
@@ -115,6 +126,7 @@ impl Storage {
     pub fn open(settings: &StorageSettings) -> Result<Self, StorageError> {
         let prefix = settings.prefix.trim_matches('/').to_string();
         let mut local = None;
+        let mut local_dir = None;
         let (store, root): (Arc<dyn ObjectStore>, String) = if settings.s3_bucket.is_empty() {
             std::fs::create_dir_all(&settings.local_dir).map_err(|err| {
                 StorageError::Config(format!(
@@ -132,6 +144,7 @@ impl Storage {
                 .with_fsync(true);
             let store = Arc::new(store);
             local = Some(store.clone());
+            local_dir = Some(dir.clone());
             (store, format!("file://{}/", dir.display()))
         } else {
             let mut builder = AmazonS3Builder::new()
@@ -173,11 +186,33 @@ impl Storage {
         Ok(Storage {
             store,
             local,
+            local_dir,
+            quota_bytes: settings.quota_bytes,
             prefix,
             base_location,
             part_size: settings.part_size_mib as usize * 1024 * 1024,
             parts_in_flight: settings.parts_in_flight as usize,
         })
+    }
+
+    /// How large the storage is and how much of it is free, where that can be known: the
+    /// local directory's file system, or a bucket with a configured quota of which `used`
+    /// bytes are taken.
+    pub fn space(&self, used: u64) -> Option<Space> {
+        match &self.local_dir {
+            Some(dir) => {
+                let stats = rustix::fs::statvfs(dir).ok()?;
+                Some(Space {
+                    capacity: stats.f_blocks.saturating_mul(stats.f_frsize),
+                    free: stats.f_bavail.saturating_mul(stats.f_frsize),
+                })
+            }
+            None if self.quota_bytes > 0 => Some(Space {
+                capacity: self.quota_bytes,
+                free: self.quota_bytes.saturating_sub(used),
+            }),
+            None => None,
+        }
     }
 
     /// Human- and event-facing location of a key (`s3://bucket/prefix/key`).
