@@ -7,6 +7,7 @@
 use chrono::{DateTime, Datelike, Duration as Days, NaiveDate, Utc};
 use serde::{Deserialize, Serialize};
 
+use crate::storage::manifest::Manifest;
 use crate::storage::{Storage, StorageError};
 
 /// The record format's version.
@@ -125,6 +126,14 @@ impl AuditRecord {
     /// password in a URL, redacted.
     pub fn with_options(mut self, options: &serde_json::Value) -> Self {
         self.options = redact(options);
+        self
+    }
+
+    /// The backup the operation made or used: its id and sizes.
+    pub fn with_backup(mut self, manifest: &Manifest) -> Self {
+        self.backup_id = Some(manifest.id.to_string());
+        self.raw_bytes = Some(manifest.raw_size());
+        self.stored_bytes = Some(manifest.stored_size());
         self
     }
 

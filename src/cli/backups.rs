@@ -52,10 +52,7 @@ pub async fn run(
             .with_options(&request.options);
         match run_backup(ctx, &request, &cancel).await {
             Ok(manifest) => {
-                let mut record = record;
-                record.backup_id = Some(manifest.id.to_string());
-                record.raw_bytes = Some(manifest.raw_size());
-                record.stored_bytes = Some(manifest.stored_size());
+                let mut record = record.with_backup(&manifest);
                 if !manifest.warnings.is_empty() {
                     record.details = Some(json!({"warnings": manifest.warnings}));
                 }
@@ -183,9 +180,7 @@ pub async fn restore(
             return Err(err.into());
         }
     };
-    record.backup_id = Some(manifest.id.to_string());
-    record.raw_bytes = Some(manifest.raw_size());
-    record.stored_bytes = Some(manifest.stored_size());
+    let mut record = record.with_backup(&manifest);
     record.details =
         Some(json!({"destination": report.destination, "manifest": trust.to_string()}));
     trail.write(record, started).await;
@@ -213,10 +208,9 @@ pub async fn verify(
     let mut failures = Vec::new();
     for manifest in &manifests {
         let started = Instant::now();
-        let mut record = trail.record("verify", Some(manifest.target.as_str()));
-        record.backup_id = Some(manifest.id.to_string());
-        record.raw_bytes = Some(manifest.raw_size());
-        record.stored_bytes = Some(manifest.stored_size());
+        let record = trail
+            .record("verify", Some(manifest.target.as_str()))
+            .with_backup(manifest);
         let report = match verify_backup(ctx, manifest).await {
             Ok(report) => report,
             Err(err) => {
@@ -283,10 +277,7 @@ pub async fn drill(
         record.backup_id = Some(backup.to_string());
         match run_drill(ctx, &request).await {
             Ok((manifest, report)) => {
-                record.backup_id = Some(manifest.id.to_string());
-                record.raw_bytes = Some(manifest.raw_size());
-                record.stored_bytes = Some(manifest.stored_size());
-                trail.write(record, started).await;
+                trail.write(record.with_backup(&manifest), started).await;
                 if json {
                     println!("{}", serde_json::to_string(&report)?);
                 } else {

@@ -10,7 +10,7 @@ use chrono::{DateTime, Utc};
 
 use super::{BackupFacts, Metrics};
 use crate::audit::{self, Outcome};
-use crate::model::TargetKind;
+use crate::model::{Action, TargetKind};
 use crate::storage::Storage;
 use crate::storage::catalog;
 
@@ -61,7 +61,8 @@ pub async fn refresh(storage: &Storage, metrics: &Metrics, since: DateTime<Utc>)
                 if record.outcome != Outcome::Completed {
                     continue;
                 }
-                let (Some(target), true) = (&record.target, is_step(&record.action)) else {
+                let (Some(target), Ok(_)) = (&record.target, record.action.parse::<Action>())
+                else {
                     continue;
                 };
                 let took = Duration::from_millis(record.duration_ms);
@@ -73,9 +74,4 @@ pub async fn refresh(storage: &Storage, metrics: &Metrics, since: DateTime<Utc>)
     // Records are written when an operation ends, a moment after their `at`: read the last
     // minute again next time.
     started - chrono::Duration::minutes(1)
-}
-
-/// The actions the step metrics are labelled with.
-fn is_step(action: &str) -> bool {
-    matches!(action, "backup" | "restore" | "verify" | "drill" | "prune")
 }

@@ -258,16 +258,13 @@ impl Metrics {
         at: DateTime<Utc>,
         took: Option<Duration>,
     ) {
-        let Ok(mut known) = self.last_success.lock() else {
-            return;
-        };
-        let latest = known
-            .entry((action.to_string(), target.to_string()))
-            .or_insert(at);
-        if at < *latest {
+        if !is_newest(
+            &self.last_success,
+            (action.to_string(), target.to_string()),
+            at,
+        ) {
             return;
         }
-        *latest = at;
         self.gauge(LAST_SUCCESS, step_labels(action, target))
             .set(at.timestamp() as f64);
         if let Some(took) = took {
@@ -278,14 +275,9 @@ impl Metrics {
 
     /// The last backup of `target`, finished at `at`, unless a later one is known.
     pub fn seed_backup(&self, target: &str, at: DateTime<Utc>, backup: &BackupFacts) {
-        let Ok(mut known) = self.last_sizes.lock() else {
-            return;
-        };
-        let latest = known.entry(target.to_string()).or_insert(at);
-        if at < *latest {
+        if !is_newest(&self.last_sizes, target.to_string(), at) {
             return;
         }
-        *latest = at;
         let labels = || vec![Label::new("target", target.to_string())];
         self.gauge(LAST_RAW_BYTES, labels())
             .set(backup.raw_bytes as f64);
@@ -349,6 +341,19 @@ impl Default for Metrics {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// Records `at` for `key` when nothing later is known; whether it did.
+fn is_newest<K: Ord>(known: &Mutex<BTreeMap<K, DateTime<Utc>>>, key: K, at: DateTime<Utc>) -> bool {
+    let Ok(mut known) = known.lock() else {
+        return false;
+    };
+    let latest = known.entry(key).or_insert(at);
+    if at < *latest {
+        return false;
+    }
+    *latest = at;
+    true
 }
 
 fn step_labels(action: &str, target: &str) -> Vec<Label> {
