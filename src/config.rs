@@ -53,6 +53,8 @@ const SEED_NAMES: &[(&str, &str)] = &[
     ("BACKUP_SCHEDULER_ID_SALT", "scheduler.id_salt"),
     ("BACKUP_SIGNING_KEY_FILE", "signing.secret_key_file"),
     ("BACKUP_SIGNING_PUBLIC_KEYS", "signing.public_keys"),
+    ("BACKUP_WORKER_CONSUME", "messaging.consume"),
+    ("BACKUP_RELAY_USERS", "messaging.relay_users"),
 ];
 
 /// Settings whose environment value is a comma-separated list.
@@ -67,6 +69,7 @@ const LIST_KEYS: &[&str] = &[
     "restore.allowed_destinations",
     "restore.password_envs",
     "messaging.retry_delays",
+    "messaging.relay_users",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -194,11 +197,31 @@ pub struct MessagingSettings {
     pub dead_queue: String,
     pub retry_queue_prefix: String,
     pub lease_queue_prefix: String,
+    /// Where commands that decrypt (restore, drill, verify) go when the worker that received
+    /// them holds no age identity: see [`crate::messaging::keyed`].
+    pub keyed_queue: String,
+    /// Which queues this worker consumes.
+    pub consume: Consume,
+    /// Broker users besides the worker's own whose re-publications are trusted to carry the
+    /// original sender (the backup workers' user, on a key-holding worker with a user of its own).
+    pub relay_users: Vec<String>,
     pub retry_delays: Vec<HumanDuration>,
     pub max_attempts: u32,
     pub retry_jitter: f64,
     pub delivery_limit: u32,
     pub shutdown_timeout: HumanDuration,
+}
+
+/// The queues a worker consumes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Consume {
+    /// `backup.commands`, and the keyed queue too when an age identity is configured.
+    Auto,
+    /// `backup.commands` only.
+    Commands,
+    /// The keyed queue only: a key-holding worker that takes no backups.
+    Keyed,
 }
 
 /// Signed manifests: see [`crate::storage::signing`].
@@ -793,6 +816,12 @@ impl MessagingSettings {
         }
         if self.delivery_limit == 0 {
             return invalid("messaging.delivery_limit", "must be at least 1".into());
+        }
+        if self.keyed_queue.is_empty() || self.keyed_queue == self.commands_queue {
+            return invalid(
+                "messaging.keyed_queue",
+                "must be a queue name of its own, not the commands queue".into(),
+            );
         }
         Ok(())
     }

@@ -125,7 +125,7 @@ async fn nobody_is_trusted_implicitly_and_refused_letters_stay_dead() {
             .as_deref()
             .is_some_and(|why| why.contains("unauthorized"))
     }));
-    let letters = dlq::list(&client.connection, &names, "guest")
+    let letters = dlq::list(&client.connection, &names, &["guest".to_string()])
         .await
         .unwrap();
     assert_eq!(letters.len(), 2, "both letters stay dead");

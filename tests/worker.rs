@@ -116,9 +116,13 @@ async fn malformed_commands_are_dead_lettered_with_a_reason() {
             .contains("unknown target `mysql`")
     );
 
-    let letters = dlq::list(&client.connection, client.publisher.names(), "guest")
-        .await
-        .unwrap();
+    let letters = dlq::list(
+        &client.connection,
+        client.publisher.names(),
+        &["guest".to_string()],
+    )
+    .await
+    .unwrap();
     let ids: Vec<&str> = letters.iter().map(|l| l.id.as_str()).collect();
     assert_eq!(ids, ["bad-json-1", "bad-schema-1", "bad-target-1"]);
     assert_eq!(letters[1].error_kind.as_deref(), Some("schema_violation"));
@@ -131,10 +135,14 @@ async fn malformed_commands_are_dead_lettered_with_a_reason() {
     );
     // Listing removes nothing.
     assert_eq!(
-        dlq::list(&client.connection, client.publisher.names(), "guest")
-            .await
-            .unwrap()
-            .len(),
+        dlq::list(
+            &client.connection,
+            client.publisher.names(),
+            &["guest".to_string()]
+        )
+        .await
+        .unwrap()
+        .len(),
         3
     );
     h.stop_workers().await;
@@ -226,7 +234,7 @@ async fn exhausted_attempts_dead_letter_and_replay_completes() {
         [Some(true), Some(true), Some(false)]
     );
     let names_of = client.publisher.names().clone();
-    let letters = dlq::list(&client.connection, &names_of, "guest")
+    let letters = dlq::list(&client.connection, &names_of, &["guest".to_string()])
         .await
         .unwrap();
     assert_eq!(letters.len(), 1);
@@ -255,7 +263,7 @@ async fn exhausted_attempts_dead_letter_and_replay_completes() {
     assert_eq!(planned[0].skipped, None);
     assert_eq!(planned.len(), 1);
     assert_eq!(
-        dlq::list(&client.connection, &names_of, "guest")
+        dlq::list(&client.connection, &names_of, &["guest".to_string()])
             .await
             .unwrap()
             .len(),
@@ -278,7 +286,7 @@ async fn exhausted_attempts_dead_letter_and_replay_completes() {
         [("backup.started".into(), 1), ("backup.completed".into(), 1)]
     );
     assert!(
-        dlq::list(&client.connection, &names_of, "guest")
+        dlq::list(&client.connection, &names_of, &["guest".to_string()])
             .await
             .unwrap()
             .is_empty()
@@ -712,7 +720,7 @@ async fn a_command_that_keeps_killing_workers_is_stopped_by_the_delivery_limit()
     let names = client.publisher.names().clone();
     let mut crashes = 0;
     let letters = loop {
-        let letters = dlq::list(&client.connection, &names, "guest")
+        let letters = dlq::list(&client.connection, &names, &["guest".to_string()])
             .await
             .unwrap();
         if !letters.is_empty() || crashes == 6 {
@@ -1085,4 +1093,113 @@ async fn backup_once(client: &mut common::harness::Client) -> event::Event {
     let command = backup_command(TargetKind::Postgres);
     client.send(&command).await;
     client.follow(&command).await.pop().unwrap()
+}
+
+/// Backup workers hold only the public key: a restore, drill or verify they receive goes to
+/// the key-holding worker; while none consumes, it fails as retryable, naming what is missing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_scheduled_drill_of_an_encrypted_backup_runs_on_the_key_holding_worker() {
+    let keys = tempfile::tempdir().unwrap();
+    let (public, identity) = common::age_key(keys.path());
+    let mut h = Harness::new(
+        "w_keyed",
+        &[
+            ("BACKUP_AGE_RECIPIENTS", public.as_str()),
+            ("BACKUP__MESSAGING__RETRY_DELAYS", "2s"),
+            ("BACKUP__MESSAGING__MAX_ATTEMPTS", "4"),
+        ],
+    );
+    assert!(h.setup.settings.identity_file().is_none());
+    h.start_worker().await;
+    let mut client = h.client().await;
+    let backup = backup_command(TargetKind::Postgres);
+    client.send(&backup).await;
+    let done = client.follow(&backup).await.pop().unwrap();
+    assert_eq!(done.event, event::COMPLETED, "{done:?}");
+    let backup_id = done.backup_id.unwrap();
+    let manifest = catalog::list(&h.setup.ctx.storage, TargetKind::Postgres)
+        .await
+        .unwrap()
+        .manifests
+        .pop()
+        .unwrap();
+    assert!(
+        manifest.artifacts.iter().all(|a| a.encryption.is_some()),
+        "the backup is encrypted"
+    );
+
+    // No key-holding worker yet: the drill fails as retryable and says what is missing.
+    let drill = BackupCommand::new(
+        Action::Drill,
+        TargetSelector::One(TargetKind::Postgres),
+        "test-suite",
+    );
+    client.send(&drill).await;
+    let first = loop {
+        let event = client.events.next(WAIT).await.unwrap().expect("an event");
+        if event.command_id == drill.id && event.event == event::FAILED {
+            break event;
+        }
+    };
+    let error = first.error.clone().unwrap();
+    assert_eq!(error.kind, "no_keyholder", "{first:?}");
+    assert!(
+        error.retryable && first.will_retry == Some(true),
+        "{first:?}"
+    );
+    assert!(
+        error.message.contains("backup.commands.keyed")
+            && error.message.contains("BACKUP_AGE_IDENTITY_FILE"),
+        "{}",
+        error.message
+    );
+
+    // The key-holding worker consumes only the keyed queue: the retry is handed over to it.
+    let mut env = h.setup.env.clone();
+    env.insert(
+        "BACKUP_AGE_IDENTITY_FILE".into(),
+        identity.display().to_string(),
+    );
+    env.insert("BACKUP_WORKER_CONSUME".into(), "keyed".into());
+    let keyholder =
+        crm_backup::jobs::JobContext::new(crm_backup::config::Settings::load(&env).unwrap())
+            .unwrap();
+    h.start_worker_with(keyholder).await;
+    let done = client.follow(&drill).await.pop().unwrap();
+    assert_eq!(done.event, event::COMPLETED, "{done:?}");
+    assert_eq!(done.backup_id.as_deref(), Some(backup_id.as_str()));
+
+    // The scheduler's drills take the same way.
+    let config = tempfile::tempdir().unwrap();
+    std::fs::write(
+        config.path().join("test.toml"),
+        "[scheduler]\nmissed_window = \"1s\"\n\n[[scheduler.schedules]]\nname = \"drill-often\"\n\
+         cron = \"*/2 * * * * *\"\ntimezone = \"UTC\"\naction = \"drill\"\ntarget = \"postgres\"\n",
+    )
+    .unwrap();
+    let mut scheduler = Command::new(env!("CARGO_BIN_EXE_crm-backup-scheduler"))
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("BACKUP_LOG_FORMAT", "json")
+        .envs(h.child_env())
+        .env("BACKUP_CONFIG_DIR", config.path())
+        .env("BACKUP_ENV", "test")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("scheduler starts");
+    let scheduled = loop {
+        let event = client.events.next(WAIT).await.unwrap().expect("an event");
+        if event.action.as_deref() == Some("drill")
+            && event.command_id != drill.id
+            && (event.event == event::COMPLETED || event.will_retry == Some(false))
+        {
+            break event;
+        }
+    };
+    let _ = scheduler.kill();
+    let _ = scheduler.wait();
+    assert_eq!(scheduled.event, event::COMPLETED, "{scheduled:?}");
+    assert_eq!(scheduled.backup_id.as_deref(), Some(backup_id.as_str()));
+    h.stop_workers().await;
 }

@@ -194,8 +194,9 @@ async fn dlq_command(
     let connection = messaging::connect(&config.rabbitmq, "crm-backup dlq").await?;
     match command {
         DlqCommand::List { output } => {
-            let relay = messaging::amqp_user(&config.rabbitmq);
-            let letters = messaging::dlq::list(&connection, &config.messaging, &relay).await?;
+            let relays =
+                messaging::relays(&messaging::amqp_user(&config.rabbitmq), &config.messaging);
+            let letters = messaging::dlq::list(&connection, &config.messaging, &relays).await?;
             if output.json {
                 println!("{}", serde_json::to_string_pretty(&letters)?);
             } else if letters.is_empty() {

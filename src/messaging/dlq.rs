@@ -38,9 +38,9 @@ pub struct DeadLetter {
 }
 
 impl DeadLetter {
-    /// `relay`: the broker user whose copies carry the original sender (see
+    /// `relays`: the broker users whose copies carry the original sender (see
     /// [`headers::sender`]).
-    fn read(body: &[u8], properties: &BasicProperties, relay: &str) -> Self {
+    fn read(body: &[u8], properties: &BasicProperties, relays: &[String]) -> Self {
         let value: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
         let field = |name: &str| value.get(name).and_then(|v| v.as_str()).map(String::from);
         let id = field("id")
@@ -60,7 +60,7 @@ impl DeadLetter {
         .then(|| "dead-lettered by the broker: delivery limit reached (the worker failed on it repeatedly)".to_string());
         DeadLetter {
             id,
-            sender: headers::sender(properties, relay),
+            sender: headers::sender(properties, relays),
             action: field("action"),
             target: field("target"),
             attempts,
@@ -72,11 +72,11 @@ impl DeadLetter {
     }
 }
 
-/// Every dead letter, oldest first; none is removed. `relay`: see [`DeadLetter::read`].
+/// Every dead letter, oldest first; none is removed. `relays`: see [`DeadLetter::read`].
 pub async fn list(
     connection: &Connection,
     names: &MessagingSettings,
-    relay: &str,
+    relays: &[String],
 ) -> Result<Vec<DeadLetter>, MessagingError> {
     let channel = connection.create_channel().await?;
     let mut letters = Vec::new();
@@ -87,7 +87,7 @@ pub async fn list(
         letters.push(DeadLetter::read(
             &message.delivery.data,
             &message.delivery.properties,
-            relay,
+            relays,
         ));
     }
     let _ = channel.close(200, "listed".into()).await;
@@ -129,6 +129,7 @@ pub async fn replay(
     dry_run: bool,
 ) -> Result<Vec<Replay>, MessagingError> {
     let names = publisher.names();
+    let relays = super::relays(publisher.user(), names);
     let channel = connection.create_channel().await?;
     let mut replayed = Vec::new();
     while let Some(message) = channel
@@ -136,7 +137,7 @@ pub async fn replay(
         .await?
     {
         let delivery = message.delivery;
-        let letter = DeadLetter::read(&delivery.data, &delivery.properties, publisher.user());
+        let letter = DeadLetter::read(&delivery.data, &delivery.properties, &relays);
         let chosen = match selection {
             Selection::All => true,
             Selection::Ids(ids) => ids.contains(&letter.id),

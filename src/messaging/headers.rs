@@ -41,15 +41,18 @@ pub fn text(properties: &BasicProperties, name: &str) -> Option<String> {
 }
 
 /// The sender a command is checked as: the broker-verified `user_id`; on the re-publications
-/// of `relay` (the worker's own user: retries, the steps of `all`, replays), the original
-/// sender it recorded in [`SENDER`] (empty: a command that had no `user_id`). A [`SENDER`]
-/// header on anything else is ignored.
-pub fn sender(properties: &BasicProperties, relay: &str) -> Option<String> {
+/// of a `relays` user (the worker's own user: retries, the steps of `all`, replays, hand-overs
+/// to key-holding workers; and `messaging.relay_users`), the original sender it recorded in
+/// [`SENDER`] (empty: a command that had no `user_id`). A [`SENDER`] header on anything else
+/// is ignored.
+pub fn sender(properties: &BasicProperties, relays: &[String]) -> Option<String> {
     let user_id = properties
         .user_id()
         .as_ref()
         .map(|user| user.as_str().to_string());
-    if user_id.as_deref() == Some(relay)
+    if user_id
+        .as_deref()
+        .is_some_and(|user| relays.iter().any(|relay| relay == user))
         && let Some(original) = text(properties, SENDER)
     {
         return (!original.is_empty()).then_some(original);
@@ -136,7 +139,7 @@ mod tests {
     }
 
     #[test]
-    fn the_sender_header_counts_only_on_the_workers_own_messages() {
+    fn the_sender_header_counts_only_on_the_relays_messages() {
         let cases = [
             (Some("crm-api"), None, Some("crm-api")),
             (Some("crm-api"), Some("ops"), Some("crm-api")),
@@ -144,10 +147,13 @@ mod tests {
             (Some("worker"), Some("crm-api"), Some("crm-api")),
             (Some("worker"), Some(""), None),
             (Some("worker"), None, Some("worker")),
+            (Some("backup-worker"), Some("crm-api"), Some("crm-api")),
+            (Some("intruder"), Some("crm-api"), Some("intruder")),
         ];
+        let relays = ["worker".to_string(), "backup-worker".to_string()];
         for (user_id, header, expected) in cases {
             assert_eq!(
-                sender(&properties(user_id, header), "worker").as_deref(),
+                sender(&properties(user_id, header), &relays).as_deref(),
                 expected,
                 "{user_id:?} {header:?}"
             );

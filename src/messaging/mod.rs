@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! backup.commands (direct) ─► backup.commands (quorum; x-delivery-limit; DLX backup.dead)
+//!                          ─► backup.commands.keyed (the same; see `keyed`)
 //! retryable failure ─► backup.retry.<delay> (TTL, DLX → backup.commands)
 //! permanent / exhausted ─► backup.dead (fanout) ─► backup.commands.dead
 //! events ─► backup.notifications (topic): backup.started | backup.completed | backup.failed
@@ -13,6 +14,7 @@ pub mod dispatch;
 pub mod dlq;
 pub mod event;
 pub mod headers;
+pub mod keyed;
 pub mod lease;
 pub mod publisher;
 pub mod retry;
@@ -48,6 +50,14 @@ impl From<lapin::Error> for MessagingError {
     fn from(err: lapin::Error) -> Self {
         MessagingError::Broker(err.to_string())
     }
+}
+
+/// The broker users whose re-published commands carry a trusted original sender: `user`
+/// (this process's own) and the configured `messaging.relay_users`.
+pub fn relays(user: &str, names: &crate::config::MessagingSettings) -> Vec<String> {
+    let mut relays = names.relay_users.clone();
+    relays.push(user.to_string());
+    relays
 }
 
 /// The longest pause between two attempts to reach the broker.

@@ -182,7 +182,7 @@ impl Publisher {
 impl Publisher {
     /// Properties for a copy of a delivery: its ids and timestamp, signed by this
     /// connection's user, without the original expiration (a copy sets its own, if any).
-    fn copy_properties(&self, properties: &BasicProperties) -> BasicProperties {
+    pub fn copy_properties(&self, properties: &BasicProperties) -> BasicProperties {
         let mut copy =
             BasicProperties::default().with_user_id(ShortString::from(self.user.as_str()));
         if let Some(v) = properties.message_id() {

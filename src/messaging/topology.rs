@@ -50,14 +50,11 @@ pub async fn declare(
         ),
         ("x-dead-letter-exchange", text(&names.dead_exchange)),
     ]);
-    queue(&channel, &names.commands_queue, commands_args).await?;
-    bind(
-        &channel,
-        &names.commands_queue,
-        &names.commands_exchange,
-        &names.commands_queue,
-    )
-    .await?;
+    // Commands handed over to key-holding workers (see `keyed`) live as the others do.
+    for name in [&names.commands_queue, &names.keyed_queue] {
+        queue(&channel, name, commands_args.clone()).await?;
+        bind(&channel, name, &names.commands_exchange, name).await?;
+    }
 
     queue(&channel, &names.dead_queue, FieldTable::default()).await?;
     bind(&channel, &names.dead_queue, &names.dead_exchange, "").await?;
@@ -81,6 +78,33 @@ pub async fn declare(
     }
     let _ = channel.close(200, "topology declared".into()).await;
     Ok(())
+}
+
+/// What a passive declare tells of a queue.
+pub struct Depth {
+    pub messages: u32,
+    pub consumers: u32,
+}
+
+/// The depth and consumers of `queue`, by a passive declare on a channel of its own (a
+/// failure closes that channel, not a shared one).
+pub async fn depth(connection: &Connection, queue: &str) -> Result<Depth, MessagingError> {
+    let channel = connection.create_channel().await?;
+    let declared = channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    let _ = channel.close(200, "inspected".into()).await;
+    Ok(Depth {
+        messages: declared.message_count(),
+        consumers: declared.consumer_count(),
+    })
 }
 
 async fn queue(channel: &Channel, name: &str, args: FieldTable) -> Result<(), MessagingError> {

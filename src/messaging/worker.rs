@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 use super::command::Command;
 use super::dispatch::{StepOutcome, prune_step, run_step};
 use super::event::{self, Event, EventError};
+use super::keyed::{self, HandOverError};
 use super::lease::Leases;
 use super::publisher::Publisher;
 use super::retry::{Decision, RetryPolicy};
@@ -77,7 +78,12 @@ pub async fn run(
 /// Everything a step handler needs.
 struct StepEnv {
     ctx: JobContext,
+    connection: Arc<lapin::Connection>,
     publisher: Publisher,
+    /// Whether this worker can decrypt, and whether it must hand over what needs to.
+    holds_identity: bool,
+    /// Broker users whose re-publications carry a trusted original sender.
+    relays: Vec<String>,
     leases: Leases,
     policy: RetryPolicy,
     permissions: Policy,
@@ -94,9 +100,14 @@ async fn session(
     let connection = Arc::new(connect(&settings.rabbitmq, "crm-backup worker").await?);
     topology::declare(&connection, &settings.messaging).await?;
     let user = amqp_user(&settings.rabbitmq);
+    let holds_identity = settings.identity_file().is_some();
+    let relays = super::relays(&user, &settings.messaging);
     let env = Arc::new(StepEnv {
         ctx: ctx.clone(),
+        connection: connection.clone(),
         publisher: Publisher::open(&connection, &settings.messaging, &user).await?,
+        holds_identity,
+        relays,
         leases: Leases::new(&settings.rabbitmq, &settings.messaging.lease_queue_prefix),
         policy: RetryPolicy::from_settings(&settings.messaging),
         permissions: settings
@@ -109,17 +120,29 @@ async fn session(
     channel
         .basic_qos(settings.rabbitmq.concurrency, BasicQosOptions::default())
         .await?;
-    let tag = format!("crm-backup-worker-{}", uuid::Uuid::new_v4());
-    let mut consumer = channel
-        .basic_consume(
-            settings.messaging.commands_queue.as_str().into(),
-            tag.as_str().into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+    let queues = keyed::queues(&settings.messaging, holds_identity);
+    let mut consumers = Vec::new();
+    for queue in &queues {
+        let tag = format!("crm-backup-worker-{}", uuid::Uuid::new_v4());
+        let consumer = channel
+            .basic_consume(
+                (*queue).into(),
+                tag.as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        consumers.push((tag, consumer));
+    }
+    let tags: Vec<String> = consumers.iter().map(|(tag, _)| tag.clone()).collect();
+    let mut consumer =
+        futures::stream::select_all(consumers.into_iter().map(|(_, consumer)| consumer));
     state.consuming.store(true, Ordering::SeqCst);
-    tracing::info!(queue = %settings.messaging.commands_queue, concurrency = settings.rabbitmq.concurrency, "worker consuming");
+    tracing::info!(
+        ?queues,
+        concurrency = settings.rabbitmq.concurrency,
+        "worker consuming"
+    );
 
     let steps_cancel = CancellationToken::new();
     let mut steps = JoinSet::new();
@@ -145,9 +168,11 @@ async fn session(
     state.consuming.store(false, Ordering::SeqCst);
     match &ended {
         Ok(()) => {
-            let _ = channel
-                .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
-                .await;
+            for tag in &tags {
+                let _ = channel
+                    .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+                    .await;
+            }
             let limit = settings.messaging.shutdown_timeout.0;
             tracing::info!(
                 running = steps.len(),
@@ -177,26 +202,10 @@ async fn session(
     ended
 }
 
-/// Sets the dead-letter gauge to the depth of `queue` (a passive declare on a channel of its
-/// own, so that a failure cannot close the consuming one).
+/// Sets the dead-letter gauge to the depth of `queue`.
 async fn count_dead_letters(connection: &lapin::Connection, queue: &str, metrics: &Metrics) {
-    let counted = async {
-        let channel = connection.create_channel().await?;
-        let declared = channel
-            .queue_declare(
-                queue.into(),
-                lapin::options::QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
-        let _ = channel.close(200, "counted".into()).await;
-        Ok::<u32, lapin::Error>(declared.message_count())
-    };
-    match counted.await {
-        Ok(letters) => metrics.set_dead_letters(letters),
+    match topology::depth(connection, queue).await {
+        Ok(depth) => metrics.set_dead_letters(depth.messages),
         Err(err) => tracing::warn!(error = %err, %queue, "cannot count the dead letters"),
     }
 }
@@ -282,7 +291,7 @@ async fn process(
             .correlation_id()
             .as_ref()
             .map(|id| id.as_str().to_string()),
-        sender: headers::sender(&delivery.properties, env.publisher.user()),
+        sender: headers::sender(&delivery.properties, &env.relays),
     };
     let command = match Command::parse(&delivery.data) {
         Ok(command) => command,
@@ -434,6 +443,13 @@ async fn step(
     target: Option<TargetKind>,
     cancel: &CancellationToken,
 ) -> Result<Settle, MessagingError> {
+    if keyed::hands_over(
+        command.action,
+        !env.ctx.settings.pipeline.age_recipients.is_empty(),
+        env.holds_identity,
+    ) {
+        return hand_over(env, received, command).await;
+    }
     let lease = match target {
         Some(target) => match env.leases.try_acquire(target).await? {
             Some(lease) => Some(lease),
@@ -529,6 +545,41 @@ async fn run_leased(
     }
 }
 
+/// Passes a command this worker cannot decrypt for to the key-holding workers.
+async fn hand_over(
+    env: &StepEnv,
+    received: &Received<'_>,
+    command: &Command,
+) -> Result<Settle, MessagingError> {
+    match keyed::hand_over(
+        &env.connection,
+        &env.publisher,
+        command.action,
+        &received.delivery.data,
+        &received.delivery.properties,
+        relayed_headers(received),
+    )
+    .await
+    {
+        Ok(()) => {
+            tracing::info!(command_id = %command.id, action = %command.action, "handed over to the key-holding workers");
+            Ok(Settle::Ack)
+        }
+        Err(HandOverError::Broker(err)) => Err(err),
+        Err(err @ HandOverError::NoKeyholder { .. }) => {
+            fail_as(
+                env,
+                received,
+                command,
+                "no_keyholder",
+                &err.to_string(),
+                true,
+            )
+            .await
+        }
+    }
+}
+
 /// Marker first, then the confirmed event: a redelivery then finds the marker.
 async fn complete(
     env: &StepEnv,
@@ -577,30 +628,39 @@ async fn fail(
     command: &Command,
     err: &JobError,
 ) -> Result<Settle, MessagingError> {
+    fail_as(
+        env,
+        received,
+        command,
+        err.kind(),
+        &err.to_string(),
+        err.retryable(),
+    )
+    .await
+}
+
+async fn fail_as(
+    env: &StepEnv,
+    received: &Received<'_>,
+    command: &Command,
+    kind: &str,
+    message: &str,
+    retryable: bool,
+) -> Result<Settle, MessagingError> {
     let failed = received.event(event::FAILED, &command.id, Some(command));
     match env
         .policy
-        .after_failure(received.attempt, err.retryable(), rand::random::<f64>())
+        .after_failure(received.attempt, retryable, rand::random::<f64>())
     {
-        Decision::DeadLetter => {
-            dead_letter(
-                env,
-                received,
-                failed,
-                err.kind(),
-                &err.to_string(),
-                err.retryable(),
-            )
-            .await
-        }
+        Decision::DeadLetter => dead_letter(env, received, failed, kind, message, retryable).await,
         Decision::Retry {
             tier,
             next_attempt,
             expiration,
         } => {
-            let headers = failure_headers(received, next_attempt, err.kind(), &err.to_string());
+            let headers = failure_headers(received, next_attempt, kind, message);
             let queue = to_tier(env, received, tier, expiration, headers).await?;
-            announce_failure(env, failed, err.kind(), &err.to_string(), true, true).await;
+            announce_failure(env, failed, kind, message, true, true).await;
             tracing::info!(command_id = %command.id, attempt = received.attempt, %queue, "will retry");
             Ok(Settle::Ack)
         }

@@ -59,10 +59,14 @@ impl Harness {
     }
 
     pub async fn start_worker(&mut self) {
+        self.start_worker_with(self.setup.ctx.clone()).await;
+    }
+
+    /// A worker with settings of its own (another key, another queue), on the same storage.
+    pub async fn start_worker_with(&mut self, ctx: crm_backup::jobs::JobContext) {
         let shutdown = CancellationToken::new();
         let state = Arc::new(WorkerState::default());
         let handle = tokio::spawn({
-            let ctx = self.setup.ctx.clone();
             let state = state.clone();
             let shutdown = shutdown.clone();
             async move {
