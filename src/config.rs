@@ -205,6 +205,8 @@ pub struct MessagingSettings {
     /// Broker users besides the worker's own whose re-publications are trusted to carry the
     /// original sender (the backup workers' user, on a key-holding worker with a user of its own).
     pub relay_users: Vec<String>,
+    /// CLI operations (backup, restore, verify, drill, prune) publish `backup.*` events.
+    pub cli_events: bool,
     pub retry_delays: Vec<HumanDuration>,
     pub max_attempts: u32,
     pub retry_jitter: f64,

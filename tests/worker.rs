@@ -1203,3 +1203,84 @@ async fn a_scheduled_drill_of_an_encrypted_backup_runs_on_the_key_holding_worker
     assert_eq!(scheduled.backup_id.as_deref(), Some(backup_id.as_str()));
     h.stop_workers().await;
 }
+
+/// The CLI's backups, verifies, restores, drills and prunes publish the events a worker's do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cli_operations_publish_the_same_events_as_the_worker() {
+    let h = Harness::new("w_cli_events", &[]);
+    let mut client = h.client().await;
+    let mut env = h.setup.env.clone();
+    env.insert("USER".into(), "night-operator".into());
+    let cli = |args: &'static [&'static str]| {
+        let env = env.clone();
+        tokio::task::spawn_blocking(move || common::run_cli(&env, args))
+    };
+    let mut next_two = async || {
+        let mut pair = Vec::new();
+        while pair.len() < 2 {
+            let event = client.events.next(WAIT).await.unwrap().expect("an event");
+            assert_valid_event(&event);
+            pair.push(event);
+        }
+        pair
+    };
+
+    let (ok, stdout, stderr) = cli(&["run", "postgres", "--json"]).await.unwrap();
+    assert!(ok, "{stdout}{stderr}");
+    let printed: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    let events = next_two().await;
+    assert_eq!(
+        names(&events),
+        [(event::STARTED.into(), 1), (event::COMPLETED.into(), 1)]
+    );
+    let done = &events[1];
+    assert!(done.command_id.starts_with("cli-"), "{done:?}");
+    assert_eq!(events[0].command_id, done.command_id);
+    assert_eq!(done.requested_by.as_deref(), Some("cli:night-operator"));
+    assert_eq!(done.action.as_deref(), Some("backup"));
+    assert_eq!(done.target.as_deref(), Some("postgres"));
+    assert_eq!(done.backup_id.as_deref(), printed["backup_id"].as_str());
+    assert!(done.sha256.is_some() && done.size_bytes.is_some() && done.duration_ms.is_some());
+
+    let (ok, stdout, stderr) = cli(&["verify", "postgres"]).await.unwrap();
+    assert!(ok, "{stdout}{stderr}");
+    let events = next_two().await;
+    assert_eq!(events[1].event, event::COMPLETED, "{events:?}");
+    assert_eq!(events[1].action.as_deref(), Some("verify"));
+
+    // A failure is announced as one, final.
+    let (ok, _, _) = cli(&[
+        "restore",
+        "postgres",
+        "--backup",
+        "20200101T000000Z-postgres-abcd",
+        "--into",
+        "nowhere",
+    ])
+    .await
+    .unwrap();
+    assert!(!ok);
+    let events = next_two().await;
+    let failed = &events[1];
+    assert_eq!(failed.event, event::FAILED, "{events:?}");
+    assert_eq!(failed.action.as_deref(), Some("restore"));
+    assert_eq!(failed.will_retry, Some(false));
+    assert!(failed.error.is_some());
+
+    // Without a reachable broker the operation still runs, and says its events are missing.
+    let mut offline = h.setup.env.clone();
+    offline.insert(
+        "RABBITMQ_URL".into(),
+        "amqp://guest:guest@127.0.0.1:1/%2f".into(),
+    );
+    let (ok, stdout, stderr) =
+        tokio::task::spawn_blocking(move || common::run_cli(&offline, &["run", "postgres"]))
+            .await
+            .unwrap();
+    assert!(ok, "{stdout}{stderr}");
+    assert!(
+        stderr.contains("events of this run are not published"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("guest:guest"), "{stderr}");
+}

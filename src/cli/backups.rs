@@ -16,7 +16,8 @@ use crm_backup::jobs::drill::{DrillRequest, run_drill};
 use crm_backup::jobs::prune::{PruneRequest, run_prune};
 use crm_backup::jobs::restore::{RestoreRequest, run_restore};
 use crm_backup::jobs::verify::verify_backup;
-use crm_backup::model::{TargetKind, TargetSelector};
+use crm_backup::messaging::dispatch::StepOutcome;
+use crm_backup::model::{Action, TargetKind, TargetSelector};
 use crm_backup::storage::catalog::{self, BackupRef};
 use crm_backup::storage::layout::manifest_key;
 use crm_backup::storage::manifest::Manifest;
@@ -48,7 +49,8 @@ pub async fn run(
         request.options = options_for(kind, &options, target == TargetSelector::All);
         let started = Instant::now();
         let record = trail
-            .record("backup", Some(kind.as_str()))
+            .start(Action::Backup, kind.as_str())
+            .await
             .with_options(&request.options);
         match run_backup(ctx, &request, &cancel).await {
             Ok(manifest) => {
@@ -56,7 +58,8 @@ pub async fn run(
                 if !manifest.warnings.is_empty() {
                     record.details = Some(json!({"warnings": manifest.warnings}));
                 }
-                trail.write(record, started).await;
+                let outcome = StepOutcome::of_manifest(ctx, &manifest);
+                trail.write_backup(record, started, outcome).await;
                 output::backup(&ctx.storage, &manifest, json);
             }
             Err(err) => {
@@ -155,7 +158,8 @@ pub async fn restore(
     let (target, backup_ref) = one_backup(target, backup)?;
     let options = serde_json::Value::Object(options);
     let mut record = trail
-        .record("restore", Some(target.as_str()))
+        .start(Action::Restore, target.as_str())
+        .await
         .with_options(&options);
     record.backup_id = Some(backup.to_string());
     if ctx.targets.get(target)?.check_restore(&options)? && !yes {
@@ -209,7 +213,8 @@ pub async fn verify(
     for manifest in &manifests {
         let started = Instant::now();
         let record = trail
-            .record("verify", Some(manifest.target.as_str()))
+            .start(Action::Verify, manifest.target.as_str())
+            .await
             .with_backup(manifest);
         let report = match verify_backup(ctx, manifest).await {
             Ok(report) => report,
@@ -273,7 +278,7 @@ pub async fn drill(
             backup: backup.parse()?,
         };
         let started = Instant::now();
-        let mut record = trail.record("drill", Some(kind.as_str()));
+        let mut record = trail.start(Action::Drill, kind.as_str()).await;
         record.backup_id = Some(backup.to_string());
         match run_drill(ctx, &request).await {
             Ok((manifest, report)) => {
@@ -313,7 +318,8 @@ pub async fn prune(
     };
     let selector = target.unwrap_or(TargetSelector::All).to_string();
     let mut record = trail
-        .record("prune", Some(&selector))
+        .start(Action::Prune, &selector)
+        .await
         .with_options(&json!({"dry_run": dry_run}));
     let request = PruneRequest { targets, dry_run };
     let report = match run_prune(ctx, &request, chrono::Utc::now()).await {

@@ -137,9 +137,21 @@ async fn dispatch(command: Command) -> Result<ExitCode, Failure> {
         rustix::process::umask(rustix::fs::Mode::from_bits_truncate(bits));
     }
     let ctx = JobContext::new(settings)?;
-    let trail = trail::Trail::new(Some(ctx.storage.clone()));
+    let trail = trail::Trail::new(Some(ctx.storage.clone()))
+        .with_events(&ctx.settings.rabbitmq, &ctx.settings.messaging);
+    let result = storage_command(&ctx, &trail, command).await;
+    trail.close().await;
+    result
+}
+
+/// The commands that work on storage (and the worker).
+async fn storage_command(
+    ctx: &JobContext,
+    trail: &trail::Trail,
+    command: Command,
+) -> Result<ExitCode, Failure> {
     match command {
-        Command::Worker => broker::worker(ctx).await,
+        Command::Worker => broker::worker(ctx.clone()).await,
         Command::Run {
             target,
             schemas,
@@ -171,16 +183,16 @@ async fn dispatch(command: Command) -> Result<ExitCode, Failure> {
                     options.insert(key, value);
                 }
             }
-            backups::run(&ctx, &trail, target, options, reason, output.json).await
+            backups::run(ctx, trail, target, options, reason, output.json).await
         }
         Command::List { target, output } => {
-            backups::list(&ctx, target.selector(), output.json).await
+            backups::list(ctx, target.selector(), output.json).await
         }
         Command::Show {
             target,
             backup,
             output,
-        } => backups::show(&ctx, target.selector(), &backup.backup, output.json).await,
+        } => backups::show(ctx, target.selector(), &backup.backup, output.json).await,
         Command::Restore {
             target,
             backup,
@@ -211,8 +223,8 @@ async fn dispatch(command: Command) -> Result<ExitCode, Failure> {
                 restore.insert("no_owner".into(), json!(true));
             }
             backups::restore(
-                &ctx,
-                &trail,
+                ctx,
+                trail,
                 selector,
                 &backup.backup,
                 restore,
@@ -225,17 +237,17 @@ async fn dispatch(command: Command) -> Result<ExitCode, Failure> {
             target,
             backup,
             output,
-        } => backups::verify(&ctx, &trail, target.selector(), &backup.backup, output.json).await,
+        } => backups::verify(ctx, trail, target.selector(), &backup.backup, output.json).await,
         Command::Drill {
             target,
             backup,
             output,
-        } => backups::drill(&ctx, &trail, target.selector(), &backup.backup, output.json).await,
+        } => backups::drill(ctx, trail, target.selector(), &backup.backup, output.json).await,
         Command::Prune {
             target,
             dry_run,
             output,
-        } => backups::prune(&ctx, &trail, target.selector(), dry_run, output.json).await,
+        } => backups::prune(ctx, trail, target.selector(), dry_run, output.json).await,
         Command::Setup { .. }
         | Command::Enqueue { .. }
         | Command::Dlq { .. }

@@ -19,6 +19,9 @@ pub struct Event {
     pub target: Option<String>,
     pub backup_id: Option<String>,
     pub set_id: Option<String>,
+    /// What the command says of its sender (`cli:<user>` for the CLI's own runs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requested_by: Option<String>,
     pub attempt: u32,
     pub at: DateTime<Utc>,
     pub duration_ms: Option<u64>,
@@ -57,6 +60,7 @@ impl Event {
             target: None,
             backup_id: None,
             set_id: None,
+            requested_by: None,
             attempt,
             at: Utc::now(),
             duration_ms: None,

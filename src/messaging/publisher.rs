@@ -1,8 +1,8 @@
 //! Publishing with confirms: events, commands, retry and dead-letter copies.
 //!
-//! Every publish is mandatory and persistent and waits for the broker's confirm. A nack is
-//! an error; so is an unroutable command or copy, so nothing is acked upstream on a hope.
-//! An unroutable event (nobody subscribed yet) is logged, not an error of the backup.
+//! Every publish is persistent and waits for the broker's confirm. A nack is an error; so is
+//! an unroutable command or copy (published mandatory), so nothing is acked upstream on a
+//! hope. An event nobody subscribed to is dropped by the broker, not an error of the backup.
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{FieldTable, ShortString};
@@ -30,7 +30,8 @@ pub struct Outgoing<'a> {
     pub routing_key: &'a str,
     pub body: &'a [u8],
     pub properties: BasicProperties,
-    /// Whether a message no queue receives is an error (else a warning).
+    /// Whether a message no queue receives is an error (else it is dropped: an event nobody
+    /// subscribed to).
     pub must_route: bool,
 }
 
@@ -69,7 +70,7 @@ impl Publisher {
                 message.exchange.into(),
                 message.routing_key.into(),
                 BasicPublishOptions {
-                    mandatory: true,
+                    mandatory: message.must_route,
                     ..BasicPublishOptions::default()
                 },
                 message.body,
@@ -84,12 +85,9 @@ impl Publisher {
             return Err(MessagingError::NotConfirmed(target));
         }
         if confirm.take_message().is_some() {
-            if message.must_route {
-                return Err(MessagingError::NotConfirmed(format!(
-                    "{target} (unroutable)"
-                )));
-            }
-            tracing::warn!(%target, "no queue is bound for this message");
+            return Err(MessagingError::NotConfirmed(format!(
+                "{target} (unroutable)"
+            )));
         }
         Ok(())
     }

@@ -107,6 +107,30 @@ pub async fn depth(connection: &Connection, queue: &str) -> Result<Depth, Messag
     })
 }
 
+/// Declares the events exchange alone: what a process that only publishes events (the CLI)
+/// needs, with the settings [`declare`] gives it.
+pub async fn declare_notifications(
+    connection: &Connection,
+    names: &MessagingSettings,
+) -> Result<(), MessagingError> {
+    let channel = connection.create_channel().await?;
+    let name = &names.notifications_exchange;
+    channel
+        .exchange_declare(
+            name.as_str().into(),
+            ExchangeKind::Topic,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|err| conflict(name, err))?;
+    let _ = channel.close(200, "declared".into()).await;
+    Ok(())
+}
+
 async fn queue(channel: &Channel, name: &str, args: FieldTable) -> Result<(), MessagingError> {
     let options = QueueDeclareOptions {
         durable: true,

@@ -273,6 +273,7 @@ impl Received<'_> {
             event.action = Some(command.action.to_string());
             event.target = Some(command.target.to_string());
             event.set_id = command.set_id.clone();
+            event.requested_by = Some(command.requested_by.clone());
         }
         event
     }
