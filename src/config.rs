@@ -386,6 +386,8 @@ pub struct PipelineSettings {
     pub zstd_level_by_target: BTreeMap<String, i32>,
     pub zstd_workers: u32,
     pub chunk_kib: u32,
+    /// How often a running operation logs its progress (and the worker's gauge moves).
+    pub progress_every: HumanDuration,
     pub age_recipients: Vec<String>,
     pub age_identity_file: PathBuf,
     /// Fingerprints (`sha256:…`, as manifests record them) of other keys whose backups may
@@ -557,6 +559,9 @@ fn check_http_url(key: &'static str, url: &str) -> Result<(), ConfigError> {
 
 impl PipelineSettings {
     fn validate(&self) -> Result<(), ConfigError> {
+        if self.progress_every.0.is_zero() {
+            return invalid("pipeline.progress_every", "must be longer than zero".into());
+        }
         if !(1..=19).contains(&self.zstd_level) {
             return invalid(
                 "pipeline.zstd_level",

@@ -29,6 +29,7 @@
 //!   publisher, the worker (dispatch, leases, retry policy) and dead letters.
 //! - [`schedule`] — pure next-fire computation and fire ids for the scheduler.
 //! - [`size_check`] — the pure size-drop / size-jump check of a finished backup.
+//! - [`progress`] — bytes moved per target, for progress bars, log lines and a gauge.
 //! - [`audit`] — the audit trail: one record per operation, logged and stored.
 //! - [`metrics`] and [`endpoint`] — the worker's Prometheus counters and its HTTP
 //!   endpoint (`/healthz`, `/readyz`, `/metrics`).
@@ -49,6 +50,7 @@ pub mod model;
 pub mod options;
 pub mod pipeline;
 mod private_file;
+pub mod progress;
 pub mod retention;
 pub mod schedule;
 pub mod size_check;

@@ -11,9 +11,11 @@ pub fn init(default_level: &str) {
         || std::env::var("BACKUP_ENV").is_ok_and(|v| v == "production");
     let mut filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
-    // Audit records are logged at every level (see `audit`).
-    if let Ok(audit) = "audit=info".parse() {
-        filter = filter.add_directive(audit);
+    // Audit records and progress lines are logged at every level (see `audit`, `progress`).
+    for directive in ["audit=info", "progress=info"] {
+        if let Ok(directive) = directive.parse() {
+            filter = filter.add_directive(directive);
+        }
     }
     let builder = fmt()
         .with_env_filter(filter)

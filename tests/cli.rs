@@ -421,3 +421,64 @@ fn every_operation_leaves_an_audit_record_that_history_shows() {
         2
     );
 }
+
+#[test]
+fn long_operations_show_progress_as_a_bar_on_a_terminal_and_as_log_lines_otherwise() {
+    let db = TestDatabase::create("cli_progress");
+    common::psql(
+        &db.name,
+        "CREATE TABLE notes AS SELECT i, md5(i::text) AS note FROM generate_series(1, 20000) i",
+    );
+    let bin = tempfile::tempdir().unwrap();
+    // The dump's first bytes, then a pause: progress is reported while the step runs.
+    let bin_dir = common::pg_dump_wrapper(
+        bin.path(),
+        "pg_dump \"$@\" | { head -c 65536; sleep 1.5; cat; }",
+    );
+    let url = common::pg_url(&db.name);
+    let env = env_with(&[
+        ("DATABASE_URL", url.as_str()),
+        ("BACKUP__POSTGRES__BIN_DIR", bin_dir.as_str()),
+        ("BACKUP__PIPELINE__PROGRESS_EVERY", "300ms"),
+        ("BACKUP__PIPELINE__CHUNK_KIB", "16"),
+        ("BACKUP__MESSAGING__CLI_EVENTS", "false"),
+    ]);
+    let (ok, stdout, stderr) = run_cli(&env, &["run", "postgres"]);
+    assert!(ok, "{stdout}{stderr}");
+    let lines: Vec<&str> = stderr
+        .lines()
+        .filter(|line| line.contains(" progress: backup postgres: "))
+        .collect();
+    assert!(lines.len() >= 2, "no progress lines: {stderr}");
+    assert!(
+        lines.iter().any(|line| line.contains("bytes_done=65536")),
+        "the bytes read so far: {lines:#?}"
+    );
+
+    // Under a pseudo-terminal: a bar with the bytes, the rate and the size expected from
+    // the previous backup.
+    let mut command = String::from("exec");
+    for arg in [common::crm_backup_bin(), "run", "postgres"] {
+        command.push_str(&format!(" '{arg}'"));
+    }
+    let out = std::process::Command::new("script")
+        .args(["-qec", &command, "/dev/null"])
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("TERM", "xterm")
+        .envs(&env)
+        .output()
+        .expect("script (util-linux) runs");
+    let terminal = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{terminal}");
+    assert!(
+        terminal.contains("backup postgres [")
+            && terminal.contains(" of ~")
+            && terminal.contains("/s"),
+        "no progress bar on the terminal: {terminal}"
+    );
+    assert!(
+        !terminal.contains(" progress: "),
+        "log lines instead of the bar: {terminal}"
+    );
+}

@@ -190,3 +190,63 @@ fn alert_rules_are_valid_and_pass_their_unit_tests() {
         );
     }
 }
+
+/// The Grafana dashboard's queries are valid PromQL (checked by promtool as recording rules)
+/// over metrics the worker exports.
+#[test]
+fn the_dashboard_queries_valid_promql_over_exported_metrics() {
+    let dashboard: serde_json::Value = serde_json::from_str(include_str!(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/grafana/crm-backup.json"
+    )))
+    .expect("the dashboard is JSON");
+    let exported = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/src/metrics/mod.rs"));
+    let panels = dashboard["panels"].as_array().expect("panels");
+    let titles: Vec<&str> = panels.iter().filter_map(|p| p["title"].as_str()).collect();
+    for wanted in [
+        "successful backup",
+        "drill",
+        "size",
+        "duration",
+        "Dead letters",
+    ] {
+        assert!(
+            titles.iter().any(|t| t.contains(wanted)),
+            "no panel on {wanted}: {titles:?}"
+        );
+    }
+    let mut rules = String::from("groups:\n  - name: dashboard\n    rules:\n");
+    for (i, expr) in panels
+        .iter()
+        .flat_map(|p| p["targets"].as_array().cloned().unwrap_or_default())
+        .filter_map(|t| t["expr"].as_str().map(String::from))
+        .enumerate()
+    {
+        for metric in expr
+            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .filter(|word| word.starts_with("crm_backup_"))
+        {
+            assert!(
+                exported.contains(&format!("`{metric}`")),
+                "the dashboard queries {metric}, which the worker does not export"
+            );
+        }
+        rules.push_str(&format!(
+            "      - record: dashboard:query_{i}\n        expr: {}\n",
+            serde_json::to_string(&expr).unwrap()
+        ));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("dashboard.yml"), &rules).unwrap();
+    let out = std::process::Command::new("promtool")
+        .args(["check", "rules", "dashboard.yml"])
+        .current_dir(dir.path())
+        .output()
+        .expect("promtool runs");
+    assert!(
+        out.status.success(),
+        "{rules}\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -1284,3 +1284,46 @@ async fn cli_operations_publish_the_same_events_as_the_worker() {
     );
     assert!(!stderr.contains("guest:guest"), "{stderr}");
 }
+
+/// A running step's bytes show as a gauge while it runs, and go back to 0 when it ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_running_step_exposes_the_bytes_it_has_moved() {
+    let bin = tempfile::tempdir().unwrap();
+    let bin_dir = pg_dump_wrapper(
+        bin.path(),
+        "pg_dump \"$@\" | { head -c 32768; sleep 2; cat; }",
+    );
+    let mut h = Harness::new(
+        "w_progress",
+        &[
+            ("BACKUP__POSTGRES__BIN_DIR", bin_dir.as_str()),
+            ("BACKUP__PIPELINE__PROGRESS_EVERY", "100ms"),
+            ("BACKUP__PIPELINE__CHUNK_KIB", "16"),
+        ],
+    );
+    h.start_worker().await;
+    let mut client = h.client().await;
+    let command = backup_command(TargetKind::Postgres);
+    client.send(&command).await;
+    let state = h.workers[0].2.clone();
+    let gauge = "crm_backup_step_bytes_done{action=\"backup\",target=\"postgres\"}";
+    // At least what was read before the pause (other tests in this process back up
+    // PostgreSQL too, and the counter is per target).
+    wait_until("the gauge shows the bytes read so far", || {
+        state
+            .render()
+            .lines()
+            .find_map(|line| line.strip_prefix(&format!("{gauge} ")))
+            .and_then(|value| value.parse::<f64>().ok())
+            .is_some_and(|bytes| bytes >= 32768.0)
+    })
+    .await;
+    let done = client.follow(&command).await.pop().unwrap();
+    assert_eq!(done.event, event::COMPLETED, "{done:?}");
+    assert!(
+        state.render().contains(&format!("{gauge} 0")),
+        "{}",
+        state.render()
+    );
+    h.stop_workers().await;
+}

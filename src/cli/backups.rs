@@ -7,6 +7,7 @@ use std::time::Instant;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
+use super::progress;
 use super::trail::{self, Trail};
 use super::{Failure, output, requester};
 use crm_backup::audit::Outcome;
@@ -52,7 +53,15 @@ pub async fn run(
             .start(Action::Backup, kind.as_str())
             .await
             .with_options(&request.options);
-        match run_backup(ctx, &request, &cancel).await {
+        let expected = catalog::latest(&ctx.storage, kind)
+            .await
+            .ok()
+            .flatten()
+            .map(|previous| previous.raw_size());
+        let shown = progress::show(ctx, Action::Backup, kind, expected);
+        let result = run_backup(ctx, &request, &cancel).await;
+        shown.finish();
+        match result {
             Ok(manifest) => {
                 let mut record = record.with_backup(&manifest);
                 if !manifest.warnings.is_empty() {
@@ -177,7 +186,10 @@ pub async fn restore(
         backup: backup_ref,
         options,
     };
-    let (manifest, trust, report) = match run_restore(ctx, &request).await {
+    let shown = progress::show(ctx, Action::Restore, target, None);
+    let restored = run_restore(ctx, &request).await;
+    shown.finish();
+    let (manifest, trust, report) = match restored {
         Ok(restored) => restored,
         Err(err) => {
             trail.write(trail::failed(record, &err), started).await;
@@ -216,7 +228,11 @@ pub async fn verify(
             .start(Action::Verify, manifest.target.as_str())
             .await
             .with_backup(manifest);
-        let report = match verify_backup(ctx, manifest).await {
+        let expected = Some(manifest.stored_size());
+        let shown = progress::show(ctx, Action::Verify, manifest.target, expected);
+        let verified = verify_backup(ctx, manifest).await;
+        shown.finish();
+        let report = match verified {
             Ok(report) => report,
             Err(err) => {
                 trail.write(trail::failed(record, &err), started).await;
@@ -280,7 +296,10 @@ pub async fn drill(
         let started = Instant::now();
         let mut record = trail.start(Action::Drill, kind.as_str()).await;
         record.backup_id = Some(backup.to_string());
-        match run_drill(ctx, &request).await {
+        let shown = progress::show(ctx, Action::Drill, kind, None);
+        let drilled = run_drill(ctx, &request).await;
+        shown.finish();
+        match drilled {
             Ok((manifest, report)) => {
                 trail.write(record.with_backup(&manifest), started).await;
                 if json {

@@ -8,6 +8,7 @@ mod args;
 mod backups;
 mod broker;
 mod output;
+mod progress;
 mod trail;
 
 use std::collections::HashMap;

@@ -8,21 +8,7 @@ use crm_backup::model::TargetKind;
 use crm_backup::storage::Storage;
 use crm_backup::storage::manifest::Manifest;
 
-/// `1.5 GiB`.
-pub fn human_bytes(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut value = bytes as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit < UNITS.len() - 1 {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{value:.1} {}", UNITS[unit])
-    }
-}
+pub use crm_backup::progress::human as human_bytes;
 
 /// A finished backup: id, sizes, duration and throughput.
 pub fn backup(storage: &Storage, manifest: &Manifest, json: bool) {

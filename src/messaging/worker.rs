@@ -38,6 +38,7 @@ use crate::jobs::{JobContext, JobError};
 use crate::metrics::{BackupFacts, Metrics, WorkerState};
 use crate::model::TargetKind;
 use crate::model::{Action, TargetSelector};
+use crate::progress;
 use crate::storage::catalog;
 use crate::storage::layout::command_marker_key;
 use backon::BackoffBuilder;
@@ -508,7 +509,28 @@ async fn run_leased(
     let started = Instant::now();
     env.metrics.step_started();
     let result = match target {
-        Some(target) => run_step(&env.ctx, command, target, cancel).await,
+        Some(target) => {
+            let tracker = progress::Tracker::start(command.action, target, None);
+            let metrics = env.metrics.clone();
+            let report = move |tracker: &progress::Tracker| {
+                progress::log(tracker);
+                metrics.set_step_bytes(
+                    tracker.action.as_str(),
+                    tracker.target.as_str(),
+                    tracker.done(),
+                );
+            };
+            let ticker = progress::Ticker::start(
+                tracker,
+                env.ctx.settings.pipeline.progress_every.0,
+                report,
+            );
+            let result = run_step(&env.ctx, command, target, cancel).await;
+            drop(ticker);
+            env.metrics
+                .set_step_bytes(command.action.as_str(), target.as_str(), 0);
+            result
+        }
         // Only prune runs `all` as one step; every other action fans out per target.
         None => prune_step(&env.ctx, command, TargetKind::ALL.to_vec()).await,
     };

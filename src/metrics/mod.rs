@@ -18,6 +18,7 @@
 //! | `crm_backup_dead_lettered_total` | counter | reason (error kind) |
 //! | `crm_backup_dead_letters` | gauge | (letters waiting in the dead-letter queue) |
 //! | `crm_backup_steps_running` | gauge | |
+//! | `crm_backup_step_bytes_done` | gauge | action, target (bytes the running step has moved; 0 once it ends) |
 //! | `crm_backup_consuming` | gauge | 1 while consuming `backup.commands` |
 //! | `crm_backup_build_info` | gauge | version (always 1) |
 //!
@@ -51,6 +52,7 @@ const DEAD_LETTERED: &str = "crm_backup_dead_lettered_total";
 const DEAD_LETTERS: &str = "crm_backup_dead_letters";
 const BUILD_INFO: &str = "crm_backup_build_info";
 const RUNNING: &str = "crm_backup_steps_running";
+const STEP_BYTES: &str = "crm_backup_step_bytes_done";
 const CONSUMING: &str = "crm_backup_consuming";
 
 /// Step durations span a verify of a small artifact to a many-hour backup.
@@ -185,6 +187,11 @@ impl Metrics {
             ),
             (RUNNING, Unit::Count, "Steps running now."),
             (
+                STEP_BYTES,
+                Unit::Bytes,
+                "Bytes a running step has moved so far (0 once it ends).",
+            ),
+            (
                 CONSUMING,
                 Unit::Count,
                 "1 while the worker consumes backup.commands.",
@@ -306,6 +313,12 @@ impl Metrics {
         self.gauge(STORAGE_CAPACITY, Vec::new())
             .set(capacity as f64);
         self.gauge(STORAGE_FREE, Vec::new()).set(free as f64);
+    }
+
+    /// Bytes the running step of `action` on `target` has moved.
+    pub fn set_step_bytes(&self, action: &str, target: &str, bytes: u64) {
+        self.gauge(STEP_BYTES, step_labels(action, target))
+            .set(bytes as f64);
     }
 
     /// Letters waiting in the dead-letter queue now.

@@ -71,8 +71,12 @@ pub async fn open_artifact(
     }
     let mut download = storage.get_stream(&record.key).await?;
     let (in_tx, in_rx) = mpsc::channel(CHANNEL_DEPTH);
+    let key = record.key.clone();
     tokio::spawn(async move {
         while let Some(item) = download.next().await {
+            if let Ok(bytes) = &item {
+                crate::progress::moved(&key, bytes.len() as u64);
+            }
             let failed = item.is_err();
             if in_tx.send(item).await.is_err() || failed {
                 break;

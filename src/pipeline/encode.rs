@@ -146,8 +146,16 @@ where
     };
     let stop = guard.stop.clone();
     let encoder_codec = codec.clone();
+    let progress_key = key.clone();
     let encoded = tokio::task::spawn_blocking(move || {
-        encode(source, inspector, stored_tx, &encoder_codec, &stop)
+        encode(
+            source,
+            inspector,
+            stored_tx,
+            &encoder_codec,
+            &stop,
+            &progress_key,
+        )
     })
     .await
     .unwrap_or_else(|err| Err(PipelineError::Internal(format!("pipeline thread: {err}"))));
@@ -270,6 +278,7 @@ fn encode<R: Read, I: Inspect>(
     out: mpsc::Sender<Bytes>,
     codec: &Codec,
     stop: &AtomicBool,
+    key: &str,
 ) -> Result<Encoded<R, I>, PipelineError> {
     let chunks = ChunkPool::new(codec.chunk_size, POOLED_CHUNKS);
     let mut compressor = Compressor::new(codec, out)?;
@@ -282,6 +291,7 @@ fn encode<R: Read, I: Inspect>(
             let (chunk, ended) = fill(&mut source, chunks.take()).map_err(PipelineError::Source)?;
             if !chunk.is_empty() {
                 let chunk = chunk.freeze();
+                crate::progress::moved(key, chunk.len() as u64);
                 raw.send(&chunk)?;
                 compressor.write_all(&chunk)?;
             }
@@ -432,6 +442,7 @@ mod tests {
             tx,
             &codec,
             &AtomicBool::new(false),
+            "test/artifact",
         )
         .unwrap();
         assert!(encoded.inspector.0 == data);
@@ -446,7 +457,14 @@ mod tests {
         assert!(zstd::decode_all(stored.as_slice()).unwrap() == data);
 
         let (tx, _rx) = mpsc::channel(10_000);
-        let stopped = encode(io::repeat(1), (), tx, &codec, &AtomicBool::new(true));
+        let stopped = encode(
+            io::repeat(1),
+            (),
+            tx,
+            &codec,
+            &AtomicBool::new(true),
+            "test/artifact",
+        );
         assert!(matches!(stopped, Err(PipelineError::Aborted)));
     }
 }

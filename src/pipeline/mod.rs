@@ -230,6 +230,7 @@ pub(crate) mod tests {
             zstd_level_by_target: Default::default(),
             zstd_workers: workers,
             chunk_kib: 1,
+            progress_every: crate::config::HumanDuration(std::time::Duration::from_secs(30)),
             age_recipients: recipients,
             age_identity_file: PathBuf::new(),
             accepted_recipients: Vec::new(),
