@@ -126,6 +126,10 @@ pub struct RedisSettings {
     pub tls_ca_file: PathBuf,
     pub mode: RedisMode,
     pub server_binary: PathBuf,
+    /// How long `server_binary` may take to load an RDB: this, plus `load_limit_per_gib`
+    /// for each GiB of the RDB.
+    pub load_limit_base: HumanDuration,
+    pub load_limit_per_gib: HumanDuration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]

@@ -45,7 +45,7 @@ pub(super) async fn run(
     let scratch = tempfile::tempdir()
         .map_err(|err| TargetError::Unusable(format!("scratch directory: {err}")))?;
     write_rdb(source, record, &scratch.path().join("dump.rdb")).await?;
-    let mut server = ScratchServer::start(&redis.server_binary, scratch.path()).await?;
+    let mut server = ScratchServer::start(&redis.scratch, scratch.path()).await?;
     let counted = async {
         let loaded = server.loaded().await?;
         let mut found = BTreeMap::new();

@@ -60,7 +60,7 @@ pub struct Redis {
     tls: bool,
     tls_ca_file: Option<PathBuf>,
     mode: RedisMode,
-    server_binary: PathBuf,
+    scratch: scratch::Scratch,
     guard: super::RestoreGuard,
 }
 
@@ -135,7 +135,7 @@ impl Redis {
             tls_ca_file: (!settings.tls_ca_file.as_os_str().is_empty())
                 .then(|| settings.tls_ca_file.clone()),
             mode: settings.mode,
-            server_binary: settings.server_binary.clone(),
+            scratch: scratch::Scratch::of(settings),
             guard,
         }
     }

@@ -211,7 +211,7 @@ async fn live(
             ended?;
         }
         Backup::Rdb(scratch) => {
-            let mut server = ScratchServer::start(&redis.server_binary, scratch.path()).await?;
+            let mut server = ScratchServer::start(&redis.scratch, scratch.path()).await?;
             let copied = async {
                 let loaded = server.loaded().await?;
                 for &db in &dbs {
