@@ -24,6 +24,7 @@ ensure_tools() {
   need age age
   need minisign minisign
   need curl curl
+  need jq jq
   need psql postgresql-client
   need redis-server redis-server
   need redis-cli redis-tools
