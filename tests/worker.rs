@@ -1248,6 +1248,26 @@ async fn cli_operations_publish_the_same_events_as_the_worker() {
     assert_eq!(events[1].event, event::COMPLETED, "{events:?}");
     assert_eq!(events[1].action.as_deref(), Some("verify"));
 
+    for (args, action) in [
+        (&["drill", "postgres"][..], "drill"),
+        (&["prune", "postgres", "--dry-run"][..], "prune"),
+    ] {
+        let args: Vec<&'static str> = args.to_vec();
+        let env = env.clone();
+        let (ok, stdout, stderr) =
+            tokio::task::spawn_blocking(move || common::run_cli(&env, &args))
+                .await
+                .unwrap();
+        assert!(ok, "{stdout}{stderr}");
+        let events = next_two().await;
+        assert_eq!(events[1].event, event::COMPLETED, "{events:?}");
+        assert_eq!(events[1].action.as_deref(), Some(action));
+        assert_eq!(
+            events[1].requested_by.as_deref(),
+            Some("cli:night-operator")
+        );
+    }
+
     // A failure is announced as one, final.
     let (ok, _, _) = cli(&[
         "restore",
