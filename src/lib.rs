@@ -43,6 +43,8 @@ pub mod authorization;
 mod buffers;
 pub mod config;
 pub mod endpoint;
+#[cfg(test)]
+mod fuzz;
 pub mod jobs;
 pub mod messaging;
 pub mod metrics;

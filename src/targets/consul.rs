@@ -319,7 +319,7 @@ pub fn batch_operations(operations: &[Value]) -> (Vec<Vec<Value>>, Vec<Value>) {
     (batches, singles)
 }
 
-fn parse_kv(body: &[u8]) -> Result<Vec<KvEntry>, String> {
+pub(crate) fn parse_kv(body: &[u8]) -> Result<Vec<KvEntry>, String> {
     let entries: Vec<KvEntry> =
         serde_json::from_slice(body).map_err(|err| format!("not a KV export: {err}"))?;
     if let Some(bad) = entries.iter().find(|e| BASE64.decode(&e.value).is_err()) {

@@ -272,7 +272,7 @@ fn facts_of(definitions: &Value) -> RabbitmqFacts {
     }
 }
 
-fn parse_definitions(bytes: &[u8]) -> Result<Value, String> {
+pub(crate) fn parse_definitions(bytes: &[u8]) -> Result<Value, String> {
     let value: Value = serde_json::from_slice(bytes).map_err(|err| format!("not JSON: {err}"))?;
     if !value.is_object() || !value["vhosts"].is_array() {
         return Err("not RabbitMQ definitions (no `vhosts` list)".into());

@@ -17,10 +17,10 @@
 
 mod backup;
 mod drill;
-mod format;
+pub(crate) mod format;
 mod keys;
-mod payload;
-mod replication;
+pub(crate) mod payload;
+pub(crate) mod replication;
 mod restore;
 mod scratch;
 
