@@ -79,14 +79,23 @@ pub async fn connect(
     name: &str,
 ) -> Result<Connection, MessagingError> {
     let url = settings.url.expose_secret();
+    let failed = |message: String| MessagingError::Connect {
+        url: redact_url(url),
+        message,
+    };
+    let mut uri: lapin::uri::AMQPUri = url.parse().map_err(failed)?;
+    uri.query.frame_max = uri.query.frame_max.or(Some(FRAME_MAX));
     let properties = ConnectionProperties::default().with_connection_name(name.into());
-    Connection::connect(url, properties)
+    Connection::connect_uri(uri, properties)
         .await
-        .map_err(|err| MessagingError::Connect {
-            url: redact_url(url),
-            message: err.to_string(),
-        })
+        .map_err(|err| failed(err.to_string()))
 }
+
+/// The largest frame this side asks for (unless the URL sets `frame_max`). lapin keeps 32
+/// frames of buffer each way per connection: RabbitMQ's default of 128 KiB would cost 8 MiB of
+/// memory for every connection (the CLI's events, each step's lease), for commands and events
+/// of a few hundred bytes; longer messages are sent in several frames.
+const FRAME_MAX: u32 = 16 * 1024;
 
 /// The AMQP user of the configured URL (what the broker checks `user_id` against).
 pub fn amqp_user(settings: &RabbitmqSettings) -> String {
