@@ -3,17 +3,18 @@
 # generated command messages, against the real services (run ./scripts/test.sh once first: it
 # starts them and Garage). Prints one table row per scenario.
 #
-#   scripts/reliability.sh                                   # 1,000,000 inputs per parser, 10,000 messages
-#   RELIABILITY_CASES=20000 RELIABILITY_MESSAGES=1000 scripts/reliability.sh   # a short run
+#   scripts/reliability.sh            # 1,000,000 inputs per parser, 10,000 messages, 1,000 tamperings
+#   RELIABILITY_CASES=20000 RELIABILITY_MESSAGES=1000 RELIABILITY_TAMPERS=200 scripts/reliability.sh
 #
-# The test suite runs the same scenarios short (2,000 inputs per parser, 300 messages) and
-# fails on any panic, lost message or second final event.
+# The test suite runs the same scenarios short (2,000 inputs per parser, 300 messages, 120
+# tamperings) and fails on any panic, lost message, second final event or missed tampering.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
 
 CASES=${RELIABILITY_CASES:-1000000}
 MESSAGES=${RELIABILITY_MESSAGES:-10000}
+TAMPERS=${RELIABILITY_TAMPERS:-1000}
 LOG=$(mktemp -d)
 trap 'rm -rf "$LOG"' EXIT
 
@@ -48,10 +49,21 @@ fi
 summary=$(grep -o 'fuzz: .*' "$LOG/messages" | head -1)
 rows+=("| worker: generated command messages (schema-aware, mutated, random bytes, 2 MiB, nested 100k deep, odd content types and headers) | $MESSAGES messages | ${summary:-see the log} | $(( $(date +%s) - start )) s | $messages_ok |")
 
+# Tampering: flips, cuts and appends of artifacts and manifests; verify and restore refuse.
+start=$(date +%s)
+if TAMPER_CASES=$TAMPERS cargo test --locked -q --test tampering -- --nocapture \
+    >"$LOG/tampering" 2>&1; then
+  tampering_ok=yes
+else
+  tampering_ok=no
+fi
+summary=$(grep -o 'tampering: .*' "$LOG/tampering" | head -1)
+rows+=("| tampering of stored artifacts and manifests (PostgreSQL, documents; encrypted, signed) | $TAMPERS changes, every other pair also restored | ${summary:-see the log} | $(( $(date +%s) - start )) s | $tampering_ok |")
+
 printf '\n| scenario | runs | result | time | passed |\n|---|---|---|---|---|\n'
 printf '%s\n' "${rows[@]}"
-if [ "$parsers_ok" != yes ] || [ "$messages_ok" != yes ]; then
+if [ "$parsers_ok" != yes ] || [ "$messages_ok" != yes ] || [ "$tampering_ok" != yes ]; then
   echo
-  tail -50 "$LOG/parsers" "$LOG/messages"
+  tail -50 "$LOG/parsers" "$LOG/messages" "$LOG/tampering"
   exit 1
 fi
