@@ -1538,3 +1538,106 @@ async fn generated_messages_each_end_in_one_final_event_and_the_worker_stays_up(
     assert!(grown < 256 * 1024, "seed {seed}: RSS grew by {grown} KiB");
     h.stop_workers().await;
 }
+
+/// A tmpfs mounted for one test, unmounted when dropped.
+struct SmallDisk(tempfile::TempDir);
+
+impl SmallDisk {
+    fn mount(size: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let status = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(dir.path())
+            .status()
+            .expect("mount runs");
+        assert!(
+            status.success(),
+            "mounting a tmpfs needs root (the test machines run as root)"
+        );
+        SmallDisk(dir)
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(self.0.path()).status();
+    }
+}
+
+/// Local storage that fills up mid-backup: a clear error, no manifest, no staging file left,
+/// and the worker goes on with the next command.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_full_local_disk_fails_the_backup_cleanly_and_the_worker_goes_on() {
+    let disk = SmallDisk::mount("3m");
+    let dir = disk.0.path().display().to_string();
+    let mut h = Harness::new(
+        "w_full",
+        &[
+            ("BACKUP_STORAGE_DIR", dir.as_str()),
+            ("BACKUP__MESSAGING__MAX_ATTEMPTS", "2"),
+        ],
+    );
+    psql(
+        &h._db.name,
+        "CREATE TABLE big AS SELECT i, md5(random()::text) || md5(random()::text) AS noise \
+         FROM generate_series(1, 150000) i",
+    );
+    h.start_worker().await;
+    let mut client = h.client().await;
+    let command = backup_command(TargetKind::Postgres);
+    client.send(&command).await;
+    let events = client.follow(&command).await;
+    let failed = events.last().unwrap();
+    assert_eq!(failed.event, event::FAILED, "{events:#?}");
+    assert_eq!(failed.will_retry, Some(false));
+    let error = failed.error.as_ref().unwrap();
+    assert!(
+        error.message.contains("No space left on device"),
+        "the error says why: {error:?}"
+    );
+
+    assert!(
+        catalog::list(&h.setup.ctx.storage, TargetKind::Postgres)
+            .await
+            .unwrap()
+            .manifests
+            .is_empty()
+    );
+    // The storage directory holds audit records and nothing of the backup.
+    let mut left = Vec::new();
+    let mut dirs = vec![disk.0.path().to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if !path.starts_with(disk.0.path().join("audit")) {
+                left.push(path);
+            }
+        }
+    }
+    assert!(left.is_empty(), "nothing of the backup is left: {left:?}");
+    assert!(
+        std::fs::read_dir(disk.0.path().join("audit")).is_ok(),
+        "the walk saw the storage directory"
+    );
+
+    let mut prune = BackupCommand::new(
+        Action::Prune,
+        TargetSelector::One(TargetKind::Postgres),
+        "test-suite",
+    );
+    prune.options = serde_json::json!({ "dry_run": true });
+    client.send(&prune).await;
+    let done = client.follow(&prune).await.pop().unwrap();
+    assert_eq!(done.event, event::COMPLETED, "{done:?}");
+    assert!(h.workers[0].2.consuming.load(Ordering::SeqCst));
+    h.stop_workers().await;
+    drop(h);
+}
