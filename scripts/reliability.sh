@@ -35,7 +35,7 @@ else
 fi
 properties=$(grep -c '^test fuzz::.* ok$' "$LOG/parsers" || true)
 failed=$(grep -c '^test fuzz::.* FAILED$' "$LOG/parsers" || true)
-rows+=("| parsers (RESP sync payload, RDB, key stream, pg_dump archive, command, manifest, Consul KV, RabbitMQ definitions) | $properties properties x $CASES inputs | $failed failing | $(( $(date +%s) - start )) s | $parsers_ok |")
+rows+=("| parsers (RESP sync payload, RDB, key stream, pg_dump archive, command, manifest, Consul KV, RabbitMQ definitions, documents archives and index paths) | $properties properties x $CASES inputs | $failed failing | $(( $(date +%s) - start )) s | $parsers_ok |")
 
 # The worker: generated messages of every kind through the real broker.
 start=$(date +%s)

@@ -1,5 +1,6 @@
 //! Property-based fuzzing of every parser of outside bytes: no input panics, every failure is
-//! an error value, and nothing allocates beyond its cap. Each property runs
+//! an error value, nothing allocates beyond its cap, and no archive writes outside its
+//! restore directory. Each property runs
 //! `PROPTEST_CASES` inputs (2,000 by default in the test suite; the reliability campaign runs
 //! `PROPTEST_CASES=1000000 cargo test --release --lib fuzz::`).
 
@@ -201,5 +202,94 @@ impl Read for Trickle {
         buf[..n].copy_from_slice(&self.data[self.at..self.at + n]);
         self.at += n;
         Ok(n)
+    }
+}
+
+/// Entry names an attacker would try, and ordinary ones.
+const NAMES: [&str; 10] = [
+    "docs/a.txt",
+    "docs",
+    "../escape",
+    "/etc/escape",
+    "docs/../../escape",
+    "./docs/b.txt",
+    "docs//c",
+    "link",
+    "link/through",
+    "",
+];
+
+/// A tar of entries with any of [`NAMES`], kinds and link targets, its bytes then edited.
+fn hostile_tar() -> impl Strategy<Value = Vec<u8>> {
+    let entry = (
+        0..NAMES.len(),
+        0u8..3,
+        0..NAMES.len(),
+        prop::collection::vec(any::<u8>(), 0..64),
+    );
+    (
+        prop::collection::vec(entry, 0..6),
+        prop::collection::vec((any::<usize>(), any::<u8>()), 0..4),
+    )
+        .prop_map(|(entries, edits)| {
+            let mut builder = tar::Builder::new(Vec::new());
+            for (name, kind, target, body) in entries {
+                let mut header = tar::Header::new_old();
+                let name = NAMES[name].as_bytes();
+                header.as_old_mut().name[..name.len()].copy_from_slice(name);
+                header.set_mode(0o644);
+                match kind {
+                    0 => header.set_entry_type(tar::EntryType::Regular),
+                    1 => header.set_entry_type(tar::EntryType::Directory),
+                    _ => {
+                        header.set_entry_type(tar::EntryType::Symlink);
+                        let target = NAMES[target].as_bytes();
+                        header.as_old_mut().linkname[..target.len()].copy_from_slice(target);
+                    }
+                }
+                let body = if kind == 0 { body } else { Vec::new() };
+                header.set_size(body.len() as u64);
+                header.set_cksum();
+                builder.append(&header, body.as_slice()).expect("in memory");
+            }
+            let mut bytes = builder.into_inner().expect("in memory");
+            for (at, byte) in edits {
+                if !bytes.is_empty() {
+                    let at = at % bytes.len();
+                    bytes[at] = byte;
+                }
+            }
+            bytes
+        })
+}
+
+proptest! {
+    #![proptest_config(config())]
+
+    /// Whatever a documents archive holds, unpacking writes nothing outside its directory.
+    #[test]
+    fn hostile_archives_never_write_outside_the_restore_directory(archive in hostile_tar()) {
+        let parent = tempfile::tempdir().expect("tempdir");
+        let dest = parent.path().join("restore");
+        std::fs::create_dir(&dest).expect("dest");
+        let _ = crate::targets::documents::extract::unpack(archive.as_slice(), &dest, &|_, _| true);
+        let beside: Vec<_> = std::fs::read_dir(parent.path())
+            .expect("listing")
+            .map(|entry| entry.expect("entry").file_name())
+            .collect();
+        prop_assert_eq!(beside, vec![std::ffi::OsString::from("restore")]);
+        prop_assert!(!std::path::Path::new("/etc/escape").exists());
+    }
+
+    /// Index and entry paths: what is accepted stays below the directory it is joined to.
+    #[test]
+    fn accepted_paths_stay_inside(name in "[a-z./]{0,24}") {
+        if let Ok(path) = crate::targets::documents::extract::safe_relative(&name) {
+            prop_assert!(path.is_relative(), "{name}: {}", path.display());
+            prop_assert!(
+                path.components().all(|c| matches!(c, std::path::Component::Normal(_))),
+                "{name}: {}", path.display()
+            );
+        }
     }
 }
