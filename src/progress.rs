@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 
 use crate::model::{Action, TargetKind};
 
-static MOVED: [AtomicU64; TargetKind::ALL.len()] = [const { AtomicU64::new(0) }; 5];
+static MOVED: [AtomicU64; TargetKind::ALL.len()] =
+    [const { AtomicU64::new(0) }; TargetKind::ALL.len()];
 
 fn counter(target: TargetKind) -> &'static AtomicU64 {
     let index = TargetKind::ALL
@@ -22,10 +23,28 @@ fn counter(target: TargetKind) -> &'static AtomicU64 {
     &MOVED[index]
 }
 
-/// Counts `bytes` moved for the artifact stored at `key` (`<target>/<backup id>/…`).
-pub fn moved(key: &str, bytes: u64) {
-    if let Some(target) = key.split('/').next().and_then(|t| t.parse().ok()) {
-        counter(target).fetch_add(bytes, Ordering::Relaxed);
+/// Where the bytes of one artifact are counted: its target's counter, found once from the
+/// key, not for every chunk.
+#[derive(Debug, Clone, Copy)]
+pub struct Meter(Option<&'static AtomicU64>);
+
+impl Meter {
+    /// The meter of the artifact stored at `key` (`<target>/<backup id>/…`); a key that
+    /// names no target counts nowhere.
+    pub fn of_key(key: &str) -> Self {
+        Meter(
+            key.split('/')
+                .next()
+                .and_then(|target| target.parse().ok())
+                .map(counter),
+        )
+    }
+
+    /// Counts `bytes` moved.
+    pub fn add(self, bytes: usize) {
+        if let Some(counter) = self.0 {
+            counter.fetch_add(bytes as u64, Ordering::Relaxed);
+        }
     }
 }
 
@@ -163,11 +182,12 @@ mod tests {
 
     #[test]
     fn bytes_are_counted_per_target_from_the_trackers_start() {
-        moved("consul/20260101T000000Z-consul-abcd/kv.json.zst", 10);
+        let consul = Meter::of_key("consul/20260101T000000Z-consul-abcd/kv.json.zst");
+        consul.add(10);
         let tracker = Tracker::start(Action::Backup, TargetKind::Consul, Some(100));
-        moved("consul/20260101T000000Z-consul-abcd/kv.json.zst", 25);
-        moved("redis/20260101T000000Z-redis-abcd/dump.rdb.zst", 1000);
-        moved("not-a-target/x", 1000);
+        consul.add(25);
+        Meter::of_key("redis/20260101T000000Z-redis-abcd/dump.rdb.zst").add(1000);
+        Meter::of_key("not-a-target/x").add(1000);
         assert_eq!(tracker.done(), 25);
         assert!(
             tracker.line().starts_with("backup consul: 25 B in "),

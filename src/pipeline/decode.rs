@@ -71,11 +71,11 @@ pub async fn open_artifact(
     }
     let mut download = storage.get_stream(&record.key).await?;
     let (in_tx, in_rx) = mpsc::channel(CHANNEL_DEPTH);
-    let key = record.key.clone();
+    let meter = crate::progress::Meter::of_key(&record.key);
     tokio::spawn(async move {
         while let Some(item) = download.next().await {
             if let Ok(bytes) = &item {
-                crate::progress::moved(&key, bytes.len() as u64);
+                meter.add(bytes.len());
             }
             let failed = item.is_err();
             if in_tx.send(item).await.is_err() || failed {

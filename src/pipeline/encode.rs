@@ -25,6 +25,7 @@ use super::chunk::{Chunk, ChunkPool};
 use super::compress::Compressor;
 use super::sha256::Sha256;
 use super::{CHANNEL_DEPTH, Codec, POOLED_CHUNKS, PipelineError};
+use crate::progress::Meter;
 use crate::storage::manifest::{ArtifactRecord, Compression, Encryption};
 use crate::storage::{Storage, Upload};
 
@@ -146,16 +147,9 @@ where
     };
     let stop = guard.stop.clone();
     let encoder_codec = codec.clone();
-    let progress_key = key.clone();
+    let meter = Meter::of_key(&key);
     let encoded = tokio::task::spawn_blocking(move || {
-        encode(
-            source,
-            inspector,
-            stored_tx,
-            &encoder_codec,
-            &stop,
-            &progress_key,
-        )
+        encode(source, inspector, stored_tx, &encoder_codec, &stop, meter)
     })
     .await
     .unwrap_or_else(|err| Err(PipelineError::Internal(format!("pipeline thread: {err}"))));
@@ -278,7 +272,7 @@ fn encode<R: Read, I: Inspect>(
     out: mpsc::Sender<Bytes>,
     codec: &Codec,
     stop: &AtomicBool,
-    key: &str,
+    meter: Meter,
 ) -> Result<Encoded<R, I>, PipelineError> {
     let chunks = ChunkPool::new(codec.chunk_size, POOLED_CHUNKS);
     let mut compressor = Compressor::new(codec, out)?;
@@ -291,7 +285,7 @@ fn encode<R: Read, I: Inspect>(
             let (chunk, ended) = fill(&mut source, chunks.take()).map_err(PipelineError::Source)?;
             if !chunk.is_empty() {
                 let chunk = chunk.freeze();
-                crate::progress::moved(key, chunk.len() as u64);
+                meter.add(chunk.len());
                 raw.send(&chunk)?;
                 compressor.write_all(&chunk)?;
             }
@@ -442,7 +436,7 @@ mod tests {
             tx,
             &codec,
             &AtomicBool::new(false),
-            "test/artifact",
+            Meter::of_key("test/artifact"),
         )
         .unwrap();
         assert!(encoded.inspector.0 == data);
@@ -463,7 +457,7 @@ mod tests {
             tx,
             &codec,
             &AtomicBool::new(true),
-            "test/artifact",
+            Meter::of_key("test/artifact"),
         );
         assert!(matches!(stopped, Err(PipelineError::Aborted)));
     }
