@@ -58,10 +58,8 @@ pub async fn run(
             .ok()
             .flatten()
             .map(|previous| previous.raw_size());
-        let shown = progress::show(ctx, Action::Backup, kind, expected);
-        let result = run_backup(ctx, &request, &cancel).await;
-        shown.finish();
-        match result {
+        let backed_up = run_backup(ctx, &request, &cancel);
+        match progress::watched(ctx, Action::Backup, kind, expected, backed_up).await {
             Ok(manifest) => {
                 let mut record = record.with_backup(&manifest);
                 if !manifest.warnings.is_empty() {
@@ -186,9 +184,14 @@ pub async fn restore(
         backup: backup_ref,
         options,
     };
-    let shown = progress::show(ctx, Action::Restore, target, None);
-    let restored = run_restore(ctx, &request).await;
-    shown.finish();
+    let restored = progress::watched(
+        ctx,
+        Action::Restore,
+        target,
+        None,
+        run_restore(ctx, &request),
+    )
+    .await;
     let (manifest, trust, report) = match restored {
         Ok(restored) => restored,
         Err(err) => {
@@ -229,9 +232,9 @@ pub async fn verify(
             .await
             .with_backup(manifest);
         let expected = Some(manifest.stored_size());
-        let shown = progress::show(ctx, Action::Verify, manifest.target, expected);
-        let verified = verify_backup(ctx, manifest).await;
-        shown.finish();
+        let checked = verify_backup(ctx, manifest);
+        let verified =
+            progress::watched(ctx, Action::Verify, manifest.target, expected, checked).await;
         let report = match verified {
             Ok(report) => report,
             Err(err) => {
@@ -296,10 +299,8 @@ pub async fn drill(
         let started = Instant::now();
         let mut record = trail.start(Action::Drill, kind.as_str()).await;
         record.backup_id = Some(backup.to_string());
-        let shown = progress::show(ctx, Action::Drill, kind, None);
-        let drilled = run_drill(ctx, &request).await;
-        shown.finish();
-        match drilled {
+        let drilled = run_drill(ctx, &request);
+        match progress::watched(ctx, Action::Drill, kind, None, drilled).await {
             Ok((manifest, report)) => {
                 trail.write(record.with_backup(&manifest), started).await;
                 if json {

@@ -13,13 +13,28 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 const DRAW_EVERY: Duration = Duration::from_millis(200);
 
 /// Progress being shown; [`Shown::finish`] draws the last state.
-pub struct Shown {
+struct Shown {
     bar: Option<(ProgressBar, Tracker)>,
     _ticker: Ticker,
 }
 
+/// Runs `work`, showing the progress of `action` on `target` (expected to move `expected`
+/// bytes) until it ends.
+pub async fn watched<T>(
+    ctx: &JobContext,
+    action: Action,
+    target: TargetKind,
+    expected: Option<u64>,
+    work: impl Future<Output = T>,
+) -> T {
+    let shown = show(ctx, action, target, expected);
+    let result = work.await;
+    shown.finish();
+    result
+}
+
 /// Starts showing the progress of `action` on `target`, expected to move `expected` bytes.
-pub fn show(ctx: &JobContext, action: Action, target: TargetKind, expected: Option<u64>) -> Shown {
+fn show(ctx: &JobContext, action: Action, target: TargetKind, expected: Option<u64>) -> Shown {
     let tracker = Tracker::start(action, target, expected);
     if !std::io::stderr().is_terminal() {
         let every = ctx.settings.pipeline.progress_every.0;
@@ -59,7 +74,7 @@ fn update(bar: &ProgressBar, tracker: &Tracker) {
 
 impl Shown {
     /// Draws the final state (the bar stays on screen), or nothing for log lines.
-    pub fn finish(self) {
+    fn finish(self) {
         if let Some((bar, tracker)) = &self.bar {
             update(bar, tracker);
             bar.set_length(tracker.done());
