@@ -20,7 +20,7 @@ use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection};
 
 use super::MessagingError;
-use super::publisher::{Outgoing, Publisher};
+use super::publisher::Publisher;
 use super::topology;
 use crate::config::{Consume, MessagingSettings};
 use crate::model::Action;
@@ -66,20 +66,14 @@ pub async fn hand_over(
     properties: &BasicProperties,
     headers: FieldTable,
 ) -> Result<(), HandOverError> {
-    let queue = publisher.names().keyed_queue.clone();
-    if topology::depth(connection, &queue).await?.consumers == 0 {
-        return Err(HandOverError::NoKeyholder { action, queue });
+    let queue = &publisher.names().keyed_queue;
+    if topology::depth(connection, queue).await?.consumers == 0 {
+        return Err(HandOverError::NoKeyholder {
+            action,
+            queue: queue.clone(),
+        });
     }
-    let properties = publisher.copy_properties(properties).with_headers(headers);
-    publisher
-        .publish(Outgoing {
-            exchange: &publisher.names().commands_exchange,
-            routing_key: &queue,
-            body,
-            properties,
-            must_route: true,
-        })
-        .await?;
+    publisher.to_keyed_queue(body, properties, headers).await?;
     Ok(())
 }
 

@@ -158,6 +158,24 @@ impl Publisher {
         .await
     }
 
+    /// Copies a delivery into the keyed queue, for the key-holding workers (see `keyed`).
+    pub async fn to_keyed_queue(
+        &self,
+        body: &[u8],
+        properties: &BasicProperties,
+        headers: FieldTable,
+    ) -> Result<(), MessagingError> {
+        let properties = self.copy_properties(properties).with_headers(headers);
+        self.publish(Outgoing {
+            exchange: &self.names.commands_exchange,
+            routing_key: &self.names.keyed_queue,
+            body,
+            properties,
+            must_route: true,
+        })
+        .await
+    }
+
     /// Copies a delivery to the dead-letter exchange with the failure headers.
     pub async fn to_dead_letters(
         &self,
@@ -180,7 +198,7 @@ impl Publisher {
 impl Publisher {
     /// Properties for a copy of a delivery: its ids and timestamp, signed by this
     /// connection's user, without the original expiration (a copy sets its own, if any).
-    pub fn copy_properties(&self, properties: &BasicProperties) -> BasicProperties {
+    fn copy_properties(&self, properties: &BasicProperties) -> BasicProperties {
         let mut copy =
             BasicProperties::default().with_user_id(ShortString::from(self.user.as_str()));
         if let Some(v) = properties.message_id() {

@@ -81,8 +81,6 @@ struct StepEnv {
     ctx: JobContext,
     connection: Arc<lapin::Connection>,
     publisher: Publisher,
-    /// Whether this worker can decrypt, and whether it must hand over what needs to.
-    holds_identity: bool,
     /// Broker users whose re-publications carry a trusted original sender.
     relays: Vec<String>,
     leases: Leases,
@@ -101,13 +99,11 @@ async fn session(
     let connection = Arc::new(connect(&settings.rabbitmq, "crm-backup worker").await?);
     topology::declare(&connection, &settings.messaging).await?;
     let user = amqp_user(&settings.rabbitmq);
-    let holds_identity = settings.identity_file().is_some();
     let relays = super::relays(&user, &settings.messaging);
     let env = Arc::new(StepEnv {
         ctx: ctx.clone(),
         connection: connection.clone(),
         publisher: Publisher::open(&connection, &settings.messaging, &user).await?,
-        holds_identity,
         relays,
         leases: Leases::new(&settings.rabbitmq, &settings.messaging.lease_queue_prefix),
         policy: RetryPolicy::from_settings(&settings.messaging),
@@ -121,7 +117,7 @@ async fn session(
     channel
         .basic_qos(settings.rabbitmq.concurrency, BasicQosOptions::default())
         .await?;
-    let queues = keyed::queues(&settings.messaging, holds_identity);
+    let queues = keyed::queues(&settings.messaging, settings.identity_file().is_some());
     let mut consumers = Vec::new();
     for queue in &queues {
         let tag = format!("crm-backup-worker-{}", uuid::Uuid::new_v4());
@@ -445,10 +441,11 @@ async fn step(
     target: Option<TargetKind>,
     cancel: &CancellationToken,
 ) -> Result<Settle, MessagingError> {
+    let settings = &env.ctx.settings;
     if keyed::hands_over(
         command.action,
-        !env.ctx.settings.pipeline.age_recipients.is_empty(),
-        env.holds_identity,
+        !settings.pipeline.age_recipients.is_empty(),
+        settings.identity_file().is_some(),
     ) {
         return hand_over(env, received, command).await;
     }
