@@ -138,8 +138,8 @@ pub fn human(bytes: u64) -> String {
     }
 }
 
-/// Calls `report` every `every` until dropped.
-pub struct Ticker(tokio::task::JoinHandle<()>);
+/// Calls `report` every `every` until stopped or dropped.
+pub struct Ticker(tokio_util::task::AbortOnDropHandle<()>);
 
 impl Ticker {
     pub fn start(
@@ -147,20 +147,23 @@ impl Ticker {
         every: Duration,
         report: impl Fn(&Tracker) + Send + 'static,
     ) -> Self {
-        Ticker(tokio::spawn(async move {
-            let mut interval = tokio::time::interval(every);
-            interval.tick().await;
-            loop {
+        Ticker(tokio_util::task::AbortOnDropHandle::new(tokio::spawn(
+            async move {
+                let mut interval = tokio::time::interval(every);
                 interval.tick().await;
-                report(&tracker);
-            }
-        }))
+                loop {
+                    interval.tick().await;
+                    report(&tracker);
+                }
+            },
+        )))
     }
-}
 
-impl Drop for Ticker {
-    fn drop(&mut self) {
+    /// Stops, and returns once no report runs any more (dropping only asks it to stop: a
+    /// report running on another thread may still end after the drop).
+    pub async fn stop(mut self) {
         self.0.abort();
+        let _ = (&mut self.0).await;
     }
 }
 

@@ -15,7 +15,7 @@ const DRAW_EVERY: Duration = Duration::from_millis(200);
 /// Progress being shown; [`Shown::finish`] draws the last state.
 struct Shown {
     bar: Option<(ProgressBar, Tracker)>,
-    _ticker: Ticker,
+    ticker: Ticker,
 }
 
 /// Runs `work`, showing the progress of `action` on `target` (expected to move `expected`
@@ -29,7 +29,7 @@ pub async fn watched<T>(
 ) -> T {
     let shown = show(ctx, action, target, expected);
     let result = work.await;
-    shown.finish();
+    shown.finish().await;
     result
 }
 
@@ -40,7 +40,7 @@ fn show(ctx: &JobContext, action: Action, target: TargetKind, expected: Option<u
         let every = ctx.settings.pipeline.progress_every.0;
         return Shown {
             bar: None,
-            _ticker: Ticker::start(tracker, every, progress::log),
+            ticker: Ticker::start(tracker, every, progress::log),
         };
     }
     let bar = ProgressBar::with_draw_target(expected, ProgressDrawTarget::stderr());
@@ -58,7 +58,7 @@ fn show(ctx: &JobContext, action: Action, target: TargetKind, expected: Option<u
     });
     Shown {
         bar: Some((bar, tracker)),
-        _ticker: ticker,
+        ticker,
     }
 }
 
@@ -73,8 +73,10 @@ fn update(bar: &ProgressBar, tracker: &Tracker) {
 }
 
 impl Shown {
-    /// Draws the final state (the bar stays on screen), or nothing for log lines.
-    fn finish(self) {
+    /// Stops the updates, then draws the final state (the bar stays on screen), or nothing
+    /// for log lines.
+    async fn finish(self) {
+        self.ticker.stop().await;
         if let Some((bar, tracker)) = &self.bar {
             update(bar, tracker);
             bar.set_length(tracker.done());

@@ -523,7 +523,8 @@ async fn run_leased(
                 report,
             );
             let result = run_step(&env.ctx, command, target, cancel).await;
-            drop(ticker);
+            // No report may land after the gauge is back at 0.
+            ticker.stop().await;
             env.metrics
                 .set_step_bytes(command.action.as_str(), target.as_str(), 0);
             result
