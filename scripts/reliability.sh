@@ -24,46 +24,45 @@ export TEST_RABBITMQ_MANAGEMENT_URL=${TEST_RABBITMQ_MANAGEMENT_URL:-http://guest
 eval "$(./scripts/garage.sh)"
 
 rows=()
+failed_logs=()
+
+# scenario <log name> <what> <runs> <summary pattern> <command…>: runs the command, adds a row.
+scenario() {
+  local name=$1 what=$2 runs=$3 pattern=$4 ok=yes start
+  shift 4
+  start=$(date +%s)
+  if ! "$@" >"$LOG/$name" 2>&1; then
+    ok=no
+    failed_logs+=("$LOG/$name")
+  fi
+  local summary
+  summary=$(grep -o "$pattern" "$LOG/$name" | head -1 || true)
+  rows+=("| $what | $runs | ${summary:-see the log} | $(( $(date +%s) - start )) s | $ok |")
+}
 
 # Parsers: PROPTEST_CASES inputs for each property (release build: the inputs are many).
-start=$(date +%s)
-if PROPTEST_CASES=$CASES cargo test --release --locked -q --lib fuzz:: -- --test-threads 2 \
-    >"$LOG/parsers" 2>&1; then
-  parsers_ok=yes
-else
-  parsers_ok=no
-fi
-properties=$(grep -c '^test fuzz::.* ok$' "$LOG/parsers" || true)
-failed=$(grep -c '^test fuzz::.* FAILED$' "$LOG/parsers" || true)
-rows+=("| parsers (RESP sync payload, RDB, key stream, pg_dump archive, command, manifest, Consul KV, RabbitMQ definitions, documents archives and index paths) | $properties properties x $CASES inputs | $failed failing | $(( $(date +%s) - start )) s | $parsers_ok |")
+scenario parsers \
+  "parsers (RESP sync payload, RDB, key stream, pg_dump archive, command, manifest, Consul KV, RabbitMQ definitions, documents archives and index paths)" \
+  "$CASES inputs per property" 'test result: .*' \
+  env PROPTEST_CASES="$CASES" cargo test --release --locked -q --lib fuzz:: -- --test-threads 2
 
 # The worker: generated messages of every kind through the real broker.
-start=$(date +%s)
-if FUZZ_MESSAGES=$MESSAGES cargo test --locked -q --test worker \
-    generated_messages_each_end_in_one_final_event_and_the_worker_stays_up -- --nocapture \
-    >"$LOG/messages" 2>&1; then
-  messages_ok=yes
-else
-  messages_ok=no
-fi
-summary=$(grep -o 'fuzz: .*' "$LOG/messages" | head -1)
-rows+=("| worker: generated command messages (schema-aware, mutated, random bytes, 2 MiB, nested 100k deep, odd content types and headers) | $MESSAGES messages | ${summary:-see the log} | $(( $(date +%s) - start )) s | $messages_ok |")
+scenario messages \
+  "worker: generated command messages (schema-aware, mutated, random bytes, 2 MiB, nested 100k deep, odd content types and headers)" \
+  "$MESSAGES messages" 'fuzz: .*' \
+  env FUZZ_MESSAGES="$MESSAGES" cargo test --locked -q --test worker \
+  generated_messages_each_end_in_one_final_event_and_the_worker_stays_up -- --nocapture
 
 # Tampering: flips, cuts and appends of artifacts and manifests; verify and restore refuse.
-start=$(date +%s)
-if TAMPER_CASES=$TAMPERS cargo test --locked -q --test tampering -- --nocapture \
-    >"$LOG/tampering" 2>&1; then
-  tampering_ok=yes
-else
-  tampering_ok=no
-fi
-summary=$(grep -o 'tampering: .*' "$LOG/tampering" | head -1)
-rows+=("| tampering of stored artifacts and manifests (PostgreSQL, documents; encrypted, signed) | $TAMPERS changes, every other pair also restored | ${summary:-see the log} | $(( $(date +%s) - start )) s | $tampering_ok |")
+scenario tampering \
+  "tampering of stored artifacts and manifests (PostgreSQL, documents; encrypted, signed)" \
+  "$TAMPERS changes, every other pair also restored" 'tampering: .*' \
+  env TAMPER_CASES="$TAMPERS" cargo test --locked -q --test tampering -- --nocapture
 
 printf '\n| scenario | runs | result | time | passed |\n|---|---|---|---|---|\n'
 printf '%s\n' "${rows[@]}"
-if [ "$parsers_ok" != yes ] || [ "$messages_ok" != yes ] || [ "$tampering_ok" != yes ]; then
+if [ ${#failed_logs[@]} -gt 0 ]; then
   echo
-  tail -50 "$LOG/parsers" "$LOG/messages" "$LOG/tampering"
+  tail -50 "${failed_logs[@]}"
   exit 1
 fi
