@@ -161,6 +161,16 @@ impl MultipartUpload for LocalUpload {
     }
 }
 
+/// An upload dropped before it completed or was aborted (its step was cancelled: the
+/// broker went away, or the shutdown timeout passed) takes its staging file with it.
+impl Drop for LocalUpload {
+    fn drop(&mut self) {
+        if self.file.take().is_some() {
+            let _ = fs::remove_file(&self.staging);
+        }
+    }
+}
+
 /// The staging file, open twice: through the page cache, and with `O_DIRECT` where the
 /// file system allows it.
 #[derive(Debug)]
@@ -445,6 +455,22 @@ mod tests {
         expected.extend_from_slice(aligned);
         expected.extend_from_slice(&unaligned);
         assert_eq!(fs::read(&upload.staging).unwrap(), expected);
+    }
+
+    #[tokio::test]
+    async fn an_upload_dropped_unfinished_leaves_nothing() {
+        let root = tempfile::tempdir().unwrap();
+        let dest = root.path().join("postgres/x/crm.dump.zst");
+        let upload = LocalUpload::create(dest.clone()).unwrap();
+        let mut writer = WriteMultipart::new_with_chunk_size(Box::new(upload), 10);
+        writer.put(bytes::Bytes::from_static(
+            b"the first part of a step that is cancelled",
+        ));
+        writer.wait_for_capacity(0).await.unwrap();
+        assert_eq!(staging_files(dest.parent().unwrap()).len(), 1);
+        drop(writer);
+        assert!(!dest.exists());
+        assert!(staging_files(dest.parent().unwrap()).is_empty());
     }
 
     #[tokio::test]
