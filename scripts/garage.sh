@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Starts (and on first use installs and configures) a single-node Garage S3 server for tests.
 # Idempotent: reuses a running instance. Prints `export` lines for the test environment.
+# `scripts/garage.sh stop` stops the server (the outage tests), and the next run starts it.
 #
 # State lives outside the checkout (GARAGE_HOME, default ~/.cache/crm-backup/garage) so
 # every clone on the machine shares one server. Test-only credentials: never use them elsewhere.
@@ -26,6 +27,15 @@ fi
 
 mkdir -p "$GARAGE_HOME/meta" "$GARAGE_HOME/data"
 CONFIG="$GARAGE_HOME/garage.toml"
+if [ "${1:-}" = stop ]; then
+  # Stops the server (tests of a storage outage); the next run without `stop` starts it.
+  pkill -f "garage -c $CONFIG server" 2>/dev/null || true
+  for _ in $(seq 1 100); do
+    pgrep -f "garage -c $CONFIG server" >/dev/null || exit 0
+    sleep 0.1
+  done
+  log "garage did not stop"; exit 1
+fi
 if [ ! -f "$CONFIG" ]; then
   cat > "$CONFIG" <<TOML
 metadata_dir = "$GARAGE_HOME/meta"

@@ -879,3 +879,210 @@ async fn a_drill_restores_into_a_scratch_database_and_catches_wrong_counts() {
     );
     assert_same(&fingerprint(&source.name), &before);
 }
+
+/// A PostgreSQL server of the test's own (initdb into a temporary directory, trust auth, a
+/// free port), so that restarting it cuts no other test's connections. Stopped on drop.
+struct OwnServer {
+    dir: tempfile::TempDir,
+    port: u16,
+}
+
+impl OwnServer {
+    const BIN: &'static str = "/usr/lib/postgresql/15/bin";
+
+    fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        // The server refuses to run as root: as root, it runs as `postgres`.
+        let status = Command::new("chown")
+            .args(["postgres:postgres"])
+            .arg(dir.path())
+            .status()
+            .unwrap();
+        assert!(status.success() || !Self::as_root());
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let server = OwnServer { dir, port };
+        let data = server.data();
+        server.tool(&[
+            "initdb",
+            "-A",
+            "trust",
+            "-U",
+            "postgres",
+            "--no-sync",
+            "-D",
+            &data,
+        ]);
+        let options = format!(
+            "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+            server.dir.path().display()
+        );
+        let log = server.dir.path().join("log").display().to_string();
+        server.tool(&[
+            "pg_ctl", "-D", &data, "-o", &options, "-l", &log, "-w", "start",
+        ]);
+        server
+    }
+
+    fn as_root() -> bool {
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        unsafe { libc::geteuid() == 0 }
+    }
+
+    fn data(&self) -> String {
+        self.dir.path().join("data").display().to_string()
+    }
+
+    /// Runs a server tool (as `postgres` when this is root); panics with its output if it fails.
+    fn tool(&self, args: &[&str]) -> String {
+        let program = format!("{}/{}", Self::BIN, args[0]);
+        let mut command = if Self::as_root() {
+            let mut command = Command::new("runuser");
+            command.args(["-u", "postgres", "--", &program]);
+            command
+        } else {
+            Command::new(&program)
+        };
+        let out = command.args(&args[1..]).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    fn url(&self) -> String {
+        self.url_of("postgres")
+    }
+
+    fn url_of(&self, database: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
+    }
+
+    fn psql(&self, sql: &str) -> String {
+        self.psql_in("postgres", sql)
+    }
+
+    fn psql_in(&self, database: &str, sql: &str) -> String {
+        let out = Command::new("psql")
+            .args([
+                "-XAtq",
+                "-v",
+                "ON_ERROR_STOP=1",
+                &self.url_of(database),
+                "-c",
+                sql,
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{sql}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    /// `pg_ctl restart -m fast`: every session is terminated, the server comes back.
+    fn restart(&self) {
+        // The log file again: without it the new server would write to this pipe.
+        let log = self.dir.path().join("log").display().to_string();
+        self.tool(&[
+            "pg_ctl",
+            "-D",
+            &self.data(),
+            "-l",
+            &log,
+            "-m",
+            "fast",
+            "-w",
+            "restart",
+        ]);
+    }
+}
+
+impl Drop for OwnServer {
+    fn drop(&mut self) {
+        let data = self.data();
+        let _ = std::panic::catch_unwind(|| {
+            self.tool(&["pg_ctl", "-D", &data, "-m", "immediate", "-w", "stop"])
+        });
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_restarted_mid_dump_fails_retryably_and_the_retry_restores() {
+    let server = OwnServer::start();
+    server.psql(
+        "CREATE TABLE noise AS SELECT i, md5(i::text) || md5((i * 7)::text) AS v \
+         FROM generate_series(1, 300000) i",
+    );
+    // The real pg_dump, read at ~6 MB/s so that its COPY of the ~21 MB table is still
+    // running when the server restarts under it.
+    let bin = tempfile::tempdir().unwrap();
+    let bin_dir = common::pg_dump_wrapper(
+        bin.path(),
+        "exec python3 -c 'import subprocess, sys, time\n\
+         dump = subprocess.Popen([\"pg_dump\"] + sys.argv[1:], stdout=subprocess.PIPE)\n\
+         while (b := dump.stdout.read(65536)):\n    \
+         sys.stdout.buffer.write(b); sys.stdout.buffer.flush(); time.sleep(0.01)\n\
+         sys.exit(dump.wait())' \"$@\"",
+    );
+    let url = server.url();
+    let setup = TestSetup::new(
+        "postgres",
+        Store::Local,
+        &[
+            ("DATABASE_URL", url.as_str()),
+            ("BACKUP__POSTGRES__BIN_DIR", bin_dir.as_str()),
+        ],
+    );
+    let request = BackupRequest::new(TargetKind::Postgres, "test");
+
+    let cancel = CancellationToken::new();
+    let (result, copying) = tokio::join!(run_backup(&setup.ctx, &request, &cancel), async {
+        let copying = "SELECT count(*) FROM pg_stat_activity \
+                           WHERE pid <> pg_backend_pid() AND state = 'active' AND query LIKE 'COPY %'";
+        for _ in 0..400 {
+            if server.psql(copying) == "1" {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+        }
+        let copying = server.psql(copying) == "1";
+        if copying {
+            server.restart();
+        }
+        copying
+    });
+    assert!(copying, "pg_dump's COPY never started: {result:?}");
+
+    let err = result.expect_err("a dump cut by a restart is never committed");
+    let message = err.to_string();
+    assert!(message.contains("pg_dump"), "names pg_dump: {message}");
+    assert!(err.retryable(), "a restarted server comes back: {message}");
+    assert!(
+        setup.stored_files().is_empty(),
+        "{:?}",
+        setup.stored_files()
+    );
+
+    // The retry, against the restarted server, stores a backup that verifies and restores.
+    let manifest = backup(&setup, json!({})).await;
+    let report = verify_backup(&setup.ctx, &manifest).await.unwrap();
+    assert!(report.ok(), "{report:?}");
+    let rows = facts(&manifest).tables;
+    assert_eq!(
+        rows.iter().find(|t| t.name == "noise").map(|t| t.rows),
+        Some(300000),
+        "{rows:?}"
+    );
+    let digest = "SELECT md5(string_agg(v, ',' ORDER BY i)) FROM noise";
+    restore_into(&setup, &manifest, "restored").await;
+    assert_eq!(server.psql_in("restored", digest), server.psql(digest));
+}

@@ -22,6 +22,8 @@ use tokio_util::sync::CancellationToken;
 struct RedisServer {
     child: Child,
     port: u16,
+    /// Its command line, for a restart.
+    args: Vec<String>,
     /// redis-cli arguments for a TLS server (`--tls --cacert …`), empty for plain TCP.
     cli_tls: Vec<String>,
     _dir: tempfile::TempDir,
@@ -100,29 +102,51 @@ impl RedisServer {
             .collect();
             cli_tls = vec!["--tls".to_string(), "--cacert".to_string(), ca];
         }
-        let child = Command::new("redis-server")
-            .args(&ports)
-            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .args(["--enable-debug-command", "yes", "--dir"])
-            .arg(dir.path())
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server starts");
+        let mut args = ports;
+        args.extend(
+            ["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+                .into_iter()
+                .chain(["--enable-debug-command", "yes", "--dir"])
+                .map(String::from),
+        );
+        args.push(dir.path().display().to_string());
+        args.extend(extra.iter().map(|arg| arg.to_string()));
         let server = RedisServer {
-            child,
+            child: Self::spawn(&args),
             port,
+            args,
             cli_tls,
             _dir: dir,
         };
+        server.wait_ready();
+        server
+    }
+
+    fn spawn(args: &[String]) -> Child {
+        Command::new("redis-server")
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server starts")
+    }
+
+    fn wait_ready(&self) {
         for _ in 0..200 {
-            if server.cli(&["PING"]) == "PONG" {
-                return server;
+            if self.cli(&["PING"]) == "PONG" {
+                return;
             }
             std::thread::sleep(Duration::from_millis(25));
         }
-        panic!("redis-server on {port} did not start");
+        panic!("redis-server on {} did not start", self.port);
+    }
+
+    /// `SHUTDOWN NOSAVE`, then the same server again: it loads the last `SAVE`.
+    fn restart(&mut self) {
+        self.cli(&["SHUTDOWN", "NOSAVE"]);
+        self.child.wait().unwrap();
+        self.child = Self::spawn(&self.args);
+        self.wait_ready();
     }
 
     fn cli_db(&self, db: u32, args: &[&str]) -> String {
@@ -551,6 +575,62 @@ async fn a_replication_stream_cut_mid_rdb_fails_retryably_and_stores_nothing() {
         assert_eq!(facts.key_count, 1012);
         let report = verify_backup(&setup.ctx, &manifest).await.unwrap();
         assert!(report.ok(), "{report:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_restarted_mid_rdb_fails_retryably_and_the_retry_gets_every_key() {
+    for diskless in ["yes", "no"] {
+        let mut source = RedisServer::start(&[
+            "--repl-diskless-sync",
+            diskless,
+            "--repl-diskless-sync-delay",
+            "0",
+        ]);
+        source.cli(&["DEBUG", "POPULATE", "20000", "key", "64"]);
+        source.cli(&["SAVE"]);
+        // Each key now takes 200 µs to write: ~4 s of RDB, inside which the server restarts
+        // (the restarted one loads the SAVE above, without the delay).
+        source.cli(&["CONFIG", "SET", "rdb-key-save-delay", "200"]);
+        let setup = setup_for(&source, &[]);
+
+        let (result, ()) = tokio::join!(try_backup(&setup), async {
+            let saving = |server: &RedisServer| {
+                server
+                    .cli(&["INFO", "persistence"])
+                    .contains("rdb_bgsave_in_progress:1")
+            };
+            for _ in 0..400 {
+                if saving(&source) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+            assert!(
+                saving(&source),
+                "diskless {diskless}: the RDB never started"
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            source.restart();
+        });
+
+        let err = result.expect_err("an RDB cut by a restart is never committed");
+        // Mid-payload (diskless) or while the server still wrote the RDB to its disk.
+        assert!(
+            err.to_string().contains("the server closed"),
+            "diskless {diskless}: {err}"
+        );
+        assert!(err.retryable(), "diskless {diskless}: {err}");
+        assert!(
+            setup.stored_files().is_empty(),
+            "diskless {diskless}: {:?}",
+            setup.stored_files()
+        );
+        // The retry, against the restarted server, gets every key.
+        let (manifest, facts) = backup(&setup).await;
+        assert_eq!(facts.key_count, 20000, "diskless {diskless}");
+        let report = verify_backup(&setup.ctx, &manifest).await.unwrap();
+        assert!(report.ok(), "diskless {diskless}: {report:?}");
     }
 }
 

@@ -35,6 +35,10 @@ pub struct Harness {
 
 impl Harness {
     pub fn new(prefix: &str, extra: &[(&str, &str)]) -> Self {
+        Self::with_store(prefix, Store::Local, extra)
+    }
+
+    pub fn with_store(prefix: &str, store: Store, extra: &[(&str, &str)]) -> Self {
         let vhost = TestVhost::create(prefix);
         let db = TestDatabase::create(prefix);
         psql(
@@ -49,7 +53,7 @@ impl Harness {
             ("BACKUP__MESSAGING__SHUTDOWN_TIMEOUT", "20s"),
         ];
         env.extend_from_slice(extra);
-        let setup = TestSetup::new(&db.name, Store::Local, &env);
+        let setup = TestSetup::new(&db.name, store, &env);
         Harness {
             vhost,
             _db: db,

@@ -316,8 +316,13 @@ pub fn error_lines(stderr: &str) -> Vec<&str> {
 }
 
 /// A `pg_dump` wrapper in its own directory; `script` is the shell body run before the
-/// real pg_dump (`$@` are its arguments). `--version` always answers.
+/// real pg_dump (`$@` are its arguments). `--version` always answers. The other tools
+/// (`pg_restore` for verify, `psql`, `pg_dumpall`) are the real ones, for a directory that
+/// serves as `postgres.bin_dir`.
 pub fn pg_dump_wrapper(dir: &Path, script: &str) -> String {
+    for tool in ["pg_restore", "psql", "pg_dumpall"] {
+        tool_wrapper(dir, tool, &format!("exec {tool} \"$@\""));
+    }
     tool_wrapper(dir, "pg_dump", script)
 }
 
