@@ -80,6 +80,30 @@ async fn restore(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_that_is_not_gzip_fails_the_backup_and_stores_nothing() {
+    // An answer of 200 that is no snapshot: empty, or a proxy's page. verify and the drill
+    // refuse such an artifact, so the backup must not call it a success.
+    for body in [&b""[..], &b"<html>502 Bad Gateway</html>"[..]] {
+        let double = ConsulDouble::start(ConsulState {
+            snapshot: body.to_vec(),
+            ..populated()
+        })
+        .await;
+        let setup = setup(&double, TOKEN);
+        let err = backup(&setup)
+            .await
+            .expect_err("no backup of a non-snapshot");
+        assert!(err.contains("not a gzip stream"), "{err}");
+        assert!(err.contains("retryable: true"), "{err}");
+        assert!(
+            setup.stored_files().is_empty(),
+            "{:?}",
+            setup.stored_files()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kv_and_snapshot_round_trip_in_batches_of_64() {
     let double = ConsulDouble::start(populated()).await;
     let original = double.state.lock().unwrap().kv.clone();

@@ -24,7 +24,7 @@ use super::{
 };
 use crate::config::ConsulSettings;
 use crate::model::TargetKind;
-use crate::pipeline::{ArtifactReader, ChannelSource};
+use crate::pipeline::{ArtifactReader, ChannelSource, Inspect};
 use crate::storage::manifest::Facts;
 use crate::storage::manifest::{ArtifactRecord, Manifest};
 
@@ -186,10 +186,23 @@ impl Consul {
         };
         let (downloaded, streamed) = tokio::join!(
             download,
-            sink.stream(SNAPSHOT_ARTIFACT, SNAPSHOT_FORMAT, source, ())
+            sink.stream(SNAPSHOT_ARTIFACT, SNAPSHOT_FORMAT, source, Magic::default())
         );
         let streamed = streamed?;
         downloaded?;
+        // What verify and the drill would refuse is never committed: an answer of 200 that
+        // is not a snapshot (an empty body, a proxy's page) fails the backup instead.
+        if !streamed.inspector.is_gzip() {
+            return Err(TargetError::Tool {
+                tool: "consul".into(),
+                message: format!(
+                    "GET /v1/snapshot answered with {} bytes that are not a gzip stream \
+                     (Consul snapshots are gzipped)",
+                    streamed.artifact.record().raw_size
+                ),
+                retryable: true,
+            });
+        }
         sink.commit(streamed.artifact).await?;
         Ok(Ok(index))
     }
@@ -513,6 +526,23 @@ impl Target for Consul {
         }
         let entries = parse_kv(&body).map_err(unusable)?;
         Ok(format!("KV export parses: {} keys", entries.len()))
+    }
+}
+
+/// The first two bytes of a stream, for the gzip magic number.
+#[derive(Default)]
+struct Magic(Vec<u8>);
+
+impl Magic {
+    fn is_gzip(&self) -> bool {
+        self.0 == [0x1f, 0x8b]
+    }
+}
+
+impl Inspect for Magic {
+    fn inspect(&mut self, raw: &[u8]) {
+        let missing = 2usize.saturating_sub(self.0.len());
+        self.0.extend_from_slice(&raw[..missing.min(raw.len())]);
     }
 }
 
