@@ -669,6 +669,26 @@ async fn a_corrupt_artifact_never_reaches_pg_restore_when_verified_first() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_interrupted_mid_way_is_redone_from_scratch() {
+    let source = create_fixture("pg_rerun");
+    let before = fingerprint(&source.name);
+    let setup = TestSetup::new(&source.name, Store::Local, &[]);
+    let manifest = backup(&setup, json!({})).await;
+    // What a worker killed mid-restore leaves: the destination's staging database, half
+    // filled. The destination itself never appeared.
+    let into = TestDatabase::adopt(&common::unique("pg_rerun_into"));
+    let staging = TestDatabase::adopt(&format!("{}_restoring", into.name));
+    psql("postgres", &format!("CREATE DATABASE \"{}\"", staging.name));
+    psql(&staging.name, "CREATE TABLE half_done (i int)");
+    assert!(!common::database_exists(&into.name));
+
+    // The redelivered command restores, and the leftover is gone.
+    restore_into(&setup, &manifest, &into.name).await;
+    assert_same(&fingerprint(&into.name), &before);
+    assert!(!common::database_exists(&staging.name));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restore_never_overwrites_unless_in_place() {
     let source = create_fixture("pg_inplace");
     let before = fingerprint(&source.name);

@@ -10,7 +10,8 @@ use tokio_postgres::Client;
 
 use super::connection::Endpoint;
 use super::sql::{
-    compare_counts, count_rows, database_owner, derived_name, drop_database, quote_ident, swap_in,
+    compare_counts, count_rows, database_owner, derived_name, drop_database, quote_ident,
+    staging_name, swap_in,
 };
 use super::{DUMP_FORMAT, Postgres, PostgresFacts, plain_identifier};
 use crate::pipeline::{ArtifactReader, DecodedArtifact};
@@ -66,18 +67,30 @@ impl Postgres {
                 .clone()
                 .unwrap_or_else(|| facts.database.clone())
         });
-        let database = match (&replaced, &options.into) {
-            (Some(original), _) => derived_name(original, "restore"),
+        // The name the restored database ends up with.
+        let destination = match (&replaced, &options.into) {
+            (Some(original), _) => original.clone(),
             (None, Some(name)) => name.clone(),
             (None, None) => derived_name(&facts.database, "restore"),
         };
-        plain_identifier(&database)?;
+        plain_identifier(&destination)?;
         let admin = self.connect(Some(&self.maintenance_database)).await?;
-        if database_owner(&admin, &database).await?.is_some() {
+        if replaced.is_none() && database_owner(&admin, &destination).await?.is_some() {
             return Err(TargetError::Refused(format!(
-                "database `{database}` already exists; restore into a new name, \
+                "database `{destination}` already exists; restore into a new name, \
                  or restore in place explicitly (in_place)"
             )));
+        }
+        // Filled under a name of its own and renamed only once complete and counted, so the
+        // destination never names a partial database. A worker killed mid-restore leaves
+        // that name behind; the command's redelivery finds it and starts afresh.
+        let database = staging_name(&destination);
+        if database_owner(&admin, &database).await?.is_some() {
+            tracing::warn!(
+                database,
+                "an interrupted restore left this database: dropping it"
+            );
+            drop_database(&admin, &database).await;
         }
         let restorer = self.restorer()?;
         let owner = match (&restorer, &replaced) {
@@ -116,26 +129,25 @@ impl Postgres {
             drop_database(&admin, &database).await;
             return Err(err);
         }
+        let previous = swap_in(&admin, &database, &destination).await?;
         let mut details = serde_json::json!({
-            "database": database,
+            "database": destination,
             "in_place": options.in_place,
             "tables": facts.table_count,
             "rows": facts.row_count,
             "globals_skipped": facts.globals,
         });
-        if let Some(original) = replaced {
-            let previous = swap_in(&admin, &database, &original).await?;
-            details["database"] = serde_json::json!(original);
+        if replaced.is_some() {
             details["previous_database"] = serde_json::json!(previous);
             return Ok(RestoreReport {
                 destination: format!(
-                    "postgres database {original} (the replaced database was renamed to {previous})"
+                    "postgres database {destination} (the replaced database was renamed to {previous})"
                 ),
                 details,
             });
         }
         Ok(RestoreReport {
-            destination: format!("postgres database {database}"),
+            destination: format!("postgres database {destination}"),
             details,
         })
     }

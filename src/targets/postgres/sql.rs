@@ -92,6 +92,17 @@ pub(super) fn derived_name(database: &str, role: &str) -> String {
     format!("{base}{suffix}")
 }
 
+/// `crm_restoring`: where a restore into `destination` is filled before it takes that name;
+/// the same for every attempt, so a retry finds what an interrupted one left.
+pub(super) fn staging_name(destination: &str) -> String {
+    let suffix = "_restoring";
+    let mut base = destination.to_string();
+    while base.len() + suffix.len() > 63 {
+        base.pop();
+    }
+    format!("{base}{suffix}")
+}
+
 pub(super) async fn database_owner(
     admin: &Client,
     database: &str,
@@ -121,6 +132,14 @@ pub(super) async fn swap_in(
              {err}; {left}"
         ))
     };
+    // The restore's own sessions on `restored` may still be closing; a rename needs none.
+    let _ = admin
+        .query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = $1 AND pid <> pg_backend_pid()",
+            &[&restored],
+        )
+        .await;
     if database_owner(admin, original).await?.is_none() {
         let rename = format!(
             "ALTER DATABASE {} RENAME TO {}",
@@ -200,6 +219,8 @@ mod tests {
         assert_eq!(name.len(), 63, "{name}");
         assert!(derived_name("crm", "restore").starts_with("crm_restore_"));
         assert!(derived_name("crm", "replaced").starts_with("crm_replaced_"));
+        assert_eq!(staging_name("crm"), "crm_restoring");
+        assert_eq!(staging_name(&long).len(), 63);
     }
 
     #[test]
