@@ -10,8 +10,8 @@ use tokio_postgres::Client;
 
 use super::connection::Endpoint;
 use super::sql::{
-    compare_counts, count_rows, database_owner, derived_name, drop_database, quote_ident,
-    staging_name, swap_in,
+    close_sessions, compare_counts, count_rows, database_owner, derived_name, drop_database,
+    quote_ident, staging_name, swap_in,
 };
 use super::{DUMP_FORMAT, Postgres, PostgresFacts, plain_identifier};
 use crate::pipeline::{ArtifactReader, DecodedArtifact};
@@ -129,6 +129,7 @@ impl Postgres {
             drop_database(&admin, &database).await;
             return Err(err);
         }
+        close_sessions(&admin, &database).await;
         let previous = swap_in(&admin, &database, &destination).await?;
         let mut details = serde_json::json!({
             "database": destination,

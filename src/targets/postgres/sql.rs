@@ -92,6 +92,18 @@ pub(super) fn derived_name(database: &str, role: &str) -> String {
     format!("{base}{suffix}")
 }
 
+/// Ends every session on `database` (the restore's own may still be closing: a rename needs
+/// none). A failure shows as the rename's.
+pub(super) async fn close_sessions(admin: &Client, database: &str) {
+    let _ = admin
+        .query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = $1 AND pid <> pg_backend_pid()",
+            &[&database],
+        )
+        .await;
+}
+
 /// `crm_restoring`: where a restore into `destination` is filled before it takes that name;
 /// the same for every attempt, so a retry finds what an interrupted one left.
 pub(super) fn staging_name(destination: &str) -> String {
@@ -132,14 +144,6 @@ pub(super) async fn swap_in(
              {err}; {left}"
         ))
     };
-    // The restore's own sessions on `restored` may still be closing; a rename needs none.
-    let _ = admin
-        .query(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-             WHERE datname = $1 AND pid <> pg_backend_pid()",
-            &[&restored],
-        )
-        .await;
     if database_owner(admin, original).await?.is_none() {
         let rename = format!(
             "ALTER DATABASE {} RENAME TO {}",
