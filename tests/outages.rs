@@ -11,15 +11,13 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::harness::{Harness, backup_command, wait_until};
+use common::harness::{EventLog, Harness, backup_command, wait_until};
 use common::{Store, TestDatabase, TestSetup, garage_multipart_uploads, psql};
 use crm_backup::jobs::backup::{BackupRequest, run_backup};
 use crm_backup::jobs::verify::verify_backup;
-use crm_backup::messaging::event::{self, Event};
+use crm_backup::messaging::event;
 use crm_backup::model::TargetKind;
 use crm_backup::storage::catalog;
-use lapin::options::{BasicAckOptions, BasicGetOptions, QueueBindOptions, QueueDeclareOptions};
-use lapin::types::FieldTable;
 use tokio_util::sync::CancellationToken;
 
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -308,95 +306,6 @@ async fn storage_down_longer_than_the_retry_budget_fails_retryably_and_commits_n
     assert!(report.ok(), "{report:?}");
 }
 
-/// A durable queue bound to the events exchange: unlike a client's exclusive subscription,
-/// it keeps the events published while its reader was cut off by the restart.
-async fn capture_events(h: &Harness) -> String {
-    let queue = common::unique("captured_events");
-    let connection = lapin::Connection::connect(&h.vhost.url(), Default::default())
-        .await
-        .unwrap();
-    let channel = connection.create_channel().await.unwrap();
-    channel
-        .queue_declare(
-            queue.as_str().into(),
-            QueueDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    crm_backup::messaging::topology::declare(&connection, &h.setup.settings.messaging)
-        .await
-        .unwrap();
-    channel
-        .queue_bind(
-            queue.as_str().into(),
-            h.setup
-                .settings
-                .messaging
-                .notifications_exchange
-                .as_str()
-                .into(),
-            "backup.#".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    let _ = connection.close(200, "".into()).await;
-    queue
-}
-
-/// Every event in `queue` so far.
-async fn captured(h: &Harness, queue: &str) -> Vec<Event> {
-    let connection = lapin::Connection::connect(&h.vhost.url(), Default::default())
-        .await
-        .unwrap();
-    let channel = connection.create_channel().await.unwrap();
-    let mut events = Vec::new();
-    while let Some(message) = channel
-        .basic_get(queue.into(), BasicGetOptions::default())
-        .await
-        .unwrap()
-    {
-        message.ack(BasicAckOptions::default()).await.unwrap();
-        events.push(serde_json::from_slice(&message.delivery.data).unwrap());
-    }
-    let _ = connection.close(200, "".into()).await;
-    events
-}
-
-/// The events of `command_id` in `queue`, waiting until one ends it.
-async fn captured_until_final(h: &Harness, queue: &str, command_id: &str) -> Vec<Event> {
-    let mut seen: Vec<Event> = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while Instant::now() < deadline {
-        seen.extend(
-            captured(h, queue)
-                .await
-                .into_iter()
-                .filter(|e| e.command_id == command_id),
-        );
-        if seen.iter().any(|e| {
-            e.event == event::COMPLETED || (e.event == event::FAILED && e.will_retry != Some(true))
-        }) {
-            // A second final event, if any, would follow closely.
-            tokio::time::sleep(Duration::from_secs(3)).await;
-            seen.extend(
-                captured(h, queue)
-                    .await
-                    .into_iter()
-                    .filter(|e| e.command_id == command_id),
-            );
-            return seen;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    panic!("no final event for {command_id}: {seen:#?}");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_broker_restarted_mid_step_loses_no_command_and_runs_it_once() {
     let _serial = ONE_AT_A_TIME.lock().await;
@@ -417,13 +326,13 @@ async fn a_broker_restarted_mid_step_loses_no_command_and_runs_it_once() {
     );
     h.start_worker().await;
     let state = h.workers[0].2.clone();
-    let events = capture_events(&h).await;
+    let events = EventLog::open(&h).await;
     let command = backup_command(TargetKind::Postgres);
     {
         let client = h.client().await;
         client.send(&command).await;
     }
-    wait_for_started(&h, &events, &command.id).await;
+    events.wait_started(&command.id).await;
 
     let down = BrokerDown::stop();
     let stopped = Instant::now();
@@ -443,7 +352,7 @@ async fn a_broker_restarted_mid_step_loses_no_command_and_runs_it_once() {
     down.start();
 
     // The worker reconnects unaided and the broker redelivers the unacknowledged command.
-    let seen = captured_until_final(&h, &events, &command.id).await;
+    let seen = events.until_final(&command.id).await;
     let completed = seen.iter().filter(|e| e.event == event::COMPLETED).count();
     assert_eq!(completed, 1, "{seen:#?}");
     assert_eq!(h.manifests_of(&command.id).await, 1, "{seen:#?}");
@@ -483,18 +392,4 @@ async fn dead_letters(h: &Harness) -> i64 {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     h.vhost.queue_messages(dead)
-}
-
-async fn wait_for_started(h: &Harness, queue: &str, command_id: &str) {
-    for _ in 0..600 {
-        if captured(h, queue)
-            .await
-            .iter()
-            .any(|e| e.command_id == command_id && e.event == event::STARTED)
-        {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("{command_id} never started");
 }

@@ -239,3 +239,123 @@ pub fn names(events: &[Event]) -> Vec<(String, u32)> {
         .map(|e| (e.event.clone(), e.attempt))
         .collect()
 }
+
+/// A durable queue bound to the events exchange: unlike a client's exclusive subscription,
+/// it keeps what is published while its reader is away (a broker restart) and lets a test
+/// count every event, duplicates included.
+pub struct EventLog {
+    url: String,
+    queue: String,
+}
+
+impl EventLog {
+    pub async fn open(h: &Harness) -> Self {
+        let log = EventLog {
+            url: h.vhost.url(),
+            queue: super::unique("event_log"),
+        };
+        let connection = lapin::Connection::connect(&log.url, Default::default())
+            .await
+            .unwrap();
+        broker::topology::declare(&connection, &h.setup.settings.messaging)
+            .await
+            .unwrap();
+        let channel = connection.create_channel().await.unwrap();
+        channel
+            .queue_declare(
+                log.queue.as_str().into(),
+                lapin::options::QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                Default::default(),
+            )
+            .await
+            .unwrap();
+        channel
+            .queue_bind(
+                log.queue.as_str().into(),
+                h.setup
+                    .settings
+                    .messaging
+                    .notifications_exchange
+                    .as_str()
+                    .into(),
+                "backup.#".into(),
+                Default::default(),
+                Default::default(),
+            )
+            .await
+            .unwrap();
+        let _ = connection.close(200, "".into()).await;
+        log
+    }
+
+    /// Every event logged since the last call.
+    pub async fn take(&self) -> Vec<Event> {
+        let connection = lapin::Connection::connect(&self.url, Default::default())
+            .await
+            .unwrap();
+        let channel = connection.create_channel().await.unwrap();
+        let mut events = Vec::new();
+        while let Some(message) = channel
+            .basic_get(self.queue.as_str().into(), Default::default())
+            .await
+            .unwrap()
+        {
+            message.ack(Default::default()).await.unwrap();
+            events.push(serde_json::from_slice(&message.delivery.data).unwrap());
+        }
+        let _ = connection.close(200, "".into()).await;
+        events
+    }
+
+    /// The events of `command_id` from now on, until one ends it, and those of the next
+    /// three seconds (where a second final event would show).
+    pub async fn until_final(&self, command_id: &str) -> Vec<Event> {
+        let mut seen: Vec<Event> = Vec::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        while std::time::Instant::now() < deadline {
+            seen.extend(
+                self.take()
+                    .await
+                    .into_iter()
+                    .filter(|e| e.command_id == command_id),
+            );
+            if seen.iter().any(is_final) {
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                seen.extend(
+                    self.take()
+                        .await
+                        .into_iter()
+                        .filter(|e| e.command_id == command_id),
+                );
+                return seen;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        panic!("no final event for {command_id}: {seen:#?}");
+    }
+
+    /// Waits until `command_id` has started (taking the events seen meanwhile).
+    pub async fn wait_started(&self, command_id: &str) {
+        for _ in 0..600 {
+            if self
+                .take()
+                .await
+                .iter()
+                .any(|e| e.command_id == command_id && e.event == event::STARTED)
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("{command_id} never started");
+    }
+}
+
+/// `backup.completed`, or `backup.failed` that will not be retried.
+pub fn is_final(event: &Event) -> bool {
+    event.event == event::COMPLETED
+        || (event.event == event::FAILED && event.will_retry != Some(true))
+}
