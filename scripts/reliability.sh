@@ -1,17 +1,26 @@
 #!/usr/bin/env bash
-# Reliability campaign: fuzzing of every parser of outside bytes, and of the worker with
-# generated command messages, against the real services (run ./scripts/test.sh once first: it
-# starts them and Garage). Prints one table row per scenario.
+# Reliability campaign against the real services (run ./scripts/test.sh once first: it starts
+# them and Garage): workers SIGKILLed at random moments, services restarted and storage
+# stopped mid-step, fuzzing of every parser of outside bytes and of the worker with generated
+# command messages, tampering. Prints one table row per scenario. It stops and starts Garage
+# and RabbitMQ: run it on a machine of its own.
 #
-#   scripts/reliability.sh            # 1,000,000 inputs per parser, 10,000 messages, 1,000 tamperings
-#   RELIABILITY_CASES=20000 RELIABILITY_MESSAGES=1000 RELIABILITY_TAMPERS=200 scripts/reliability.sh
+#   scripts/reliability.sh      # 3 runs of each fault, 60 s outages, 40 kills a run,
+#                               # 1,000,000 inputs per parser, 10,000 messages, 1,000 tamperings
+#   RELIABILITY_RUNS=1 RELIABILITY_OUTAGE=20 RELIABILITY_CASES=20000 RELIABILITY_MESSAGES=1000 \
+#     RELIABILITY_TAMPERS=200 RELIABILITY_KILLS=20 scripts/reliability.sh
+#   RELIABILITY_ONLY=faults scripts/reliability.sh    # or: fuzzing
 #
-# The test suite runs the same scenarios short (2,000 inputs per parser, 300 messages, 120
-# tamperings) and fails on any panic, lost message, second final event or missed tampering.
+# The test suite runs the same scenarios short (8 kills, 15 s outages, 2,000 inputs per
+# parser, 300 messages, 120 tamperings) and fails on any loss, duplicate, corruption or panic.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
 
+RUNS=${RELIABILITY_RUNS:-3}
+OUTAGE=${RELIABILITY_OUTAGE:-60}
+KILLS=${RELIABILITY_KILLS:-40}
+ONLY=${RELIABILITY_ONLY:-all}
 CASES=${RELIABILITY_CASES:-1000000}
 MESSAGES=${RELIABILITY_MESSAGES:-10000}
 TAMPERS=${RELIABILITY_TAMPERS:-1000}
@@ -26,7 +35,8 @@ eval "$(./scripts/garage.sh)"
 rows=()
 failed_logs=()
 
-# scenario <log name> <what> <runs> <summary pattern> <command…>: runs the command, adds a row.
+# scenario <log name> <what> <runs> <summary pattern> <command…>: runs the command, adds a row
+# with the lines its runs printed that match the pattern.
 scenario() {
   local name=$1 what=$2 runs=$3 pattern=$4 ok=yes start
   shift 4
@@ -36,9 +46,51 @@ scenario() {
     failed_logs+=("$LOG/$name")
   fi
   local summary
-  summary=$(grep -o "$pattern" "$LOG/$name" | head -1 || true)
+  summary=$(grep -o "$pattern" "$LOG/$name" | sort | uniq -c | sed 's/^ *//' | paste -sd ';' - || true)
   rows+=("| $what | $runs | ${summary:-see the log} | $(( $(date +%s) - start )) s | $ok |")
 }
+
+# repeat <n> <command…>: the command n times; stops at the first failure.
+repeat() {
+  local n=$1 i
+  shift
+  for i in $(seq 1 "$n"); do
+    echo "run $i of $n"
+    "$@" || return 1
+  done
+}
+
+if [ "$ONLY" != fuzzing ]; then
+# Two worker processes, a random one SIGKILLed every 0.3-2.5 s and replaced, over backup,
+# verify, drill, restore and prune of all five targets.
+scenario kills \
+  "SIGKILL of a random worker of two, at random moments, across every action and target" \
+  "$RUNS runs, $KILLS kills or more each" 'kills: .*' \
+  repeat "$RUNS" env KILLS="$KILLS" cargo test --locked -q --test kill_campaign -- --nocapture
+
+# Services restarted mid-step (the tests start their own servers).
+scenario restarts \
+  "PostgreSQL restarted mid-dump (pg_ctl restart -m fast); Redis restarted mid-RDB, diskless and disk-based" \
+  "$RUNS runs" 'restart: .*' \
+  repeat "$RUNS" cargo test --locked -q --test postgres --test redis restarted -- --nocapture
+
+# Garage stopped mid-upload, under a worker and past the retry budget; the broker stopped
+# mid-step with stop_app, then as a whole node.
+scenario storage \
+  "S3 (Garage) stopped for ${OUTAGE} s mid-upload under a worker; stopped past the retry budget" \
+  "$RUNS runs" 'outage: storage.*' \
+  repeat "$RUNS" env OUTAGE_SECS="$OUTAGE" cargo test --locked -q --test outages storage_down -- --nocapture
+scenario broker \
+  "RabbitMQ stop_app for ${OUTAGE} s mid-step, then start_app" \
+  "$RUNS runs" 'outage: broker.*' \
+  repeat "$RUNS" env OUTAGE_SECS="$OUTAGE" cargo test --locked -q --test outages a_broker -- --nocapture
+scenario broker_node \
+  "RabbitMQ node stopped (rabbitmqctl stop) for ${OUTAGE} s mid-step, then started" \
+  "$RUNS runs" 'outage: broker.*' \
+  repeat "$RUNS" env OUTAGE_BROKER=node OUTAGE_SECS="$OUTAGE" cargo test --locked -q --test outages a_broker -- --nocapture
+fi
+
+if [ "$ONLY" != faults ]; then
 
 # Parsers: PROPTEST_CASES inputs for each property (release build: the inputs are many).
 scenario parsers \
@@ -58,6 +110,8 @@ scenario tampering \
   "tampering of stored artifacts and manifests (PostgreSQL, documents; encrypted, signed)" \
   "$TAMPERS changes, every other pair also restored" 'tampering: .*' \
   env TAMPER_CASES="$TAMPERS" cargo test --locked -q --test tampering -- --nocapture
+
+fi
 
 printf '\n| scenario | runs | result | time | passed |\n|---|---|---|---|---|\n'
 printf '%s\n' "${rows[@]}"
