@@ -1,6 +1,6 @@
 //! Workers killed at random moments. Two worker processes share one vhost and one storage;
 //! rounds of commands over all five targets (backup, verify, drill, restore, prune) run while
-//! a killer SIGKILLs a random worker every 0.3–2.5 s and starts another in its place, until
+//! a killer SIGKILLs a random worker every 0.5–5 s and starts another in its place, until
 //! `KILLS` kills (8 here; the reliability campaign asks for 20 and more). Every command must
 //! end exactly once and completed, each backup command with one manifest whose artifacts
 //! verify, and once prune has run after `retention.debris_grace` no unfinished backup and no
@@ -121,7 +121,7 @@ async fn workers_killed_at_random_moments_end_every_command_once() {
         async move {
             let mut workers = vec![spawn_worker(&env), spawn_worker(&env)];
             loop {
-                let pause = rand::rng().random_range(300..2500);
+                let pause = rand::rng().random_range(500..5000);
                 tokio::select! {
                     _ = stop.cancelled() => break,
                     _ = tokio::time::sleep(Duration::from_millis(pause)) => {}

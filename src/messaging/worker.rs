@@ -313,6 +313,13 @@ async fn process(
     if let Some(settle) = announce_if_done(env, &received, &command).await? {
         return Ok(settle);
     }
+    if let Some(message) = past_delivery_limit(
+        &delivery.properties,
+        env.ctx.settings.messaging.delivery_limit,
+    ) {
+        let failed = received.event(event::FAILED, &command.id, Some(&command));
+        return dead_letter(env, &received, failed, "delivery_limit", &message, false).await;
+    }
     match command.target {
         TargetSelector::All if command.action != Action::Prune => {
             fan_out(env, &received, &command).await
@@ -320,6 +327,21 @@ async fn process(
         TargetSelector::All => step(env, &received, &command, None, cancel).await,
         TargetSelector::One(target) => step(env, &received, &command, Some(target), cancel).await,
     }
+}
+
+/// The quorum queue dead-letters a delivery returned more than `limit` times (each worker
+/// running it died or lost the broker) without a word to the requester. The last delivery it
+/// allows is therefore dead-lettered here, with its `backup.failed` event: the reason, when
+/// this delivery is that one.
+fn past_delivery_limit(properties: &lapin::BasicProperties, limit: u32) -> Option<String> {
+    let returned = headers::int(properties, "x-delivery-count").unwrap_or(0);
+    (returned >= i64::from(limit)).then(|| {
+        format!(
+            "delivered {} times without finishing: each worker running it died or lost the \
+             broker (messaging.delivery_limit is {limit})",
+            returned + 1
+        )
+    })
 }
 
 /// Whether the command's sender may make it (and its options are valid where it runs):
@@ -932,4 +954,28 @@ async fn audit_refusal(
         &record.failed(Outcome::Refused, kind, message),
     )
     .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use lapin::types::{AMQPValue, FieldTable};
+
+    use super::*;
+
+    fn returned(times: Option<i64>) -> lapin::BasicProperties {
+        let mut headers = FieldTable::default();
+        if let Some(times) = times {
+            headers.insert("x-delivery-count".into(), AMQPValue::LongLongInt(times));
+        }
+        lapin::BasicProperties::default().with_headers(headers)
+    }
+
+    #[test]
+    fn the_last_delivery_the_broker_allows_is_dead_lettered_by_the_worker() {
+        assert_eq!(past_delivery_limit(&returned(None), 5), None);
+        assert_eq!(past_delivery_limit(&returned(Some(4)), 5), None);
+        let reason = past_delivery_limit(&returned(Some(5)), 5).unwrap();
+        assert!(reason.contains("delivered 6 times"), "{reason}");
+        assert!(past_delivery_limit(&returned(Some(9)), 5).is_some());
+    }
 }
