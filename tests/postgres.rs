@@ -868,7 +868,7 @@ async fn a_drill_restores_into_a_scratch_database_and_catches_wrong_counts() {
         psql(
             "postgres",
             &format!(
-                "SELECT count(*) FROM pg_database WHERE starts_with(datname, '{}_drill_')",
+                "SELECT count(*) FROM pg_database WHERE starts_with(datname, '{}_drill')",
                 source.name
             ),
         )
@@ -877,12 +877,28 @@ async fn a_drill_restores_into_a_scratch_database_and_catches_wrong_counts() {
         target: TargetKind::Postgres,
         backup: BackupRef::Latest,
     };
+    // What a drill killed mid-way leaves: its scratch database and the restore's staging one.
+    for leftover in ["drill", "drill_restoring"] {
+        psql(
+            "postgres",
+            &format!("CREATE DATABASE \"{}_{leftover}\"", source.name),
+        );
+    }
+    assert_eq!(scratch_databases(), "2");
     let (drilled, report) = run_drill(&setup.ctx, &latest).await.expect("drill passes");
     assert_eq!(drilled.id, manifest.id);
     assert!(report.verify.ok());
-    assert!(report.scratch.contains("_drill_"), "{}", report.scratch);
+    assert!(
+        report.scratch.contains(&format!("{}_drill", source.name)),
+        "{}",
+        report.scratch
+    );
     assert_eq!(report.details["rows"], json!(facts(&manifest).row_count));
-    assert_eq!(scratch_databases(), "0", "the scratch database is dropped");
+    assert_eq!(
+        scratch_databases(),
+        "0",
+        "the scratch database is dropped, and what an interrupted drill left"
+    );
 
     // A manifest whose row count the dump does not hold fails the drill.
     common::rewrite_facts(&setup, &manifest, |facts| {

@@ -830,7 +830,7 @@ async fn drill_and_prune_commands_run_through_the_worker() {
     assert_eq!(done.backup_id.as_deref(), Some(ids[2].as_str()));
     let scratch = done.details.as_ref().unwrap()["scratch"].as_str().unwrap();
     assert!(
-        scratch.contains("_drill_") && scratch.ends_with("(dropped)"),
+        scratch.contains("_drill") && scratch.ends_with("(dropped)"),
         "{scratch}"
     );
 

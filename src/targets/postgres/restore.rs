@@ -11,7 +11,7 @@ use tokio_postgres::Client;
 use super::connection::Endpoint;
 use super::sql::{
     close_sessions, compare_counts, count_rows, database_owner, derived_name, drop_database,
-    quote_ident, staging_name, swap_in,
+    quote_ident, staging_name, suffixed_name, swap_in,
 };
 use super::{DUMP_FORMAT, Postgres, PostgresFacts, plain_identifier};
 use crate::pipeline::{ArtifactReader, DecodedArtifact};
@@ -213,7 +213,15 @@ impl Postgres {
         source: &ArtifactSource,
     ) -> Result<RestoreReport, TargetError> {
         let facts: PostgresFacts = source.facts()?;
-        let scratch = derived_name(plain_identifier(&facts.database)?, "drill");
+        // One name per source database, so that what an interrupted drill left (its worker
+        // killed) is found and dropped by the next; steps on one target never run at once.
+        let scratch = suffixed_name(plain_identifier(&facts.database)?, "drill");
+        let admin = self.connect(Some(&self.maintenance_database)).await?;
+        if database_owner(&admin, &scratch).await?.is_some() {
+            tracing::warn!(database = %scratch, "an interrupted drill left this database: dropping it");
+            drop_database(&admin, &scratch).await;
+        }
+        drop(admin);
         // The restore itself compares every table's row count with the manifest.
         let options = RestoreOptions {
             into: Some(scratch.clone()),

@@ -107,8 +107,14 @@ pub(super) async fn close_sessions(admin: &Client, database: &str) {
 /// `crm_restoring`: where a restore into `destination` is filled before it takes that name;
 /// the same for every attempt, so a retry finds what an interrupted one left.
 pub(super) fn staging_name(destination: &str) -> String {
-    let suffix = "_restoring";
-    let mut base = destination.to_string();
+    suffixed_name(destination, "restoring")
+}
+
+/// `crm_drill`: `database` and `_<role>`, within PostgreSQL's 63-byte limit; the same every
+/// time.
+pub(super) fn suffixed_name(database: &str, role: &str) -> String {
+    let suffix = format!("_{role}");
+    let mut base = database.to_string();
     while base.len() + suffix.len() > 63 {
         base.pop();
     }
