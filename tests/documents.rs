@@ -475,9 +475,12 @@ async fn a_drill_restores_a_scratch_copy_beside_the_tree_and_removes_it() {
         target: TargetKind::Documents,
         backup: BackupRef::Id(manifest.id.clone()),
     };
+    // What a drill killed mid-way leaves: a partial scratch copy.
+    fs::create_dir_all(work.path().join("documents.drill/half")).unwrap();
+    fs::write(work.path().join("documents.drill/half/copied"), b"partial").unwrap();
     let (_, report) = run_drill(&setup.ctx, &request).await.expect("drill passes");
     assert!(
-        report.scratch.contains("documents.drill-"),
+        report.scratch.contains("documents.drill"),
         "{}",
         report.scratch
     );
@@ -489,7 +492,7 @@ async fn a_drill_restores_a_scratch_copy_beside_the_tree_and_removes_it() {
     assert_eq!(
         left,
         vec!["documents".to_string()],
-        "the scratch copy is removed"
+        "the scratch copy is removed, and what an interrupted drill left"
     );
     assert_same_tree(&root, &original);
 }

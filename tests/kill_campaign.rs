@@ -141,6 +141,7 @@ async fn workers_killed_at_random_moments_end_every_command_once() {
 
     let started = Instant::now();
     let mut sent: Vec<BackupCommand> = Vec::new();
+    let mut restored: Vec<String> = Vec::new();
     let mut round = 0;
     while round == 0 || kills.load(Ordering::SeqCst) < kills_wanted() {
         round += 1;
@@ -176,7 +177,8 @@ async fn workers_killed_at_random_moments_end_every_command_once() {
             client.send(command).await;
         }
         client.follow_all(&checks.iter().collect::<Vec<_>>()).await;
-        let _dropped = common::TestDatabase::adopt(&into);
+        drop(common::TestDatabase::adopt(&into));
+        restored.push(into);
         sent.extend(checks);
     }
     stop.cancel();
@@ -253,12 +255,19 @@ async fn workers_killed_at_random_moments_end_every_command_once() {
     }
     assert!(leftovers.is_empty(), "orphans after prune: {leftovers:?}");
     // Nor a scratch database of a drill, or the staging database of a restore, on the server.
+    let names: Vec<String> = restored
+        .iter()
+        .flat_map(|into| [format!("'{into}_restoring'"), format!("'{into}'")])
+        .chain([
+            format!("'{}_drill'", h._db.name),
+            format!("'{}_drill_restoring'", h._db.name),
+        ])
+        .collect();
     let scratch = psql(
         "postgres",
         &format!(
-            "SELECT string_agg(datname, ' ') FROM pg_database WHERE datname LIKE '{}\\_%' \
-             OR datname LIKE 'k\\_restored%'",
-            h._db.name
+            "SELECT string_agg(datname, ' ') FROM pg_database WHERE datname IN ({})",
+            names.join(", ")
         ),
     );
     assert!(scratch.is_empty(), "databases left: {scratch}");

@@ -213,6 +213,16 @@ fn sibling(root: &Path, role: &str) -> PathBuf {
     ))
 }
 
+/// Removes the directory `dir` and everything in it, if it exists.
+async fn remove_tree(dir: PathBuf) -> std::io::Result<()> {
+    tokio::task::spawn_blocking(move || match std::fs::remove_dir_all(&dir) {
+        Err(err) if err.kind() != std::io::ErrorKind::NotFound => Err(err),
+        _ => Ok(()),
+    })
+    .await
+    .map_err(std::io::Error::other)?
+}
+
 /// Creates `dest` (or takes it if it exists and is empty); true if it was created.
 fn prepare_destination(dest: &Path) -> Result<bool, TargetError> {
     match std::fs::read_dir(dest) {
@@ -339,19 +349,23 @@ impl Target for Documents {
     }
 
     async fn drill(&self, source: &ArtifactSource) -> Result<RestoreReport, TargetError> {
-        let scratch = sibling(&self.root, "drill");
+        // One name per tree, so that what an interrupted drill left (its worker killed) is
+        // removed by the next one; steps on one target never run at once across workers.
+        let name = self
+            .root
+            .file_name()
+            .map_or_else(|| "documents".into(), |n| n.to_string_lossy().into_owned());
+        let scratch = self.root.with_file_name(format!("{name}.drill"));
+        remove_tree(scratch.clone()).await.map_err(|err| {
+            TargetError::Refused(format!(
+                "cannot remove {} that an interrupted drill left: {err}",
+                scratch.display()
+            ))
+        })?;
         // The restore checks every file's size and SHA-256 against the index (the whole
         // chain for an incremental backup); it needs room for one copy of the tree.
         let restored = self.restore_into(source, &scratch, false).await;
-        let removed = tokio::task::spawn_blocking({
-            let scratch = scratch.clone();
-            move || match std::fs::remove_dir_all(&scratch) {
-                Err(err) if err.kind() != std::io::ErrorKind::NotFound => Err(err),
-                _ => Ok(()),
-            }
-        })
-        .await;
-        if let Ok(Err(err)) | Err(err) = removed.map_err(std::io::Error::other) {
+        if let Err(err) = remove_tree(scratch.clone()).await {
             tracing::warn!(dir = %scratch.display(), error = %err, "could not remove the drill copy");
         }
         let mut report = restored?;

@@ -110,7 +110,7 @@ impl Postgres {
                 quote_ident(&database)
             ))
             .await
-            .map_err(|err| TargetError::Refused(format!("cannot create `{database}`: {err}")))?;
+            .map_err(|err| cannot_create(&database, &err))?;
         let outcome = async {
             self.pg_restore(decoded, record, &database, &options, restorer.as_ref())
                 .await?;
@@ -300,6 +300,21 @@ impl Postgres {
         Ok(format!(
             "pg_restore --list: {entries} entries, {table_data} with table data"
         ))
+    }
+}
+
+/// Why the staging database could not be created. It exists, or its template is in use,
+/// when the backend of an interrupted attempt is still finishing its `CREATE DATABASE`: the
+/// next attempt finds and drops it, so that is worth a retry.
+fn cannot_create(database: &str, err: &tokio_postgres::Error) -> TargetError {
+    match err.as_db_error() {
+        Some(db) if matches!(db.code().code(), "42P04" | "55006") => TargetError::Tool {
+            tool: "postgres".into(),
+            message: format!("cannot create `{database}`: {}", db.message()),
+            retryable: true,
+        },
+        Some(db) => TargetError::Refused(format!("cannot create `{database}`: {}", db.message())),
+        None => super::unreachable(err),
     }
 }
 
