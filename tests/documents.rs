@@ -238,6 +238,18 @@ async fn a_tree_round_trips_with_names_modes_times_and_links() {
         .unwrap_err();
     assert!(err.contains("not empty"), "{err}");
     assert_same_tree(&dest, &expected);
+
+    // What a restore killed mid-way leaves: the empty destination it created and its
+    // partly filled staging directory. The redelivered command restores all the same.
+    let again = work.path().join("again");
+    fs::create_dir_all(work.path().join("again.restoring/half")).unwrap();
+    fs::write(work.path().join("again.restoring/half/copied"), b"partial").unwrap();
+    fs::create_dir(&again).unwrap();
+    restore(&setup, &manifest, json!({ "to": again }))
+        .await
+        .unwrap();
+    assert_same_tree(&again, &expected);
+    assert!(!work.path().join("again.restoring").exists());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -124,18 +124,37 @@ impl Documents {
     ) -> Result<RestoreReport, TargetError> {
         let facts = facts_of(&source.manifest)?;
         let created = prepare_destination(dest)?;
-        let restored = restore_chain(source, &facts, dest).await;
+        // Filled under a name of its own beside `dest` and renamed once every file is
+        // checked, so `dest` never holds a partial tree. A worker killed mid-restore leaves
+        // that name behind; the command's redelivery removes it and starts afresh.
+        let name = dest
+            .file_name()
+            .map_or_else(|| "documents".into(), |n| n.to_string_lossy().into_owned());
+        let staging = dest.with_file_name(format!("{name}.restoring"));
+        let restored = async {
+            remove_tree(staging.clone()).await.map_err(|err| {
+                TargetError::Refused(format!(
+                    "cannot remove {} that an interrupted restore left: {err}",
+                    staging.display()
+                ))
+            })?;
+            prepare_destination(&staging)?;
+            restore_chain(source, &facts, &staging).await?;
+            std::fs::remove_dir(dest)
+                .and_then(|()| std::fs::rename(&staging, dest))
+                .map_err(|err| {
+                    TargetError::Refused(format!(
+                        "moving {} to {} failed: {err}",
+                        staging.display(),
+                        dest.display()
+                    ))
+                })
+        }
+        .await;
         if let Err(err) = restored {
+            let _ = remove_tree(staging).await;
             if created {
-                let _ = std::fs::remove_dir_all(dest);
-            } else if let Ok(entries) = std::fs::read_dir(dest) {
-                for entry in entries.flatten() {
-                    let _ = if entry.path().is_dir() && !entry.path().is_symlink() {
-                        std::fs::remove_dir_all(entry.path())
-                    } else {
-                        std::fs::remove_file(entry.path())
-                    };
-                }
+                let _ = std::fs::remove_dir(dest);
             }
             return Err(err);
         }
