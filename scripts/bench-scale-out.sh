@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# Scale-out benchmark: a mixed load of backup commands over four targets (PostgreSQL, Redis,
+# RabbitMQ definitions, documents; Consul cannot run here), published at once to 1, 2 and 4
+# worker processes with the shipped retry schedule. Prints one row per worker count:
+# throughput and its ratio to one worker, publish → started p50/p99, the most steps ever
+# running at once for one target (must be 1), and retry-queue publishes per command.
+#
+#   scripts/bench-scale-out.sh                 # 200 commands
+#   BENCH_COMMANDS=40 BENCH_WORKERS="1 2" scripts/bench-scale-out.sh
+#
+# Needs PostgreSQL, Redis and RabbitMQ with the management plugin (scripts/test.sh sets them up).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+COMMANDS=${BENCH_COMMANDS:-200}
+WORKER_COUNTS=${BENCH_WORKERS:-1 2 4}
+MGMT=${TEST_RABBITMQ_MANAGEMENT_URL:-http://guest:guest@127.0.0.1:15672}
+AMQP=${TEST_RABBITMQ_URL:-amqp://guest:guest@127.0.0.1:5672}
+PG=${BENCH_PG_URL:-postgres://postgres@127.0.0.1:5432}
+VHOST=bench-scale-out-$$
+DB=bench_scale_out_$$
+WORK=$(mktemp -d)
+PIDS=()
+
+cleanup() {
+  for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  for workers in $WORKER_COUNTS; do
+    curl -s -X DELETE "$MGMT/api/vhosts/$VHOST-$workers" >/dev/null || true
+  done
+  psql -X -q -d "$PG/postgres" -c "DROP DATABASE IF EXISTS $DB WITH (FORCE)" >/dev/null 2>&1 || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+cargo build --release --locked -q --bin crm-backup --example bench_scale_out
+psql -X -q -d "$PG/postgres" -c "CREATE DATABASE $DB"
+psql -X -q -d "$PG/$DB" -c "CREATE TABLE deals AS SELECT i, md5(i::text) AS v FROM generate_series(1, 100000) i"
+mkdir -p "$WORK/documents"
+for i in $(seq 1 100); do head -c 20000 /dev/urandom > "$WORK/documents/file-$i.bin"; done
+
+printf '| workers | seconds | commands/s | vs 1 worker | publish → started p50 (s) | p99 (s) | most steps at once per target | retry-queue publishes per command | failed |\n'
+printf '|---|---|---|---|---|---|---|---|---|\n'
+base=""
+for workers in $WORKER_COUNTS; do
+  vhost="$VHOST-$workers"
+  curl -s -f -X PUT -H 'content-type: application/json' -d '{}' "$MGMT/api/vhosts/$vhost" >/dev/null
+  curl -s -f -X PUT -H 'content-type: application/json' -d '{"configure":".*","write":".*","read":".*"}' \
+    "$MGMT/api/permissions/$vhost/guest" >/dev/null
+  export RABBITMQ_URL="$AMQP/$vhost" DATABASE_URL="$PG/$DB" BACKUP_STORAGE_DIR="$WORK/backups-$workers" \
+    BACKUP_CONFIG_DIR=/nonexistent RUST_LOG=warn BACKUP__HTTP__LISTEN= \
+    BACKUP__AUTHORIZATION__GRANTS='guest=backup' \
+    BACKUP__DOCUMENTS__ENABLED=true DOCUMENTS_STORAGE_ROOT="$WORK/documents"
+  PIDS=()
+  for _ in $(seq 1 "$workers"); do
+    ./target/release/crm-backup worker 2>>"$WORK/worker.log" &
+    PIDS+=($!)
+  done
+  sleep 1
+  line=$(./target/release/examples/bench_scale_out "$RABBITMQ_URL" "$COMMANDS" postgres,redis,rabbitmq,documents)
+  get() { echo "$line" | tr ' ' '\n' | sed -n "s/^$1=//p"; }
+  for pid in "${PIDS[@]}"; do kill -TERM "$pid"; done
+  wait "${PIDS[@]}" 2>/dev/null || true
+  PIDS=()
+  # The management API's counters lag by a few seconds.
+  sleep 6
+  retries=$(curl -s -f "$MGMT/api/queues/$vhost" |
+    jq '[.[] | select(.name | startswith("backup.retry.")) | .message_stats.publish // 0] | add // 0')
+  rate=$(get commands_per_s)
+  [ -n "$base" ] || base=$rate
+  printf '| %s | %s | %s | %sx | %s | %s | %s | %s | %s |\n' "$workers" "$(get seconds)" "$rate" \
+    "$(awk -v a="$rate" -v b="$base" 'BEGIN { printf "%.2f", a / b }')" "$(get started_p50_s)" "$(get started_p99_s)" \
+    "$(get most_at_once_per_target)" "$(awk -v a="$retries" -v b="$COMMANDS" 'BEGIN { printf "%.2f", a / b }')" "$(get failed)"
+done
