@@ -303,12 +303,13 @@ impl Postgres {
     }
 }
 
-/// Why the staging database could not be created. It exists, or its template is in use,
-/// when the backend of an interrupted attempt is still finishing its `CREATE DATABASE`: the
-/// next attempt finds and drops it, so that is worth a retry.
+/// Why the staging database could not be created. It exists (42P04, or 23505 when both
+/// creations race), or its template is in use (55006), when the backend of an interrupted
+/// attempt is still finishing its `CREATE DATABASE`: the next attempt finds and drops it, so
+/// that is worth a retry.
 fn cannot_create(database: &str, err: &tokio_postgres::Error) -> TargetError {
     match err.as_db_error() {
-        Some(db) if matches!(db.code().code(), "42P04" | "55006") => TargetError::Tool {
+        Some(db) if matches!(db.code().code(), "42P04" | "23505" | "55006") => TargetError::Tool {
             tool: "postgres".into(),
             message: format!("cannot create `{database}`: {}", db.message()),
             retryable: true,
