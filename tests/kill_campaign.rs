@@ -2,9 +2,9 @@
 //! rounds of commands over all five targets (backup, verify, drill, restore, prune) run while
 //! a killer SIGKILLs a random worker every 0.5–5 s and starts another in its place, until
 //! `KILLS` kills (8 here; the reliability campaign asks for 20 and more). Every command must
-//! end exactly once and completed, each backup command with one manifest whose artifacts
-//! verify, and once prune has run after `retention.debris_grace` no unfinished backup and no
-//! staging file is left.
+//! end completed and never run twice: each backup command with one manifest whose artifacts
+//! verify (a result re-announced by a redelivery is counted), and once prune has run after
+//! `retention.debris_grace` no unfinished backup and no staging file is left.
 
 mod common;
 
@@ -195,17 +195,25 @@ async fn workers_killed_at_random_moments_end_every_command_once() {
             .push(event);
     }
     let mut reruns = 0;
+    let mut repeated = 0;
     for command in &sent {
         let events = by_command.get(&command.id).cloned().unwrap_or_default();
         let finals: Vec<&Event> = events.iter().filter(|e| is_final(e)).collect();
-        assert_eq!(
-            finals.len(),
-            1,
-            "{:?} {}: {events:#?}",
+        assert!(
+            !finals.is_empty(),
+            "{:?} {} never ended: {events:#?}",
             command.action,
             command.id
         );
-        assert_eq!(finals[0].event, event::COMPLETED, "{events:#?}");
+        // A worker killed after announcing the result but before acking the delivery leaves
+        // it to be redelivered, and the redelivery finds the command's marker and announces
+        // the same result again (docs/contract.md: completed commands are re-announced, never
+        // run twice). Such repeats are counted; any other outcome fails.
+        assert!(
+            finals.iter().all(|e| e.event == event::COMPLETED),
+            "{events:#?}"
+        );
+        repeated += finals.len() - 1;
         let starts = events.iter().filter(|e| e.event == event::STARTED).count();
         reruns += starts.saturating_sub(1);
     }
@@ -274,7 +282,7 @@ async fn workers_killed_at_random_moments_end_every_command_once() {
 
     eprintln!(
         "kills: {} SIGKILLs over {round} rounds, {} commands ({} steps started again after a kill or a retry), \
-         0 lost, 0 duplicated, {manifests} manifests verified after prune, {} unfinished \
+         0 lost, {repeated} completed events repeated by a redelivery, {manifests} manifests verified after prune, {} unfinished \
          backups removed by prune, 0 orphans, {} s",
         kills.load(Ordering::SeqCst),
         sent.len(),
