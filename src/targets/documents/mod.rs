@@ -127,10 +127,7 @@ impl Documents {
         // Filled under a name of its own beside `dest` and renamed once every file is
         // checked, so `dest` never holds a partial tree. A worker killed mid-restore leaves
         // that name behind; the command's redelivery removes it and starts afresh.
-        let name = dest
-            .file_name()
-            .map_or_else(|| "documents".into(), |n| n.to_string_lossy().into_owned());
-        let staging = dest.with_file_name(format!("{name}.restoring"));
+        let staging = beside(dest, "restoring");
         let restored = async {
             remove_tree(staging.clone()).await.map_err(|err| {
                 TargetError::Refused(format!(
@@ -222,14 +219,18 @@ fn facts_of(manifest: &Manifest) -> Result<DocumentsFacts, TargetError> {
 
 /// `<root>.<role>-<time>` next to the root.
 fn sibling(root: &Path, role: &str) -> PathBuf {
-    let name = root
+    beside(
+        root,
+        &format!("{role}-{}", Utc::now().format("%Y%m%dT%H%M%S")),
+    )
+}
+
+/// `<path>.<suffix>` next to `path`.
+fn beside(path: &Path, suffix: &str) -> PathBuf {
+    let name = path
         .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "documents".into());
-    root.with_file_name(format!(
-        "{name}.{role}-{}",
-        Utc::now().format("%Y%m%dT%H%M%S")
-    ))
+        .map_or_else(|| "documents".into(), |n| n.to_string_lossy().into_owned());
+    path.with_file_name(format!("{name}.{suffix}"))
 }
 
 /// Removes the directory `dir` and everything in it, if it exists.
@@ -370,11 +371,7 @@ impl Target for Documents {
     async fn drill(&self, source: &ArtifactSource) -> Result<RestoreReport, TargetError> {
         // One name per tree, so that what an interrupted drill left (its worker killed) is
         // removed by the next one; steps on one target never run at once across workers.
-        let name = self
-            .root
-            .file_name()
-            .map_or_else(|| "documents".into(), |n| n.to_string_lossy().into_owned());
-        let scratch = self.root.with_file_name(format!("{name}.drill"));
+        let scratch = beside(&self.root, "drill");
         remove_tree(scratch.clone()).await.map_err(|err| {
             TargetError::Refused(format!(
                 "cannot remove {} that an interrupted drill left: {err}",

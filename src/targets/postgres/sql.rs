@@ -84,12 +84,10 @@ pub(super) async fn drop_database(admin: &Client, database: &str) {
 /// `crm_restore_20261126t031500`: a new database name derived from `database`, within
 /// PostgreSQL's 63-byte limit.
 pub(super) fn derived_name(database: &str, role: &str) -> String {
-    let suffix = format!("_{role}_{}", Utc::now().format("%Y%m%dt%H%M%S"));
-    let mut base = database.to_string();
-    while base.len() + suffix.len() > 63 {
-        base.pop();
-    }
-    format!("{base}{suffix}")
+    suffixed_name(
+        database,
+        &format!("{role}_{}", Utc::now().format("%Y%m%dt%H%M%S")),
+    )
 }
 
 /// Ends every session on `database` (the restore's own may still be closing: a rename needs
