@@ -201,6 +201,9 @@ pub struct MessagingSettings {
     pub dead_queue: String,
     pub retry_queue_prefix: String,
     pub lease_queue_prefix: String,
+    /// `<prefix><target>`: the commands that found their target busy, in arrival order,
+    /// for the step holding the target to run next (see [`crate::messaging::worker`]).
+    pub waiting_queue_prefix: String,
     /// Where commands that decrypt (restore, drill, verify) go when the worker that received
     /// them holds no age identity: see [`crate::messaging::keyed`].
     pub keyed_queue: String,
@@ -834,6 +837,15 @@ impl MessagingSettings {
                 "must be a queue name of its own, not the commands queue".into(),
             );
         }
+        if self.waiting_queue_prefix.is_empty()
+            || self.waiting_queue_prefix == self.lease_queue_prefix
+            || self.waiting_queue_prefix == self.retry_queue_prefix
+        {
+            return invalid(
+                "messaging.waiting_queue_prefix",
+                "must be a prefix of its own, not the lease or retry queues'".into(),
+            );
+        }
         Ok(())
     }
 }
@@ -963,6 +975,10 @@ mod tests {
             (
                 &[("BACKUP_S3_BUCKET", "b"), ("BACKUP_S3_ACCESS_KEY", "GK1")],
                 "storage.s3_access_key",
+            ),
+            (
+                &[("BACKUP__MESSAGING__WAITING_QUEUE_PREFIX", "backup.lease.")],
+                "messaging.waiting_queue_prefix",
             ),
         ];
         for (pairs, key) in cases {

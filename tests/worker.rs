@@ -297,41 +297,88 @@ async fn exhausted_attempts_dead_letter_and_replay_completes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn two_workers_never_run_one_target_at_once() {
+async fn commands_for_a_busy_target_wait_for_it_without_a_retry() {
     let bin = tempfile::tempdir().unwrap();
     let bin_dir = pg_dump_wrapper(bin.path(), "sleep 1\nexec pg_dump \"$@\"");
+    // A command sent through a retry tier would come back only after 10 minutes.
     let mut h = Harness::new(
         "w_lease",
-        &[("BACKUP__POSTGRES__BIN_DIR", bin_dir.as_str())],
+        &[
+            ("BACKUP__POSTGRES__BIN_DIR", bin_dir.as_str()),
+            ("BACKUP__MESSAGING__RETRY_DELAYS", "10m"),
+        ],
     );
     h.start_worker().await;
     h.start_worker().await;
     let mut client = h.client().await;
-    let first = backup_command(TargetKind::Postgres);
-    let second = backup_command(TargetKind::Postgres);
-    client.send(&first).await;
-    client.send(&second).await;
+    let commands: Vec<BackupCommand> = (0..4)
+        .map(|_| backup_command(TargetKind::Postgres))
+        .collect();
+    for command in &commands {
+        client.send(command).await;
+    }
 
-    let all = client.follow_all(&[&first, &second]).await;
+    let all = client
+        .follow_all(&commands.iter().collect::<Vec<_>>())
+        .await;
     let span = |id: &str| {
         let of = |name: &str| {
-            all.iter()
-                .find(|e| e.command_id == id && e.event == name)
-                .unwrap()
-                .at
+            let at: Vec<_> = all
+                .iter()
+                .filter(|e| e.command_id == id && e.event == name)
+                .map(|e| e.at)
+                .collect();
+            assert_eq!(at.len(), 1, "one {name} for {id}: {all:#?}");
+            at[0]
         };
         (of(event::STARTED), of(event::COMPLETED))
     };
-    let (a_start, a_end) = span(&first.id);
-    let (b_start, b_end) = span(&second.id);
+    let spans: Vec<_> = commands.iter().map(|c| span(&c.id)).collect();
+    for (i, (a_start, a_end)) in spans.iter().enumerate() {
+        for (b_start, b_end) in &spans[i + 1..] {
+            assert!(
+                a_end <= b_start || b_end <= a_start,
+                "steps overlapped: {a_start}..{a_end} and {b_start}..{b_end}"
+            );
+        }
+    }
     assert!(
-        a_end <= b_start || b_end <= a_start,
-        "steps overlapped: {a_start}..{a_end} and {b_start}..{b_end}"
+        all.iter()
+            .all(|e| e.event != event::FAILED && e.attempt == 1),
+        "busy is not a failure and costs no attempt: {all:#?}"
     );
-    assert!(
-        all.iter().all(|e| e.event != event::FAILED),
-        "busy is not a failure: {all:#?}"
+    for command in &commands {
+        assert_eq!(h.manifests_of(&command.id).await, 1);
+    }
+    h.stop_workers().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_waiting_command_whose_target_nobody_holds_is_swept_up() {
+    let mut h = Harness::new("w_sweep", &[]);
+    h.start_worker().await;
+    let mut client = h.client().await;
+    let command = backup_command(TargetKind::Postgres);
+    // As left by a worker that parked it and died before the holder looked again.
+    client
+        .publisher
+        .to_queue(
+            "backup.waiting.postgres",
+            &command.to_json(),
+            &lapin::BasicProperties::default().with_message_id(command.id.as_str().into()),
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    let events = client.follow(&command).await;
+    assert_eq!(
+        names(&events),
+        [
+            (event::STARTED.to_string(), 1),
+            (event::COMPLETED.to_string(), 1)
+        ]
     );
+    assert_eq!(h.manifests_of(&command.id).await, 1);
     h.stop_workers().await;
 }
 

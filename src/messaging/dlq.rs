@@ -51,7 +51,7 @@ impl DeadLetter {
                     .map(|id| id.as_str().to_string())
             })
             .unwrap_or_else(|| "-".to_string());
-        let delivery_count = headers::int(properties, "x-delivery-count").map(|n| n + 1);
+        let delivery_count = headers::int(properties, headers::DELIVERY_COUNT).map(|n| n + 1);
         let attempts = headers::int(properties, headers::ATTEMPT)
             .or(delivery_count)
             .unwrap_or(1);
@@ -227,7 +227,7 @@ fn reset_headers(table: &FieldTable) -> FieldTable {
     [
         headers::ATTEMPT,
         headers::DEATH,
-        "x-delivery-count",
+        headers::DELIVERY_COUNT,
         "x-first-death-exchange",
         "x-first-death-queue",
         "x-first-death-reason",

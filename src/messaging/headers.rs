@@ -15,6 +15,8 @@ pub const SENDER: &str = "x-crm-sender";
 /// Who replayed a dead letter (`cli:<user>`).
 pub const REPLAYED_BY: &str = "x-replayed-by";
 pub const DEATH: &str = "x-death";
+/// Set by a quorum queue on a redelivery: how often it was returned before.
+pub const DELIVERY_COUNT: &str = "x-delivery-count";
 
 /// Reads an integer header, whatever integer width the publisher used.
 pub fn int(properties: &BasicProperties, name: &str) -> Option<i64> {

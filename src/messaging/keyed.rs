@@ -73,7 +73,7 @@ pub async fn hand_over(
             queue: queue.clone(),
         });
     }
-    publisher.to_keyed_queue(body, properties, headers).await?;
+    publisher.to_queue(queue, body, properties, headers).await?;
     Ok(())
 }
 

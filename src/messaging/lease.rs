@@ -5,8 +5,8 @@
 //! and the broker deletes it the moment that connection closes, however the holder died.
 //! A connection per attempt, not a channel: the broker closes the channel of a refused
 //! declaration, and lapin never reuses such channel ids, so after 2047 refusals a shared
-//! connection could open no channel at all. Steps inside one worker are serialised by a
-//! local lock first: a step waits for its sibling rather than bouncing through the retries.
+//! connection could open no channel at all. A local lock answers for this worker's own steps
+//! without a round trip to the broker.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -35,6 +35,7 @@ pub struct Leases {
 
 /// A held lease. Release it when the step is done; dropping it releases it too.
 pub struct Lease {
+    target: TargetKind,
     connection: Option<Connection>,
     lost: CancellationToken,
     _local: OwnedMutexGuard<()>,
@@ -49,8 +50,7 @@ impl Leases {
         }
     }
 
-    /// The lease on `target`, or `None` when another worker holds it. Waits while a
-    /// step of this worker holds it.
+    /// The lease on `target`, or `None` when another step (of this worker or another) holds it.
     pub async fn try_acquire(&self, target: TargetKind) -> Result<Option<Lease>, MessagingError> {
         let local = {
             let mut locks = self
@@ -59,7 +59,9 @@ impl Leases {
                 .map_err(|_| MessagingError::Broker("lease table poisoned".into()))?;
             locks.entry(target).or_default().clone()
         };
-        let local = local.lock_owned().await;
+        let Ok(local) = local.try_lock_owned() else {
+            return Ok(None);
+        };
         let connection = connect(&self.settings, &format!("crm-backup lease {target}")).await?;
         let declared = async {
             let channel = connection.create_channel().await?;
@@ -98,6 +100,7 @@ impl Leases {
                     }
                 });
                 Ok(Some(Lease {
+                    target,
                     connection: Some(connection),
                     lost,
                     _local: local,
@@ -116,6 +119,10 @@ impl Leases {
 }
 
 impl Lease {
+    pub fn target(&self) -> TargetKind {
+        self.target
+    }
+
     /// Cancelled if the lease's connection is lost while the step runs: another worker
     /// may then take the target, so the step must stop.
     pub fn lost(&self) -> &CancellationToken {

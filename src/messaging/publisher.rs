@@ -158,17 +158,19 @@ impl Publisher {
         .await
     }
 
-    /// Copies a delivery into the keyed queue, for the key-holding workers (see `keyed`).
-    pub async fn to_keyed_queue(
+    /// Copies a delivery into `queue` (by the default exchange): the queue of the commands
+    /// waiting for a busy target, or the keyed queue (see `keyed`).
+    pub async fn to_queue(
         &self,
+        queue: &str,
         body: &[u8],
         properties: &BasicProperties,
         headers: FieldTable,
     ) -> Result<(), MessagingError> {
         let properties = self.copy_properties(properties).with_headers(headers);
         self.publish(Outgoing {
-            exchange: &self.names.commands_exchange,
-            routing_key: &self.names.keyed_queue,
+            exchange: "",
+            routing_key: queue,
             body,
             properties,
             must_route: true,

@@ -7,6 +7,7 @@ use lapin::{Channel, Connection, ExchangeKind};
 use super::MessagingError;
 use super::retry::RetryPolicy;
 use crate::config::MessagingSettings;
+use crate::model::TargetKind;
 
 fn table(entries: &[(&str, AMQPValue)]) -> FieldTable {
     let mut table = FieldTable::default();
@@ -55,6 +56,15 @@ pub async fn declare(
         queue(&channel, name, commands_args.clone()).await?;
         bind(&channel, name, &names.commands_exchange, name).await?;
     }
+    // So do commands waiting for their busy target (reached by name, bound to nothing).
+    for target in TargetKind::ALL {
+        queue(
+            &channel,
+            &waiting_queue(names, target),
+            commands_args.clone(),
+        )
+        .await?;
+    }
 
     queue(&channel, &names.dead_queue, FieldTable::default()).await?;
     bind(&channel, &names.dead_queue, &names.dead_exchange, "").await?;
@@ -78,6 +88,11 @@ pub async fn declare(
     }
     let _ = channel.close(200, "topology declared".into()).await;
     Ok(())
+}
+
+/// The queue of the commands waiting for `target`: `backup.waiting.<target>`.
+pub fn waiting_queue(names: &MessagingSettings, target: TargetKind) -> String {
+    format!("{}{target}", names.waiting_queue_prefix)
 }
 
 /// What a passive declare tells of a queue.

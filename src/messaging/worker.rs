@@ -5,20 +5,31 @@
 //! - done → marker `commands/<id>.json` written, `backup.completed` confirmed, ack;
 //! - retryable failure → copy confirmed in the next retry tier, `backup.failed`, ack;
 //! - permanent failure or attempts exhausted → copy confirmed in the dead letters, ack;
-//! - target busy → copy in the first retry tier without using an attempt, ack;
+//! - target busy → copy in the target's waiting queue, attempt unchanged, ack;
 //! - shutdown or broker loss mid-step → no ack: the broker redelivers it.
+//!
+//! Dispatch per target: a step holds its target's lease (see `lease`), and a command that
+//! finds the target busy waits in `backup.waiting.<target>` instead of spinning through the
+//! retry tiers. The step holding the target runs the waiting commands next, under the same
+//! lease, one after another while no delivery waits for one of the worker's slots (always at
+//! least one, so nothing waits behind a busy queue for ever); every few seconds a sweep takes
+//! any target whose commands wait and whose lease is free (its holder died, or let go just as
+//! a command arrived). A worker runs at most `rabbitmq.concurrency` steps at once, whichever
+//! queue they come from.
 
-use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use futures::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions,
+    BasicQosOptions,
 };
 use lapin::types::FieldTable;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -26,7 +37,7 @@ use super::command::Command;
 use super::dispatch::{StepOutcome, prune_step, run_step};
 use super::event::{self, Event, EventError};
 use super::keyed::{self, HandOverError};
-use super::lease::Leases;
+use super::lease::{Lease, Leases};
 use super::publisher::Publisher;
 use super::retry::{Decision, RetryPolicy};
 use super::{
@@ -45,6 +56,9 @@ use backon::BackoffBuilder;
 
 /// `x-last-error` is cut to this many characters.
 const MAX_ERROR_HEADER: usize = 1000;
+
+/// How often a worker looks for commands waiting for a target nobody holds.
+const SWEEP_EVERY: Duration = Duration::from_secs(2);
 
 /// Runs the worker until `shutdown` fires, reconnecting whenever the broker goes away.
 pub async fn run(
@@ -87,6 +101,43 @@ struct StepEnv {
     policy: RetryPolicy,
     permissions: Policy,
     metrics: Arc<Metrics>,
+    /// One permit per step this worker may run at once.
+    slots: Arc<Semaphore>,
+    /// Deliveries waiting for a slot: a step running waiting commands gives way to them.
+    queued: AtomicUsize,
+    /// A sweep is running (one at a time).
+    sweeping: AtomicBool,
+    /// The worker is shutting down: start nothing new.
+    stopping: CancellationToken,
+}
+
+impl StepEnv {
+    /// A slot for one step, or `None` when the worker stops first.
+    async fn slot(&self) -> Option<OwnedSemaphorePermit> {
+        self.queued.fetch_add(1, Ordering::SeqCst);
+        let permit = tokio::select! {
+            permit = self.slots.clone().acquire_owned() => permit.ok(),
+            _ = self.stopping.cancelled() => None,
+        };
+        self.queued.fetch_sub(1, Ordering::SeqCst);
+        permit
+    }
+}
+
+/// The lease a step of this delivery holds when it settles, handed from the step to what
+/// runs after it (and, for a waiting command, to its step).
+type HeldLease = Arc<Mutex<Option<Lease>>>;
+
+fn take_lease(held: &HeldLease, target: Option<TargetKind>) -> Option<Lease> {
+    let mut held = held.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    match held.as_ref() {
+        Some(lease) if Some(lease.target()) == target || target.is_none() => held.take(),
+        _ => None,
+    }
+}
+
+fn keep_lease(held: &HeldLease, lease: Lease) {
+    *held.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(lease);
 }
 
 /// One connection's lifetime: declare, consume, handle; returns Ok only on shutdown.
@@ -112,6 +163,10 @@ async fn session(
             .policy()
             .map_err(|err| MessagingError::Topology(err.to_string()))?,
         metrics: state.metrics.clone(),
+        slots: Arc::new(Semaphore::new(usize::from(settings.rabbitmq.concurrency))),
+        queued: AtomicUsize::new(0),
+        sweeping: AtomicBool::new(false),
+        stopping: shutdown.child_token(),
     });
     let channel = connection.create_channel().await?;
     channel
@@ -144,10 +199,16 @@ async fn session(
     let steps_cancel = CancellationToken::new();
     let mut steps = JoinSet::new();
     let mut count_dead = tokio::time::interval(settings.http.metrics_refresh.0);
+    let mut sweep_tick = tokio::time::interval(SWEEP_EVERY);
     let ended = loop {
         tokio::select! {
             _ = shutdown.cancelled() => break Ok(()),
             _ = count_dead.tick() => count_dead_letters(&connection, &settings.messaging.dead_queue, &env.metrics).await,
+            _ = sweep_tick.tick() => {
+                if !env.sweeping.swap(true, Ordering::SeqCst) {
+                    steps.spawn(sweep(env.clone(), steps_cancel.child_token()));
+                }
+            }
             next = consumer.next() => match next {
                 Some(Ok(delivery)) => {
                     steps.spawn(handle(env.clone(), delivery, steps_cancel.child_token()));
@@ -163,6 +224,7 @@ async fn session(
         }
     };
     state.consuming.store(false, Ordering::SeqCst);
+    env.stopping.cancel();
     match &ended {
         Ok(()) => {
             for tag in &tags {
@@ -212,18 +274,109 @@ async fn drain(steps: &mut JoinSet<()>) {
 }
 
 /// How a delivery is settled once its outcome is durable.
+#[derive(Clone, Copy)]
 enum Settle {
     Ack,
     Requeue,
 }
 
+/// One delivery of the consumed queues: waits for a slot, runs it, then the commands that
+/// wait for the target it leased.
 async fn handle(env: Arc<StepEnv>, delivery: Delivery, cancel: CancellationToken) {
+    let Some(_slot) = env.slot().await else {
+        // Shutting down before it started: back to the queue.
+        let _ = delivery
+            .nack(BasicNackOptions {
+                requeue: true,
+                ..BasicNackOptions::default()
+            })
+            .await;
+        return;
+    };
+    let held = HeldLease::default();
+    settle_one(&env, delivery, &cancel, &held).await;
+    if let Some(lease) = take_lease(&held, None) {
+        run_waiting(&env, lease, &cancel).await;
+    }
+}
+
+/// Every few seconds: the targets with waiting commands whose lease nobody holds.
+async fn sweep(env: Arc<StepEnv>, cancel: CancellationToken) {
+    for target in TargetKind::ALL {
+        if env.stopping.is_cancelled() {
+            break;
+        }
+        let queue = topology::waiting_queue(&env.ctx.settings.messaging, target);
+        match topology::depth(&env.connection, &queue).await {
+            Ok(depth) if depth.messages > 0 => {}
+            _ => continue,
+        }
+        let Some(_slot) = env.slot().await else { break };
+        if let Ok(Some(lease)) = env.leases.try_acquire(target).await {
+            run_waiting(&env, lease, &cancel).await;
+        }
+    }
+    env.sweeping.store(false, Ordering::SeqCst);
+}
+
+/// Runs the commands waiting for `lease`'s target, oldest first, under that lease: at least
+/// one, then more while no delivery waits for a slot. Releases the lease at the end.
+async fn run_waiting(env: &Arc<StepEnv>, lease: Lease, cancel: &CancellationToken) {
+    let target = lease.target();
+    let queue = topology::waiting_queue(&env.ctx.settings.messaging, target);
+    let held = HeldLease::new(Mutex::new(Some(lease)));
+    let Ok(channel) = env.connection.create_channel().await else {
+        return;
+    };
+    let mut ran = 0;
+    loop {
+        let leased = held
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .as_ref()
+            .is_some_and(|lease| !lease.lost().is_cancelled());
+        if !leased
+            || env.stopping.is_cancelled()
+            || (ran > 0 && env.queued.load(Ordering::SeqCst) > 0)
+        {
+            break;
+        }
+        let delivery = match channel
+            .basic_get(queue.as_str().into(), BasicGetOptions::default())
+            .await
+        {
+            Ok(Some(message)) => message.delivery,
+            Ok(None) => break,
+            Err(err) => {
+                tracing::warn!(error = %err, %queue, "could not take a waiting command");
+                break;
+            }
+        };
+        ran += 1;
+        if let Settle::Requeue = settle_one(env, delivery, cancel, &held).await {
+            break;
+        }
+    }
+    if let Some(lease) = take_lease(&held, None) {
+        lease.release().await;
+    }
+    let _ = channel.close(200, "waiting commands taken".into()).await;
+}
+
+/// Runs one delivery and settles it; returns how.
+async fn settle_one(
+    env: &Arc<StepEnv>,
+    delivery: Delivery,
+    cancel: &CancellationToken,
+    held: &HeldLease,
+) -> Settle {
     let delivery = Arc::new(delivery);
     // A panic inside a step must not strand its delivery unacked: requeue it, and let
     // the quorum queue's delivery limit stop a message that keeps failing this way.
     let processed = tokio::spawn({
-        let delivery = delivery.clone();
-        async move { process(&env, &delivery, &cancel).await }
+        let (env, delivery, cancel, held) =
+            (env.clone(), delivery.clone(), cancel.clone(), held.clone());
+        async move { process(&env, &delivery, &cancel, &held).await }
     })
     .await;
     let settle = match processed {
@@ -251,6 +404,7 @@ async fn handle(env: Arc<StepEnv>, delivery: Delivery, cancel: CancellationToken
     if let Err(err) = settled {
         tracing::warn!(error = %err, "could not settle a delivery; the broker will redeliver it");
     }
+    settle
 }
 
 /// Facts about the delivery every outcome needs.
@@ -280,6 +434,7 @@ async fn process(
     env: &StepEnv,
     delivery: &Delivery,
     cancel: &CancellationToken,
+    held: &HeldLease,
 ) -> Result<Settle, MessagingError> {
     let received = Received {
         delivery,
@@ -324,8 +479,10 @@ async fn process(
         TargetSelector::All if command.action != Action::Prune => {
             fan_out(env, &received, &command).await
         }
-        TargetSelector::All => step(env, &received, &command, None, cancel).await,
-        TargetSelector::One(target) => step(env, &received, &command, Some(target), cancel).await,
+        TargetSelector::All => step(env, &received, &command, None, cancel, held).await,
+        TargetSelector::One(target) => {
+            step(env, &received, &command, Some(target), cancel, held).await
+        }
     }
 }
 
@@ -334,7 +491,7 @@ async fn process(
 /// allows is therefore dead-lettered here, with its `backup.failed` event: the reason, when
 /// this delivery is that one.
 fn past_delivery_limit(properties: &lapin::BasicProperties, limit: u32) -> Option<String> {
-    let returned = headers::int(properties, "x-delivery-count").unwrap_or(0);
+    let returned = headers::int(properties, headers::DELIVERY_COUNT).unwrap_or(0);
     (returned >= i64::from(limit)).then(|| {
         format!(
             "delivered {} times without finishing: each worker running it died or lost the \
@@ -455,13 +612,15 @@ async fn fan_out(
     Ok(Settle::Ack)
 }
 
-/// Runs one step under the target's lease.
+/// Runs one step under the target's lease: the one `held` for it, or a new one. The lease
+/// stays in `held` afterwards, for the waiting commands.
 async fn step(
     env: &StepEnv,
     received: &Received<'_>,
     command: &Command,
     target: Option<TargetKind>,
     cancel: &CancellationToken,
+    held: &HeldLease,
 ) -> Result<Settle, MessagingError> {
     let settings = &env.ctx.settings;
     if keyed::hands_over(
@@ -472,9 +631,12 @@ async fn step(
         return hand_over(env, received, command).await;
     }
     let lease = match target {
-        Some(target) => match env.leases.try_acquire(target).await? {
+        Some(target) => match take_lease(held, Some(target)) {
             Some(lease) => Some(lease),
-            None => return busy(env, received, command).await,
+            None => match env.leases.try_acquire(target).await? {
+                Some(lease) => Some(lease),
+                None => return busy(env, received, command, target).await,
+            },
         },
         None => None,
     };
@@ -491,10 +653,12 @@ async fn step(
         });
     }
     let settle = run_leased(env, received, command, target, &step_cancel).await;
-    if let Some(lease) = lease {
-        lease.release().await;
-    }
     step_cancel.cancel();
+    if let Some(lease) = lease {
+        // Released once the delivery is settled: a worker that dies before its ack leaves
+        // the target to nobody else while the outcome is not yet settled.
+        keep_lease(held, lease);
+    }
     settle
 }
 
@@ -733,12 +897,30 @@ async fn to_tier(
     Ok(queue)
 }
 
-/// The target is busy with another step: wait in the first tier, attempt unchanged.
+/// The target is busy with another step: wait for it in its waiting queue, attempt
+/// unchanged. A command that needs the age identity, where backups are encrypted, waits in
+/// the first retry tier instead: a worker without the identity may be the one holding the
+/// target, and could only hand it back.
 async fn busy(
     env: &StepEnv,
     received: &Received<'_>,
     command: &Command,
+    target: TargetKind,
 ) -> Result<Settle, MessagingError> {
+    let encrypts = !env.ctx.settings.pipeline.age_recipients.is_empty();
+    if !keyed::hands_over(command.action, encrypts, false) {
+        let queue = topology::waiting_queue(&env.ctx.settings.messaging, target);
+        env.publisher
+            .to_queue(
+                &queue,
+                &received.delivery.data,
+                &received.delivery.properties,
+                relayed_headers(received),
+            )
+            .await?;
+        tracing::info!(command_id = %command.id, %queue, "target busy: waiting");
+        return Ok(Settle::Ack);
+    }
     let Decision::Retry {
         tier,
         next_attempt,
@@ -810,7 +992,11 @@ async fn announce_failure(
 /// The headers of a copy the worker publishes: the delivery's, with the sender it was
 /// checked as (whatever a sender header from outside said).
 fn relayed_headers(received: &Received<'_>) -> FieldTable {
-    let mut table = headers::copy(&received.delivery.properties);
+    // The count is of the queue the delivery came from; the copy starts its own.
+    let mut table = headers::without(
+        &headers::copy(&received.delivery.properties),
+        headers::DELIVERY_COUNT,
+    );
     headers::set_text(
         &mut table,
         headers::SENDER,
