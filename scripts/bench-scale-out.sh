@@ -1,12 +1,18 @@
 #!/usr/bin/env bash
 # Scale-out benchmark: a mixed load of backup commands over four targets (PostgreSQL, Redis,
 # RabbitMQ definitions, documents; Consul cannot run here), published at once to 1, 2 and 4
-# worker processes with the shipped retry schedule. Prints one row per worker count:
-# throughput and its ratio to one worker, publish → started p50/p99, the most steps ever
-# running at once for one target (must be 1), and retry-queue publishes per command.
+# worker processes (each running BENCH_CONCURRENCY steps at once, 1 by default) with the
+# shipped retry schedule. Prints one row per worker count: throughput and its ratio to one
+# worker, publish → started p50/p99, the most steps ever running at once for one target
+# (must be 1), and retry-queue publishes per command.
 #
 #   scripts/bench-scale-out.sh                 # 200 commands
 #   BENCH_COMMANDS=40 BENCH_WORKERS="1 2" scripts/bench-scale-out.sh
+#   BENCH_BINARY=/path/to/crm-backup scripts/bench-scale-out.sh   # another build of the worker
+#
+# Redis's repl-diskless-sync-delay (5 s by default: every SYNC waits that long for other
+# replicas) is set to 0 for the run and put back afterwards; otherwise the Redis steps,
+# one at a time, would be most of the run whatever the number of workers.
 #
 # Needs PostgreSQL, Redis and RabbitMQ with the management plugin (scripts/test.sh sets them up).
 set -euo pipefail
@@ -14,6 +20,8 @@ cd "$(dirname "$0")/.."
 
 COMMANDS=${BENCH_COMMANDS:-200}
 WORKER_COUNTS=${BENCH_WORKERS:-1 2 4}
+CONCURRENCY=${BENCH_CONCURRENCY:-1}
+BINARY=${BENCH_BINARY:-./target/release/crm-backup}
 MGMT=${TEST_RABBITMQ_MANAGEMENT_URL:-http://guest:guest@127.0.0.1:15672}
 AMQP=${TEST_RABBITMQ_URL:-amqp://guest:guest@127.0.0.1:5672}
 PG=${BENCH_PG_URL:-postgres://postgres@127.0.0.1:5432}
@@ -29,13 +37,17 @@ cleanup() {
     curl -s -X DELETE "$MGMT/api/vhosts/$VHOST-$workers" >/dev/null || true
   done
   psql -X -q -d "$PG/postgres" -c "DROP DATABASE IF EXISTS $DB WITH (FORCE)" >/dev/null 2>&1 || true
+  [ -z "${REDIS_DELAY:-}" ] || redis-cli CONFIG SET repl-diskless-sync-delay "$REDIS_DELAY" >/dev/null
   rm -rf "$WORK"
 }
 trap cleanup EXIT
 
-cargo build --release --locked -q --bin crm-backup --example bench_scale_out
+cargo build --release --locked -q --example bench_scale_out
+[ -n "${BENCH_BINARY:-}" ] || cargo build --release --locked -q --bin crm-backup
 psql -X -q -d "$PG/postgres" -c "CREATE DATABASE $DB"
 psql -X -q -d "$PG/$DB" -c "CREATE TABLE deals AS SELECT i, md5(i::text) AS v FROM generate_series(1, 100000) i"
+REDIS_DELAY=$(redis-cli CONFIG GET repl-diskless-sync-delay | sed -n 2p)
+redis-cli CONFIG SET repl-diskless-sync-delay 0 >/dev/null
 mkdir -p "$WORK/documents"
 for i in $(seq 1 100); do head -c 20000 /dev/urandom > "$WORK/documents/file-$i.bin"; done
 
@@ -49,11 +61,12 @@ for workers in $WORKER_COUNTS; do
     "$MGMT/api/permissions/$vhost/guest" >/dev/null
   export RABBITMQ_URL="$AMQP/$vhost" DATABASE_URL="$PG/$DB" BACKUP_STORAGE_DIR="$WORK/backups-$workers" \
     BACKUP_CONFIG_DIR=/nonexistent RUST_LOG=warn BACKUP__HTTP__LISTEN= \
+    BACKUP__RABBITMQ__CONCURRENCY="$CONCURRENCY" \
     BACKUP__AUTHORIZATION__GRANTS='guest=backup' \
     BACKUP__DOCUMENTS__ENABLED=true DOCUMENTS_STORAGE_ROOT="$WORK/documents"
   PIDS=()
   for _ in $(seq 1 "$workers"); do
-    ./target/release/crm-backup worker 2>>"$WORK/worker.log" &
+    "$BINARY" worker 2>>"$WORK/worker.log" &
     PIDS+=($!)
   done
   sleep 1

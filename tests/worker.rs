@@ -1002,6 +1002,13 @@ async fn the_http_endpoint_reports_health_readiness_and_metrics() {
         "the dead letter is counted: {}",
         get("/metrics").await.1
     );
+    let metrics = get("/metrics").await.1;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == r#"crm_backup_commands_waiting{target="postgres"} 0"#),
+        "the commands waiting per target are counted: {metrics}"
+    );
 
     // A worker that is not consuming is not ready.
     h.stop_workers().await;

@@ -198,12 +198,12 @@ async fn session(
 
     let steps_cancel = CancellationToken::new();
     let mut steps = JoinSet::new();
-    let mut count_dead = tokio::time::interval(settings.http.metrics_refresh.0);
+    let mut count_queues_every = tokio::time::interval(settings.http.metrics_refresh.0);
     let mut sweep_tick = tokio::time::interval(SWEEP_EVERY);
     let ended = loop {
         tokio::select! {
             _ = shutdown.cancelled() => break Ok(()),
-            _ = count_dead.tick() => count_dead_letters(&connection, &settings.messaging.dead_queue, &env.metrics).await,
+            _ = count_queues_every.tick() => count_queues(&env).await,
             _ = sweep_tick.tick() => {
                 if !env.sweeping.swap(true, Ordering::SeqCst) {
                     steps.spawn(sweep(env.clone(), steps_cancel.child_token()));
@@ -262,10 +262,20 @@ async fn session(
 }
 
 /// Sets the dead-letter gauge to the depth of `queue`.
-async fn count_dead_letters(connection: &lapin::Connection, queue: &str, metrics: &Metrics) {
-    match topology::depth(connection, queue).await {
-        Ok(depth) => metrics.set_dead_letters(depth.messages),
-        Err(err) => tracing::warn!(error = %err, %queue, "cannot count the dead letters"),
+/// The dead letters and the commands waiting per target, for the metrics.
+async fn count_queues(env: &StepEnv) {
+    let names = &env.ctx.settings.messaging;
+    match topology::depth(&env.connection, &names.dead_queue).await {
+        Ok(depth) => env.metrics.set_dead_letters(depth.messages),
+        Err(err) => {
+            tracing::warn!(error = %err, queue = %names.dead_queue, "cannot count the dead letters")
+        }
+    }
+    for target in TargetKind::ALL {
+        let queue = topology::waiting_queue(names, target);
+        if let Ok(depth) = topology::depth(&env.connection, &queue).await {
+            env.metrics.set_waiting(target.as_str(), depth.messages);
+        }
     }
 }
 

@@ -17,6 +17,7 @@
 //! | `crm_backup_last_backup_warning` | gauge | target, warning (`size_drop`, `size_jump`): 1 when the last backup has it |
 //! | `crm_backup_dead_lettered_total` | counter | reason (error kind) |
 //! | `crm_backup_dead_letters` | gauge | (letters waiting in the dead-letter queue) |
+//! | `crm_backup_commands_waiting` | gauge | target (commands waiting for their busy target) |
 //! | `crm_backup_steps_running` | gauge | |
 //! | `crm_backup_step_bytes_done` | gauge | action, target (bytes the running step has moved; 0 once it ends) |
 //! | `crm_backup_consuming` | gauge | 1 while consuming `backup.commands` |
@@ -50,6 +51,7 @@ const STORAGE_FREE: &str = "crm_backup_storage_free_bytes";
 const LAST_WARNING: &str = "crm_backup_last_backup_warning";
 const DEAD_LETTERED: &str = "crm_backup_dead_lettered_total";
 const DEAD_LETTERS: &str = "crm_backup_dead_letters";
+const WAITING: &str = "crm_backup_commands_waiting";
 const BUILD_INFO: &str = "crm_backup_build_info";
 const RUNNING: &str = "crm_backup_steps_running";
 const STEP_BYTES: &str = "crm_backup_step_bytes_done";
@@ -174,6 +176,11 @@ impl Metrics {
                 DEAD_LETTERS,
                 Unit::Count,
                 "Commands waiting in the dead-letter queue.",
+            ),
+            (
+                WAITING,
+                Unit::Count,
+                "Commands waiting for their target, busy with another step.",
             ),
             (
                 BUILD_INFO,
@@ -324,6 +331,12 @@ impl Metrics {
     /// Letters waiting in the dead-letter queue now.
     pub fn set_dead_letters(&self, letters: u32) {
         self.gauge(DEAD_LETTERS, Vec::new()).set(f64::from(letters));
+    }
+
+    /// Commands waiting for `target` now.
+    pub fn set_waiting(&self, target: &str, commands: u32) {
+        self.gauge(WAITING, vec![Label::new("target", target.to_string())])
+            .set(f64::from(commands));
     }
 
     pub fn dead_lettered(&self, reason: &str) {
