@@ -9,7 +9,7 @@
 #                               # 1,000,000 inputs per parser, 10,000 messages, 1,000 tamperings
 #   RELIABILITY_RUNS=1 RELIABILITY_OUTAGE=20 RELIABILITY_CASES=20000 RELIABILITY_MESSAGES=1000 \
 #     RELIABILITY_TAMPERS=200 RELIABILITY_KILLS=20 scripts/reliability.sh
-#   RELIABILITY_ONLY=faults scripts/reliability.sh    # or: fuzzing
+#   RELIABILITY_ONLY=faults scripts/reliability.sh    # or: fuzzing, scale-out
 #
 # The test suite runs the same scenarios short (8 kills, 15 s outages, 2,000 inputs per
 # parser, 300 messages, 120 tamperings) and fails on any loss, duplicate, corruption or panic.
@@ -60,7 +60,7 @@ repeat() {
   done
 }
 
-if [ "$ONLY" != fuzzing ]; then
+if [ "$ONLY" = all ] || [ "$ONLY" = faults ]; then
 # Two worker processes, a random one SIGKILLed every 0.3-2.5 s and replaced, over backup,
 # verify, drill, restore and prune of all five targets.
 scenario kills \
@@ -90,7 +90,7 @@ scenario broker_node \
   repeat "$RUNS" env OUTAGE_BROKER=node OUTAGE_SECS="$OUTAGE" cargo test --locked -q --test outages a_broker -- --nocapture
 fi
 
-if [ "$ONLY" != faults ]; then
+if [ "$ONLY" = all ] || [ "$ONLY" = fuzzing ]; then
 
 # Parsers: PROPTEST_CASES inputs for each property (release build: the inputs are many).
 scenario parsers \
@@ -114,7 +114,13 @@ scenario tampering \
 fi
 
 printf '\n| scenario | runs | result | time | passed |\n|---|---|---|---|---|\n'
-printf '%s\n' "${rows[@]}"
+[ ${#rows[@]} -eq 0 ] || printf '%s\n' "${rows[@]}"
+
+# Scale-out: its own table (scripts/bench-scale-out.sh).
+if [ "$ONLY" = all ] || [ "$ONLY" = scale-out ]; then
+  echo
+  ./scripts/bench-scale-out.sh || failed_logs+=(/dev/null)
+fi
 if [ ${#failed_logs[@]} -gt 0 ]; then
   echo
   tail -50 "${failed_logs[@]}"

@@ -357,6 +357,19 @@ async fn commands_for_a_busy_target_wait_for_it_without_a_retry() {
 async fn a_waiting_command_whose_target_nobody_holds_is_swept_up() {
     let mut h = Harness::new("w_sweep", &[]);
     h.start_worker().await;
+    // A waiting queue deleted under the worker is declared again by its next sweep.
+    let queue = format!("queues/{}/backup.waiting.postgres", h.vhost.name);
+    common::broker::management("DELETE", &queue, None);
+    assert!(!h.vhost.queue_exists("backup.waiting.postgres"));
+    let mut back = false;
+    for _ in 0..100 {
+        if h.vhost.queue_exists("backup.waiting.postgres") {
+            back = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(back, "the deleted waiting queue is declared again");
     let mut client = h.client().await;
     let command = backup_command(TargetKind::Postgres);
     // As left by a worker that parked it and died before the holder looked again.

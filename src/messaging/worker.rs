@@ -316,10 +316,19 @@ async fn sweep(env: Arc<StepEnv>, cancel: CancellationToken) {
         if env.stopping.is_cancelled() {
             break;
         }
-        let queue = topology::waiting_queue(&env.ctx.settings.messaging, target);
+        let names = &env.ctx.settings.messaging;
+        let queue = topology::waiting_queue(names, target);
         match topology::depth(&env.connection, &queue).await {
             Ok(depth) if depth.messages > 0 => {}
-            _ => continue,
+            Ok(_) => continue,
+            Err(err) => {
+                // Deleted under the worker? Declare it again rather than fail every sweep.
+                tracing::warn!(error = %err, %queue, "cannot look at a waiting queue; declaring the topology again");
+                if let Err(err) = topology::declare(&env.connection, names).await {
+                    tracing::warn!(error = %err, "declaring the topology failed");
+                }
+                break;
+            }
         }
         let Some(_slot) = env.slot().await else { break };
         if let Ok(Some(lease)) = env.leases.try_acquire(target).await {

@@ -109,6 +109,18 @@ impl TestVhost {
         management("DELETE", &format!("connections/{encoded}"), None);
     }
 
+    pub fn queue_exists(&self, queue: &str) -> bool {
+        Command::new("curl")
+            .args(["-s", "-f", "-o", "/dev/null"])
+            .arg(format!(
+                "{}/api/queues/{}/{queue}",
+                management_base(),
+                self.name
+            ))
+            .status()
+            .is_ok_and(|status| status.success())
+    }
+
     pub fn queue_messages(&self, queue: &str) -> i64 {
         let body = management("GET", &format!("queues/{}/{queue}", self.name), None);
         let value: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
