@@ -282,8 +282,8 @@ async fn workers_killed_at_random_moments_end_every_command_once() {
 
     eprintln!(
         "kills: {} SIGKILLs over {round} rounds, {} commands ({} steps started again after a kill or a retry), \
-         0 lost, {repeated} completed events repeated by a redelivery, {manifests} manifests verified after prune, {} unfinished \
-         backups removed by prune, 0 orphans, {} s",
+         0 lost, {repeated} completed events repeated by a redelivery, {manifests} manifests verified after prune, {} directories of debris cleared by prune \
+         (unfinished backups, staging files), 0 orphans, {} s",
         kills.load(Ordering::SeqCst),
         sent.len(),
         reruns,

@@ -308,28 +308,50 @@ async fn prune_removes_staging_files_that_killed_local_uploads_left() {
     };
     let stale = plant("postgres/20260301T030000Z-postgres-kill1/crm.dump.zst#4711");
     let young = plant("postgres/20260302T030000Z-postgres-live1/crm.dump.zst#12");
+    // And a command marker's and an audit record's, from a worker killed as it wrote them.
+    let marker = plant("commands/c-killed.json#1");
+    let record = plant("audit/2026/03/01/030000.000Z-killed.json#3");
+    let young_marker = plant("commands/c-writing.json#2");
     let two_hours_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(7200);
-    std::fs::File::options()
-        .write(true)
-        .open(&stale)
-        .unwrap()
-        .set_modified(two_hours_ago)
-        .unwrap();
+    for old in [&stale, &marker, &record] {
+        std::fs::File::options()
+            .write(true)
+            .open(old)
+            .unwrap()
+            .set_modified(two_hours_ago)
+            .unwrap();
+    }
     let ids_before = keys(&setup).await;
 
     let dry = prune(&setup.ctx, true, Utc::now()).await;
-    assert_eq!(dry.debris.len(), 1, "{:?}", dry.debris);
-    assert!(stale.exists(), "a dry run deletes nothing");
+    assert_eq!(dry.debris.len(), 3, "{:?}", dry.debris);
+    assert!(
+        stale.exists() && marker.exists() && record.exists(),
+        "a dry run deletes nothing"
+    );
 
     let swept = prune(&setup.ctx, false, Utc::now()).await;
-    assert_eq!(swept.debris.len(), 1, "{:?}", swept.debris);
+    let dirs: Vec<&str> = swept.debris.iter().map(|d| d.dir.as_str()).collect();
     assert_eq!(
-        swept.debris[0].dir,
-        "postgres/20260301T030000Z-postgres-kill1/"
+        dirs,
+        [
+            "postgres/20260301T030000Z-postgres-kill1/",
+            "commands/",
+            "audit/"
+        ]
     );
     assert_eq!(swept.debris[0].bytes, 16);
+    assert_eq!(swept.debris[1].objects, 1);
     assert!(!stale.exists(), "the stale staging file is gone");
+    assert!(
+        !marker.exists() && !record.exists(),
+        "so are the marker's and the record's"
+    );
     assert!(young.exists(), "a young one may be an upload in progress");
+    assert!(
+        young_marker.exists(),
+        "and a young marker's may be a write in progress"
+    );
     assert_eq!(
         keys(&setup).await,
         ids_before,

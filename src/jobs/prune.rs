@@ -6,7 +6,8 @@
 //! Debris is a backup directory without a manifest whose newest object is older than
 //! `retention.debris_grace`, so a backup still being written is never touched. A manifest
 //! that cannot be read is never deleted, nor anything beside it. Audit records older than
-//! `retention.audit_days` go too.
+//! `retention.audit_days` go too, and so do the staging files of command markers and audit
+//! records that a killed process left in the local directory, past the same grace.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -16,8 +17,9 @@ use serde::Serialize;
 use super::{JobContext, JobError};
 use crate::model::TargetKind;
 use crate::retention::{self, Candidate, Decision, Policy};
+use crate::storage::Storage;
 use crate::storage::catalog;
-use crate::storage::layout::MANIFEST_NAME;
+use crate::storage::layout::{COMMANDS_DIR, MANIFEST_NAME};
 use crate::storage::manifest::Scope;
 
 #[derive(Debug, Clone)]
@@ -107,6 +109,9 @@ pub async fn run_prune(
         )
         .await?;
     }
+    for dir in [COMMANDS_DIR, crate::audit::DIR] {
+        remove_stale_staging(&ctx.storage, dir, now, grace, request.dry_run, &mut report).await?;
+    }
     if !request.dry_run {
         report.audit_records_deleted = crate::audit::prune(
             &ctx.storage,
@@ -116,6 +121,43 @@ pub async fn run_prune(
         .await?;
     }
     Ok(report)
+}
+
+/// Staging files under `dir` (outside the backup directories) older than the grace.
+async fn remove_stale_staging(
+    storage: &Storage,
+    dir: &str,
+    now: DateTime<Utc>,
+    grace: Duration,
+    dry_run: bool,
+    report: &mut PruneReport,
+) -> Result<(), JobError> {
+    let stale: Vec<_> = storage
+        .list_staging(dir)
+        .await?
+        .into_iter()
+        .filter(|object| now - object.last_modified >= grace)
+        .collect();
+    let Some(last_written) = stale.iter().map(|o| o.last_modified).max() else {
+        return Ok(());
+    };
+    if !dry_run {
+        for object in &stale {
+            storage.delete_object(object).await?;
+        }
+        tracing::info!(
+            dir,
+            files = stale.len(),
+            "removed the staging files of unfinished writes"
+        );
+    }
+    report.debris.push(Debris {
+        dir: dir.to_string(),
+        objects: stale.len(),
+        bytes: stale.iter().map(|o| o.size).sum(),
+        last_written,
+    });
+    Ok(())
 }
 
 async fn prune_target(

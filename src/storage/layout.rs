@@ -23,8 +23,11 @@ pub fn manifest_key(id: &BackupId) -> String {
 
 pub const MANIFEST_NAME: &str = "manifest.json";
 
+/// Where the markers of finished commands live.
+pub const COMMANDS_DIR: &str = "commands/";
+
 pub fn command_marker_key(command_id: &str) -> String {
-    format!("commands/{command_id}.json")
+    format!("{COMMANDS_DIR}{command_id}.json")
 }
 
 #[cfg(test)]
