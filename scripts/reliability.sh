@@ -33,10 +33,12 @@ export TEST_RABBITMQ_MANAGEMENT_URL=${TEST_RABBITMQ_MANAGEMENT_URL:-http://guest
 eval "$(./scripts/garage.sh)"
 
 rows=()
+tally_rows=()
 failed_logs=()
 
-# scenario <log name> <what> <runs> <summary pattern> <command…>: runs the command, adds a row
-# with the lines its runs printed that match the pattern.
+# scenario <log name> <what> <runs> <summary pattern> <command…>: runs the command. Its runs'
+# `tally:` lines (tests/common/tally.rs) become rows of the faults table, one per scenario
+# they name; without them, a row of the other table holds the lines matching the pattern.
 scenario() {
   local name=$1 what=$2 runs=$3 pattern=$4 ok=yes start
   shift 4
@@ -45,9 +47,49 @@ scenario() {
     ok=no
     failed_logs+=("$LOG/$name")
   fi
+  local seconds=$(( $(date +%s) - start ))
+  if grep -q 'tally: ' "$LOG/$name"; then
+    while IFS= read -r row; do
+      tally_rows+=("$row $seconds s | $ok |")
+    done < <(tally "$LOG/$name")
+    return
+  fi
   local summary
   summary=$(grep -o "$pattern" "$LOG/$name" | sort | uniq -c | sed 's/^ *//' | paste -sd ';' - || true)
-  rows+=("| $what | $runs | ${summary:-see the log} | $(( $(date +%s) - start )) s | $ok |")
+  rows+=("| $what | $runs | ${summary:-see the log} | $seconds s | $ok |")
+}
+
+# tally <log>: one row per scenario named by the log's `tally:` lines: the runs that passed,
+# the sums of their counts, and their figures (each with how many runs gave it).
+tally() {
+  awk '
+    {
+      at = index($0, "tally: ")
+      if (at == 0) next
+      n_parts = split(substr($0, at + 7), part, / [|] /)
+      if (n_parts < 3) next
+      key = part[1]
+      if (!(key in runs)) order[++n] = key
+      runs[key]++
+      split(part[2], fields, " ")
+      for (i in fields) { split(fields[i], kv, "="); sum[key, kv[1]] += kv[2] }
+      if (!((key, part[3]) in seen)) { kinds[key]++; figure[key, kinds[key]] = part[3] }
+      seen[key, part[3]]++
+    }
+    END {
+      for (j = 1; j <= n; j++) {
+        key = order[j]
+        figures = ""
+        for (f = 1; f <= kinds[key]; f++) {
+          text = figure[key, f]
+          figures = figures (f > 1 ? "; " : "") (runs[key] > 1 ? seen[key, text] "x: " : "") text
+        }
+        printf "| %s | %d | %d | %d | %d | %d | %d | %d | %d | %s |\n", key, runs[key], sum[key, "commands"], \
+          sum[key, "lost"], sum[key, "duplicated"], sum[key, "corrupt"], sum[key, "orphaned"], sum[key, "panics"], \
+          sum[key, "restarts"], figures
+      }
+    }
+    ' "$1"
 }
 
 # repeat <n> <command…>: the command n times; stops at the first failure.
@@ -113,8 +155,15 @@ scenario tampering \
 
 fi
 
-printf '\n| scenario | runs | result | time | passed |\n|---|---|---|---|---|\n'
-[ ${#rows[@]} -eq 0 ] || printf '%s\n' "${rows[@]}"
+if [ ${#tally_rows[@]} -gt 0 ]; then
+  printf '\n| scenario | runs passed | commands | lost | duplicated | corrupt | orphaned | panics | worker restarts needed | the scenario'"'"'s own figure | time | passed |\n'
+  printf '|---|---|---|---|---|---|---|---|---|---|---|---|\n'
+  printf '%s\n' "${tally_rows[@]}"
+fi
+if [ ${#rows[@]} -gt 0 ]; then
+  printf '\n| scenario | runs | result | time | passed |\n|---|---|---|---|---|\n'
+  printf '%s\n' "${rows[@]}"
+fi
 
 # Scale-out: its own table (scripts/bench-scale-out.sh).
 if [ "$ONLY" = all ] || [ "$ONLY" = scale-out ]; then

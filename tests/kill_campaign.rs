@@ -36,14 +36,20 @@ fn kills_wanted() -> usize {
         .unwrap_or(8)
 }
 
-fn spawn_worker(env: &[(String, String)]) -> Child {
+/// A worker process whose log is appended to `log` (searched for panics at the end).
+fn spawn_worker(env: &[(String, String)], log: &Path) -> Child {
+    let log = std::fs::File::options()
+        .create(true)
+        .append(true)
+        .open(log)
+        .expect("worker log");
     Command::new(common::crm_backup_bin())
         .arg("worker")
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .envs(env.iter().cloned())
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(log)
         .spawn()
         .expect("worker process starts")
 }
@@ -114,12 +120,14 @@ async fn workers_killed_at_random_moments_end_every_command_once() {
 
     // The killer: a random worker, at a random moment, while commands run.
     let env = h.child_env();
+    let logs = tempfile::tempdir().unwrap();
+    let worker_log = logs.path().join("workers.log");
     let kills = Arc::new(AtomicUsize::new(0));
     let stop = CancellationToken::new();
     let killer = tokio::spawn({
-        let (kills, stop) = (kills.clone(), stop.clone());
+        let (kills, stop, log) = (kills.clone(), stop.clone(), worker_log.clone());
         async move {
-            let mut workers = vec![spawn_worker(&env), spawn_worker(&env)];
+            let mut workers = vec![spawn_worker(&env, &log), spawn_worker(&env, &log)];
             loop {
                 let pause = rand::rng().random_range(500..5000);
                 tokio::select! {
@@ -129,7 +137,7 @@ async fn workers_killed_at_random_moments_end_every_command_once() {
                 let victim = rand::rng().random_range(0..workers.len());
                 workers[victim].kill().unwrap(); // SIGKILL
                 workers[victim].wait().unwrap();
-                workers[victim] = spawn_worker(&env);
+                workers[victim] = spawn_worker(&env, &log);
                 kills.fetch_add(1, Ordering::SeqCst);
             }
             for mut worker in workers {
@@ -194,6 +202,14 @@ async fn workers_killed_at_random_moments_end_every_command_once() {
             .or_default()
             .push(event);
     }
+    let lost = sent
+        .iter()
+        .filter(|c| {
+            !by_command
+                .get(&c.id)
+                .is_some_and(|e| e.iter().any(is_final))
+        })
+        .count();
     let mut reruns = 0;
     let mut repeated = 0;
     for command in &sent {
@@ -220,12 +236,16 @@ async fn workers_killed_at_random_moments_end_every_command_once() {
 
     // One manifest per backup command, whatever prune kept verifies, and no debris.
     let mut manifests = 0;
+    let mut corrupt = 0;
     for target in TARGETS {
         let listed = catalog::list(&h.setup.ctx.storage, target).await.unwrap();
         for manifest in &listed.manifests {
             manifests += 1;
             let report = verify_backup(&h.setup.ctx, manifest).await.unwrap();
-            assert!(report.ok(), "{report:?}");
+            if !report.ok() {
+                eprintln!("does not verify: {report:?}");
+                corrupt += 1;
+            }
         }
         let mut per_command: BTreeMap<String, usize> = BTreeMap::new();
         for manifest in &listed.manifests {
@@ -238,6 +258,7 @@ async fn workers_killed_at_random_moments_end_every_command_once() {
             "{target:?}: {per_command:?}"
         );
     }
+    assert_eq!(corrupt, 0, "every manifest left verifies");
     tokio::time::sleep(Duration::from_secs(6)).await;
     let pruned = run_prune(
         &h.setup.ctx,
@@ -280,14 +301,28 @@ async fn workers_killed_at_random_moments_end_every_command_once() {
     );
     assert!(scratch.is_empty(), "databases left: {scratch}");
 
-    eprintln!(
-        "kills: {} SIGKILLs over {round} rounds, {} commands ({} steps started again after a kill or a retry), \
-         0 lost, {repeated} completed events repeated by a redelivery, {manifests} manifests verified after prune, {} directories of debris cleared by prune \
-         (unfinished backups, staging files), 0 orphans, {} s",
-        kills.load(Ordering::SeqCst),
-        sent.len(),
-        reruns,
-        pruned.debris.len(),
-        took.as_secs()
+    // No worker panicked, in a step or anywhere else.
+    let worker_log = std::fs::read_to_string(&worker_log).unwrap_or_default();
+    let panics = worker_log.matches("panicked").count();
+    assert_eq!(panics, 0, "{worker_log}");
+
+    common::tally::Tally {
+        commands: sent.len(),
+        lost,
+        duplicated: repeated,
+        corrupt,
+        orphaned: leftovers.len(),
+        panics,
+        restarts: 0,
+    }
+    .print(
+        "kills",
+        &format!(
+            "{} SIGKILLs over {round} rounds, {reruns} steps started again after a kill or a retry, \
+             {manifests} manifests verified after prune, {} directories of debris cleared by prune, {} s",
+            kills.load(Ordering::SeqCst),
+            pruned.debris.len(),
+            took.as_secs()
+        ),
     );
 }

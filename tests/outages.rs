@@ -12,6 +12,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::harness::{EventLog, Harness, backup_command, wait_until};
+use common::tally::Tally;
 use common::{Store, TestDatabase, TestSetup, garage_multipart_uploads, psql};
 use crm_backup::jobs::backup::{BackupRequest, run_backup};
 use crm_backup::jobs::verify::verify_backup;
@@ -255,10 +256,16 @@ async fn storage_down_mid_upload_the_backup_completes_without_a_dead_letter() {
         .iter()
         .filter_map(|e| e.error.as_ref().map(|error| error.message.clone()))
         .collect();
-    eprintln!(
-        "outage: storage down {} s mid-upload: completed on attempt {attempts}, {} s after the stop, 0 dead letters; retried after: {retried:?}",
-        outage().as_secs(),
-        took.as_secs()
+    Tally {
+        commands: 1,
+        ..Tally::default()
+    }
+    .print(
+        &format!("S3 (Garage) stopped for {} s mid-upload, under a worker", outage().as_secs()),
+        &format!(
+            "completed on attempt {attempts}, {} s after the stop, 0 dead letters; retried after: {retried:?}",
+            took.as_secs()
+        ),
     );
     h.stop_workers().await;
 }
@@ -311,9 +318,16 @@ async fn storage_down_longer_than_the_retry_budget_fails_retryably_and_commits_n
         .expect("the next attempt succeeds");
     let report = verify_backup(&setup.ctx, &manifest).await.unwrap();
     assert!(report.ok(), "{report:?}");
-    eprintln!(
-        "outage: storage down past a 3 s retry budget: the attempt failed as retryable after {} s, 0 manifests, 0 objects; the next attempt completed and verified",
-        gave_up.as_secs()
+    Tally {
+        commands: 2,
+        ..Tally::default()
+    }
+    .print(
+        "S3 stopped past a 3 s retry budget (storage.retry_timeout)",
+        &format!(
+            "the attempt failed as retryable after {} s, 0 manifests, 0 objects; the next attempt completed and verified",
+            gave_up.as_secs()
+        ),
     );
 }
 
@@ -379,14 +393,21 @@ async fn a_broker_restarted_mid_step_loses_no_command_and_runs_it_once() {
     let after = client.follow(&next).await;
     assert_eq!(after.last().unwrap().event, event::COMPLETED, "{after:#?}");
     assert_eq!(dead_letters(&h).await, 0, "no dead letter");
-    eprintln!(
-        "outage: broker {} for {} s mid-step: the command ran again after it, 1 completed event, 1 manifest, 0 dead letters",
-        if std::env::var("OUTAGE_BROKER").as_deref() == Ok("node") {
-            "node restarted"
-        } else {
-            "stop_app/start_app"
-        },
-        outage().as_secs()
+    Tally {
+        commands: 2,
+        ..Tally::default()
+    }
+    .print(
+        &format!(
+            "RabbitMQ {} for {} s mid-step",
+            if std::env::var("OUTAGE_BROKER").as_deref() == Ok("node") {
+                "node stopped (rabbitmqctl stop), then started,"
+            } else {
+                "stop_app, then start_app,"
+            },
+            outage().as_secs()
+        ),
+        "the worker stopped the step, reconnected unaided; the command ran again after it: 1 completed event, 1 manifest, 0 dead letters; a new command completed",
     );
     h.stop_workers().await;
 }

@@ -1121,7 +1121,12 @@ async fn a_database_restarted_mid_dump_fails_retryably_and_the_retry_restores() 
     let digest = "SELECT md5(string_agg(v, ',' ORDER BY i)) FROM noise";
     restore_into(&setup, &manifest, "restored").await;
     assert_eq!(server.psql_in("restored", digest), server.psql(digest));
-    eprintln!(
-        "restart: PostgreSQL restarted mid-COPY: retryable failure, nothing stored; the retry verified and restored 300000 equal rows"
+    common::tally::Tally {
+        commands: 2,
+        ..Default::default()
+    }
+    .print(
+        "PostgreSQL restarted mid-COPY (pg_ctl restart -m fast)",
+        "retryable failure, nothing stored; the retry verified and restored 300000 equal rows",
     );
 }

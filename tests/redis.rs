@@ -632,8 +632,13 @@ async fn a_redis_restarted_mid_rdb_fails_retryably_and_the_retry_gets_every_key(
         let report = verify_backup(&setup.ctx, &manifest).await.unwrap();
         assert!(report.ok(), "diskless {diskless}: {report:?}");
     }
-    eprintln!(
-        "restart: Redis restarted mid-RDB (diskless and disk-based): retryable failure, nothing stored; the retry had all 20000 keys and verified"
+    common::tally::Tally {
+        commands: 4,
+        ..Default::default()
+    }
+    .print(
+        "Redis restarted mid-RDB (SHUTDOWN NOSAVE), diskless and disk-based",
+        "retryable failure, nothing stored; the retry had all 20000 keys and verified",
     );
 }
 

@@ -5,6 +5,7 @@ pub mod broker;
 pub mod consul_double;
 pub mod fault_proxy;
 pub mod harness;
+pub mod tally;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
