@@ -10,7 +10,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use common::broker::{TestVhost, assert_valid_event};
-use common::harness::{Harness, WAIT, backup_command, names, wait_until};
+use common::harness::{EventLog, Harness, WAIT, backup_command, names, wait_until};
 use common::{TestDatabase, pg_dump_wrapper, psql};
 use crm_backup::config::RabbitmqSettings;
 use crm_backup::messaging::command::Command as BackupCommand;
@@ -25,7 +25,8 @@ use tokio_util::sync::CancellationToken;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_backup_command_runs_once_and_reports_in_order() {
-    let mut h = Harness::new("w_happy", &[]);
+    // One step at a time: the copy below is settled before the command after it starts.
+    let mut h = Harness::new("w_happy", &[("BACKUP__RABBITMQ__CONCURRENCY", "1")]);
     h.start_worker().await;
     let mut client = h.client().await;
     let mut command = backup_command(TargetKind::Postgres);
@@ -63,6 +64,30 @@ async fn a_backup_command_runs_once_and_reports_in_order() {
     assert_eq!(names(&again), [("backup.completed".into(), 1)]);
     assert_eq!(again[0].backup_id.as_deref(), Some(backup_id.as_str()));
     assert_eq!(h.manifests_of(&command.id).await, 1);
+
+    // A copy the worker made of it (a worker that parked or retried it and died before its
+    // ack leaves both): acked in silence, the result was announced. Then a command after it.
+    let log = EventLog::open(&h).await;
+    let mut copy = lapin::types::FieldTable::default();
+    copy.insert("x-crm-copy".into(), lapin::types::AMQPValue::Boolean(true));
+    client
+        .publisher
+        .to_queue(
+            "backup.commands",
+            &command.to_json(),
+            &lapin::BasicProperties::default().with_message_id(command.id.as_str().into()),
+            copy,
+        )
+        .await
+        .unwrap();
+    let after = backup_command(TargetKind::Postgres);
+    client.send(&after).await;
+    client.follow(&after).await;
+    let seen = log.take().await;
+    assert!(
+        !seen.is_empty() && seen.iter().all(|e| e.command_id == after.id),
+        "the copy was not announced again: {seen:#?}"
+    );
     h.stop_workers().await;
 }
 

@@ -228,6 +228,7 @@ fn reset_headers(table: &FieldTable) -> FieldTable {
         headers::ATTEMPT,
         headers::DEATH,
         headers::DELIVERY_COUNT,
+        headers::COPY,
         "x-first-death-exchange",
         "x-first-death-queue",
         "x-first-death-reason",

@@ -17,6 +17,19 @@ pub const REPLAYED_BY: &str = "x-replayed-by";
 pub const DEATH: &str = "x-death";
 /// Set by a quorum queue on a redelivery: how often it was returned before.
 pub const DELIVERY_COUNT: &str = "x-delivery-count";
+/// On the worker's own copies of a delivery (retry tiers, waiting queues, the keyed queue, dead
+/// letters): a copy of a command already done is acked without announcing the result again,
+/// which the delivery that did it announced (or, if it died first, its redelivery will).
+pub const COPY: &str = "x-crm-copy";
+
+/// Whether a boolean header is set and true.
+pub fn flag(properties: &BasicProperties, name: &str) -> bool {
+    properties
+        .headers()
+        .as_ref()
+        .and_then(|table| table.inner().get(name).cloned())
+        .is_some_and(|value| matches!(value, AMQPValue::Boolean(true)))
+}
 
 /// Reads an integer header, whatever integer width the publisher used.
 pub fn int(properties: &BasicProperties, name: &str) -> Option<i64> {

@@ -581,6 +581,13 @@ async fn announce_if_done(
                 .await
                 .map(Some)
         }
+        Ok(Some(_))
+            if headers::flag(&received.delivery.properties, headers::COPY)
+                && !received.delivery.redelivered =>
+        {
+            tracing::info!(command_id = %command.id, "a copy of a command already done: acked without announcing it again");
+            Ok(Some(Settle::Ack))
+        }
         Ok(Some(Marker {
             event: mut done, ..
         })) => {
@@ -1021,6 +1028,7 @@ fn relayed_headers(received: &Received<'_>) -> FieldTable {
         headers::SENDER,
         received.sender.as_deref().unwrap_or_default(),
     );
+    headers::set_bool(&mut table, headers::COPY, true);
     table
 }
 
