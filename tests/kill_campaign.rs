@@ -230,6 +230,10 @@ async fn workers_killed_at_random_moments_end_every_command_once() {
             "{events:#?}"
         );
         repeated += finals.len() - 1;
+        if finals.len() > 1 {
+            let seen: Vec<_> = events.iter().map(|e| (&e.event, e.attempt, e.at)).collect();
+            eprintln!("repeated: {:?} {}: {seen:?}", command.action, command.id);
+        }
         let starts = events.iter().filter(|e| e.event == event::STARTED).count();
         reruns += starts.saturating_sub(1);
     }

@@ -865,12 +865,12 @@ async fn thousands_of_refused_leases_leave_the_worker_able_to_lease() {
     let holder = crm_backup::messaging::lease::Leases::new(&settings, "backup.lease.");
     let contender = crm_backup::messaging::lease::Leases::new(&settings, "backup.lease.");
     let held = holder
-        .try_acquire(TargetKind::Redis)
+        .try_acquire(TargetKind::Redis, false)
         .await
         .unwrap()
         .expect("free at first");
     for attempt in 0..2100 {
-        let refused = contender.try_acquire(TargetKind::Redis).await;
+        let refused = contender.try_acquire(TargetKind::Redis, false).await;
         assert!(
             matches!(refused, Ok(None)),
             "attempt {attempt}: {:?}",
@@ -878,7 +878,10 @@ async fn thousands_of_refused_leases_leave_the_worker_able_to_lease() {
         );
     }
     held.release().await;
-    let taken = contender.try_acquire(TargetKind::Redis).await.unwrap();
+    let taken = contender
+        .try_acquire(TargetKind::Redis, false)
+        .await
+        .unwrap();
     assert!(taken.is_some(), "released leases can be taken");
 }
 

@@ -6,7 +6,7 @@
 //! A connection per attempt, not a channel: the broker closes the channel of a refused
 //! declaration, and lapin never reuses such channel ids, so after 2047 refusals a shared
 //! connection could open no channel at all. A local lock answers for this worker's own steps
-//! without a round trip to the broker.
+//! without a round trip to the broker: a step waits there for its sibling.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -50,8 +50,13 @@ impl Leases {
         }
     }
 
-    /// The lease on `target`, or `None` when another step (of this worker or another) holds it.
-    pub async fn try_acquire(&self, target: TargetKind) -> Result<Option<Lease>, MessagingError> {
+    /// The lease on `target`, or `None` when another worker holds it, or when another step of
+    /// this worker holds it and `wait_here` is false (with it, this waits for that step).
+    pub async fn try_acquire(
+        &self,
+        target: TargetKind,
+        wait_here: bool,
+    ) -> Result<Option<Lease>, MessagingError> {
         let local = {
             let mut locks = self
                 .local
@@ -59,8 +64,13 @@ impl Leases {
                 .map_err(|_| MessagingError::Broker("lease table poisoned".into()))?;
             locks.entry(target).or_default().clone()
         };
-        let Ok(local) = local.try_lock_owned() else {
-            return Ok(None);
+        let local = if wait_here {
+            local.lock_owned().await
+        } else {
+            let Ok(local) = local.try_lock_owned() else {
+                return Ok(None);
+            };
+            local
         };
         let connection = connect(&self.settings, &format!("crm-backup lease {target}")).await?;
         let declared = async {

@@ -12,10 +12,11 @@
 //! finds the target busy waits in `backup.waiting.<target>` instead of spinning through the
 //! retry tiers. The step holding the target runs the waiting commands next, under the same
 //! lease, one after another while no delivery waits for one of the worker's slots (always at
-//! least one, so nothing waits behind a busy queue for ever); every few seconds a sweep takes
-//! any target whose commands wait and whose lease is free (its holder died, or let go just as
-//! a command arrived). A worker runs at most `rabbitmq.concurrency` steps at once, whichever
-//! queue they come from.
+//! least one, so nothing waits behind a busy queue for ever), and looks at the queue again
+//! once it lets go. Twice a second a sweep takes any target whose commands wait and whose
+//! lease is free (its holder died, or let go just before a command was parked). A step whose
+//! target another step of the same worker holds waits for it instead. A worker runs at most
+//! `rabbitmq.concurrency` steps at once, whichever queue they come from.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -58,7 +59,7 @@ use backon::BackoffBuilder;
 const MAX_ERROR_HEADER: usize = 1000;
 
 /// How often a worker looks for commands waiting for a target nobody holds.
-const SWEEP_EVERY: Duration = Duration::from_secs(2);
+const SWEEP_EVERY: Duration = Duration::from_millis(500);
 
 /// Runs the worker until `shutdown` fires, reconnecting whenever the broker goes away.
 pub async fn run(
@@ -124,20 +125,29 @@ impl StepEnv {
     }
 }
 
-/// The lease a step of this delivery holds when it settles, handed from the step to what
-/// runs after it (and, for a waiting command, to its step).
-type HeldLease = Arc<Mutex<Option<Lease>>>;
+/// What a delivery's step leaves for what runs after it: the lease it held when it settled
+/// (and, for a waiting command, the lease its step is to use).
+#[derive(Default)]
+struct AfterStep {
+    lease: Option<Lease>,
+}
+
+type HeldLease = Arc<Mutex<AfterStep>>;
+
+fn after_step(held: &HeldLease) -> std::sync::MutexGuard<'_, AfterStep> {
+    held.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
 
 fn take_lease(held: &HeldLease, target: Option<TargetKind>) -> Option<Lease> {
-    let mut held = held.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-    match held.as_ref() {
-        Some(lease) if Some(lease.target()) == target || target.is_none() => held.take(),
+    let mut after = after_step(held);
+    match after.lease.as_ref() {
+        Some(lease) if Some(lease.target()) == target || target.is_none() => after.lease.take(),
         _ => None,
     }
 }
 
 fn keep_lease(held: &HeldLease, lease: Lease) {
-    *held.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(lease);
+    after_step(held).lease = Some(lease);
 }
 
 /// One connection's lifetime: declare, consume, handle; returns Ok only on shutdown.
@@ -305,7 +315,8 @@ async fn handle(env: Arc<StepEnv>, delivery: Delivery, cancel: CancellationToken
     };
     let held = HeldLease::default();
     settle_one(&env, delivery, &cancel, &held).await;
-    if let Some(lease) = take_lease(&held, None) {
+    let lease = after_step(&held).lease.take();
+    if let Some(lease) = lease {
         run_waiting(&env, lease, &cancel).await;
     }
 }
@@ -331,7 +342,7 @@ async fn sweep(env: Arc<StepEnv>, cancel: CancellationToken) {
             }
         }
         let Some(_slot) = env.slot().await else { break };
-        if let Ok(Some(lease)) = env.leases.try_acquire(target).await {
+        if let Ok(Some(lease)) = env.leases.try_acquire(target, false).await {
             run_waiting(&env, lease, &cancel).await;
         }
     }
@@ -339,19 +350,37 @@ async fn sweep(env: Arc<StepEnv>, cancel: CancellationToken) {
 }
 
 /// Runs the commands waiting for `lease`'s target, oldest first, under that lease: at least
-/// one, then more while no delivery waits for a slot. Releases the lease at the end.
+/// one, then more while no delivery waits for a slot. Releases the lease at the end, then
+/// looks once more: a command parked while the lease was being let go found it taken, and
+/// whoever holds the target next must run it.
 async fn run_waiting(env: &Arc<StepEnv>, lease: Lease, cancel: &CancellationToken) {
     let target = lease.target();
     let queue = topology::waiting_queue(&env.ctx.settings.messaging, target);
-    let held = HeldLease::new(Mutex::new(Some(lease)));
+    let mut next = Some(lease);
+    while let Some(lease) = next.take() {
+        take_waiting(env, lease, &queue, cancel).await;
+        if env.stopping.is_cancelled() || env.queued.load(Ordering::SeqCst) > 0 {
+            break;
+        }
+        match topology::depth(&env.connection, &queue).await {
+            Ok(depth) if depth.messages > 0 => {}
+            _ => break,
+        }
+        next = env.leases.try_acquire(target, false).await.ok().flatten();
+    }
+}
+
+/// One turn of [`run_waiting`]: takes waiting commands from `queue` under `lease`, and
+/// releases it.
+async fn take_waiting(env: &Arc<StepEnv>, lease: Lease, queue: &str, cancel: &CancellationToken) {
+    let held = HeldLease::new(Mutex::new(AfterStep { lease: Some(lease) }));
     let Ok(channel) = env.connection.create_channel().await else {
         return;
     };
     let mut ran = 0;
     loop {
-        let leased = held
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        let leased = after_step(&held)
+            .lease
             .as_ref()
             .is_some_and(|lease| !lease.lost().is_cancelled());
         if !leased
@@ -361,7 +390,7 @@ async fn run_waiting(env: &Arc<StepEnv>, lease: Lease, cancel: &CancellationToke
             break;
         }
         let delivery = match channel
-            .basic_get(queue.as_str().into(), BasicGetOptions::default())
+            .basic_get(queue.into(), BasicGetOptions::default())
             .await
         {
             Ok(Some(message)) => message.delivery,
@@ -659,10 +688,17 @@ async fn step(
     let lease = match target {
         Some(target) => match take_lease(held, Some(target)) {
             Some(lease) => Some(lease),
-            None => match env.leases.try_acquire(target).await? {
-                Some(lease) => Some(lease),
-                None => return busy(env, received, command, target).await,
-            },
+            None => {
+                // A step of this worker on the target: wait for it here, counted as waiting
+                // for a slot so that it gives way after its current command.
+                env.queued.fetch_add(1, Ordering::SeqCst);
+                let acquired = env.leases.try_acquire(target, true).await;
+                env.queued.fetch_sub(1, Ordering::SeqCst);
+                match acquired? {
+                    Some(lease) => Some(lease),
+                    None => return busy(env, received, command, target).await,
+                }
+            }
         },
         None => None,
     };
