@@ -17,10 +17,10 @@ use serde::Serialize;
 use super::{JobContext, JobError};
 use crate::model::TargetKind;
 use crate::retention::{self, Candidate, Decision, Policy};
-use crate::storage::Storage;
 use crate::storage::catalog;
 use crate::storage::layout::{COMMANDS_DIR, MANIFEST_NAME};
 use crate::storage::manifest::Scope;
+use crate::storage::{ObjectInfo, Storage};
 
 #[derive(Debug, Clone)]
 pub struct PruneRequest {
@@ -141,20 +141,28 @@ async fn remove_stale_staging(
     let Some(last_written) = stale.iter().map(|o| o.last_modified).max() else {
         return Ok(());
     };
+    clear_debris(storage, dir, &stale, last_written, dry_run, report).await
+}
+
+/// Deletes `objects` (unless a dry run) and reports them as the debris of `dir`.
+async fn clear_debris(
+    storage: &Storage,
+    dir: &str,
+    objects: &[ObjectInfo],
+    last_written: DateTime<Utc>,
+    dry_run: bool,
+    report: &mut PruneReport,
+) -> Result<(), JobError> {
     if !dry_run {
-        for object in &stale {
+        for object in objects {
             storage.delete_object(object).await?;
         }
-        tracing::info!(
-            dir,
-            files = stale.len(),
-            "removed the staging files of unfinished writes"
-        );
+        tracing::info!(dir, objects = objects.len(), "removed debris");
     }
     report.debris.push(Debris {
         dir: dir.to_string(),
-        objects: stale.len(),
-        bytes: stale.iter().map(|o| o.size).sum(),
+        objects: objects.len(),
+        bytes: objects.iter().map(|o| o.size).sum(),
         last_written,
     });
     Ok(())
@@ -186,7 +194,7 @@ async fn prune_target(
     let decisions = retention::plan(&candidates, policy, now);
 
     // Every object of the target, by backup directory.
-    let mut dirs: BTreeMap<String, Vec<crate::storage::ObjectInfo>> = BTreeMap::new();
+    let mut dirs: BTreeMap<String, Vec<ObjectInfo>> = BTreeMap::new();
     let prefix = format!("{target}/");
     let mut objects = storage.list(&prefix).await?;
     objects.extend(storage.list_staging(&prefix).await?);
@@ -228,18 +236,7 @@ async fn prune_target(
         if now - last_written < grace {
             continue; // possibly a backup still being written
         }
-        if !dry_run {
-            for object in objects {
-                storage.delete_object(object).await?;
-            }
-            tracing::info!(dir = %dir, "removed the debris of an unfinished backup");
-        }
-        report.debris.push(Debris {
-            dir: dir.clone(),
-            objects: objects.len(),
-            bytes: objects.iter().map(|o| o.size).sum(),
-            last_written,
-        });
+        clear_debris(storage, dir, objects, last_written, dry_run, report).await?;
     }
     report.unreadable.extend(
         listing

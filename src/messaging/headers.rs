@@ -27,7 +27,7 @@ pub fn flag(properties: &BasicProperties, name: &str) -> bool {
     properties
         .headers()
         .as_ref()
-        .and_then(|table| table.inner().get(name).cloned())
+        .and_then(|table| table.inner().get(name))
         .is_some_and(|value| matches!(value, AMQPValue::Boolean(true)))
 }
 

@@ -115,39 +115,39 @@ struct StepEnv {
 impl StepEnv {
     /// A slot for one step, or `None` when the worker stops first.
     async fn slot(&self) -> Option<OwnedSemaphorePermit> {
+        self.queued_while(async {
+            tokio::select! {
+                permit = self.slots.clone().acquire_owned() => permit.ok(),
+                _ = self.stopping.cancelled() => None,
+            }
+        })
+        .await
+    }
+
+    /// Runs `wait` counted in `queued`: a step running waiting commands gives way to it.
+    async fn queued_while<T>(&self, wait: impl Future<Output = T>) -> T {
         self.queued.fetch_add(1, Ordering::SeqCst);
-        let permit = tokio::select! {
-            permit = self.slots.clone().acquire_owned() => permit.ok(),
-            _ = self.stopping.cancelled() => None,
-        };
+        let done = wait.await;
         self.queued.fetch_sub(1, Ordering::SeqCst);
-        permit
+        done
     }
 }
 
-/// What a delivery's step leaves for what runs after it: the lease it held when it settled
-/// (and, for a waiting command, the lease its step is to use).
-#[derive(Default)]
-struct AfterStep {
-    lease: Option<Lease>,
-}
+/// The lease a delivery's step holds when it settles, handed from the step to what runs
+/// after it (and, for a waiting command, the lease its step is to use).
+type HeldLease = Arc<Mutex<Option<Lease>>>;
 
-type HeldLease = Arc<Mutex<AfterStep>>;
-
-fn after_step(held: &HeldLease) -> std::sync::MutexGuard<'_, AfterStep> {
+fn held_lease(held: &HeldLease) -> std::sync::MutexGuard<'_, Option<Lease>> {
     held.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// The held lease, if it is on `target` (any target for `None`).
 fn take_lease(held: &HeldLease, target: Option<TargetKind>) -> Option<Lease> {
-    let mut after = after_step(held);
-    match after.lease.as_ref() {
-        Some(lease) if Some(lease.target()) == target || target.is_none() => after.lease.take(),
+    let mut lease = held_lease(held);
+    match lease.as_ref() {
+        Some(on) if target.is_none_or(|target| on.target() == target) => lease.take(),
         _ => None,
     }
-}
-
-fn keep_lease(held: &HeldLease, lease: Lease) {
-    after_step(held).lease = Some(lease);
 }
 
 /// One connection's lifetime: declare, consume, handle; returns Ok only on shutdown.
@@ -315,8 +315,7 @@ async fn handle(env: Arc<StepEnv>, delivery: Delivery, cancel: CancellationToken
     };
     let held = HeldLease::default();
     settle_one(&env, delivery, &cancel, &held).await;
-    let lease = after_step(&held).lease.take();
-    if let Some(lease) = lease {
+    if let Some(lease) = take_lease(&held, None) {
         run_waiting(&env, lease, &cancel).await;
     }
 }
@@ -373,14 +372,13 @@ async fn run_waiting(env: &Arc<StepEnv>, lease: Lease, cancel: &CancellationToke
 /// One turn of [`run_waiting`]: takes waiting commands from `queue` under `lease`, and
 /// releases it.
 async fn take_waiting(env: &Arc<StepEnv>, lease: Lease, queue: &str, cancel: &CancellationToken) {
-    let held = HeldLease::new(Mutex::new(AfterStep { lease: Some(lease) }));
+    let held = HeldLease::new(Mutex::new(Some(lease)));
     let Ok(channel) = env.connection.create_channel().await else {
         return;
     };
     let mut ran = 0;
     loop {
-        let leased = after_step(&held)
-            .lease
+        let leased = held_lease(&held)
             .as_ref()
             .is_some_and(|lease| !lease.lost().is_cancelled());
         if !leased
@@ -691,10 +689,10 @@ async fn step(
             None => {
                 // A step of this worker on the target: wait for it here, counted as waiting
                 // for a slot so that it gives way after its current command.
-                env.queued.fetch_add(1, Ordering::SeqCst);
-                let acquired = env.leases.try_acquire(target, true).await;
-                env.queued.fetch_sub(1, Ordering::SeqCst);
-                match acquired? {
+                match env
+                    .queued_while(env.leases.try_acquire(target, true))
+                    .await?
+                {
                     Some(lease) => Some(lease),
                     None => return busy(env, received, command, target).await,
                 }
@@ -719,7 +717,7 @@ async fn step(
     if let Some(lease) = lease {
         // Released once the delivery is settled: a worker that dies before its ack leaves
         // the target to nobody else while the outcome is not yet settled.
-        keep_lease(held, lease);
+        *held_lease(held) = Some(lease);
     }
     settle
 }
