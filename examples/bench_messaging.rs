@@ -3,18 +3,15 @@
 //!
 //! Usage: bench_messaging <amqp-url> <latency-samples> <burst-size>
 
+mod common;
+
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use crm_backup::config::{RabbitmqSettings, Settings};
-use crm_backup::messaging::client::EventSubscription;
 use crm_backup::messaging::command::Command;
 use crm_backup::messaging::event;
-use crm_backup::messaging::publisher::Publisher;
-use crm_backup::messaging::{self, topology};
 use crm_backup::model::TargetKind;
 use crm_backup::model::{Action, TargetSelector};
-use secrecy::SecretString;
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -24,15 +21,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .ok_or("usage: bench_messaging <amqp-url> <samples> <burst>")?;
     let samples: usize = args.get(2).map_or(Ok(100), |s| s.parse())?;
     let burst: usize = args.get(3).map_or(Ok(1000), |s| s.parse())?;
-    let names = Settings::load(&std::env::vars().collect())?.messaging;
-    let rabbitmq = RabbitmqSettings {
-        url: SecretString::from(url.clone()),
-        concurrency: 1,
-    };
-    let connection = messaging::connect(&rabbitmq, "bench client").await?;
-    topology::declare(&connection, &names).await?;
-    let publisher = Publisher::open(&connection, &names, &messaging::amqp_user(&rabbitmq)).await?;
-    let mut events = EventSubscription::open(&connection, &names).await?;
+    let common::BenchClient {
+        connection: _connection,
+        publisher,
+        mut events,
+    } = common::connect(url).await?;
     let new_command = || {
         Command::new(
             Action::Backup,

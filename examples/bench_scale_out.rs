@@ -6,17 +6,14 @@
 //!
 //! Usage: bench_scale_out <amqp-url> <commands> <target,target,…>
 
+mod common;
+
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use crm_backup::config::{RabbitmqSettings, Settings};
-use crm_backup::messaging::client::EventSubscription;
 use crm_backup::messaging::command::Command;
 use crm_backup::messaging::event;
-use crm_backup::messaging::publisher::Publisher;
-use crm_backup::messaging::{self, topology};
 use crm_backup::model::{Action, TargetKind, TargetSelector};
-use secrecy::SecretString;
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -30,15 +27,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .split(',')
         .map(str::parse)
         .collect::<Result<_, _>>()?;
-    let names = Settings::load(&std::env::vars().collect())?.messaging;
-    let rabbitmq = RabbitmqSettings {
-        url: SecretString::from(url.clone()),
-        concurrency: 1,
-    };
-    let connection = messaging::connect(&rabbitmq, "bench client").await?;
-    topology::declare(&connection, &names).await?;
-    let publisher = Publisher::open(&connection, &names, &messaging::amqp_user(&rabbitmq)).await?;
-    let mut events = EventSubscription::open(&connection, &names).await?;
+    let common::BenchClient {
+        connection: _connection,
+        publisher,
+        mut events,
+    } = common::connect(url).await?;
 
     let commands: Vec<Command> = (0..count)
         .map(|i| {

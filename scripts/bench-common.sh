@@ -106,3 +106,26 @@ use_garage() { # crm-backup writes to the Garage bucket, under bench/<time>
     BACKUP_S3_REGION="$BACKUP_TEST_S3_REGION" BACKUP_S3_ACCESS_KEY="$BACKUP_TEST_S3_ACCESS_KEY" \
     BACKUP_S3_SECRET_KEY="$BACKUP_TEST_S3_SECRET_KEY" BACKUP_STORAGE_PREFIX="bench/$(date +%s)"
 }
+
+# Worker benchmarks (bench-messaging.sh, bench-scale-out.sh) against the local RabbitMQ: a
+# vhost of their own per run ($MGMT: the management API), and worker processes in $PIDS.
+make_vhost() { # <vhost>: created, guest may do everything in it
+  curl -s -f -X PUT -H 'content-type: application/json' -d '{}' "$MGMT/api/vhosts/$1" >/dev/null
+  curl -s -f -X PUT -H 'content-type: application/json' -d '{"configure":".*","write":".*","read":".*"}' \
+    "$MGMT/api/permissions/$1/guest" >/dev/null
+}
+start_workers() { # <binary> <count>: workers logging to $WORK/worker.log, given a second to consume
+  local _
+  PIDS=()
+  for _ in $(seq 1 "$2"); do
+    "$1" worker 2>>"$WORK/worker.log" &
+    PIDS+=($!)
+  done
+  sleep 1
+}
+stop_workers() { # SIGTERM to every worker, then wait for them
+  local pid
+  for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  wait "${PIDS[@]}" 2>/dev/null || true
+  PIDS=()
+}

@@ -18,11 +18,13 @@ VHOST=bench-messaging-$$
 DB=bench_messaging_$$
 WORK=$(mktemp -d)
 PIDS=()
+. scripts/bench-common.sh
 
 cleanup() {
-  for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  curl -s -X DELETE "$MGMT/api/vhosts/$VHOST" >/dev/null || true
+  stop_workers
+  for workers in 1 2; do
+    curl -s -X DELETE "$MGMT/api/vhosts/$VHOST-$workers" >/dev/null || true
+  done
   psql -X -q -d "$PG/postgres" -c "DROP DATABASE IF EXISTS $DB WITH (FORCE)" >/dev/null 2>&1 || true
   rm -rf "$WORK"
 }
@@ -33,22 +35,14 @@ psql -X -q -d "$PG/postgres" -c "CREATE DATABASE $DB"
 printf '| workers | publish → started p50 (ms) | p99 (ms) | burst of %s: seconds | commands/s |\n|---|---|---|---|---|\n' "$BURST"
 for workers in 1 2; do
   vhost="$VHOST-$workers"
-  curl -s -f -X PUT -H 'content-type: application/json' -d '{}' "$MGMT/api/vhosts/$vhost" >/dev/null
-  curl -s -f -X PUT -H 'content-type: application/json' -d '{"configure":".*","write":".*","read":".*"}' \
-    "$MGMT/api/permissions/$vhost/guest" >/dev/null
+  make_vhost "$vhost"
   export RABBITMQ_URL="$AMQP/$vhost" DATABASE_URL="$PG/$DB" BACKUP_STORAGE_DIR="$WORK/backups-$workers" \
     BACKUP__MESSAGING__RETRY_DELAYS=500ms BACKUP_CONFIG_DIR=/nonexistent RUST_LOG=warn \
     BACKUP__HTTP__LISTEN=127.0.0.1:0 BACKUP__AUTHORIZATION__GRANTS='guest=backup'
-  PIDS=()
-  for _ in $(seq 1 "$workers"); do
-    ./target/release/crm-backup worker 2>>"$WORK/worker.log" &
-    PIDS+=($!)
-  done
-  sleep 1
+  start_workers ./target/release/crm-backup "$workers"
   line=$(./target/release/examples/bench_messaging "$RABBITMQ_URL" "$SAMPLES" "$BURST")
   get() { echo "$line" | tr ' ' '\n' | sed -n "s/^$1=//p"; }
   printf '| %s | %s | %s | %s | %s |\n' "$workers" "$(get latency_p50_ms)" "$(get latency_p99_ms)" "$(get burst_s)" "$(get commands_per_s)"
-  for pid in "${PIDS[@]}"; do kill -TERM "$pid"; done
-  wait "${PIDS[@]}" 2>/dev/null || true
+  stop_workers
   curl -s -X DELETE "$MGMT/api/vhosts/$vhost" >/dev/null
 done

@@ -29,10 +29,10 @@ VHOST=bench-scale-out-$$
 DB=bench_scale_out_$$
 WORK=$(mktemp -d)
 PIDS=()
+. scripts/bench-common.sh
 
 cleanup() {
-  for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-  wait 2>/dev/null || true
+  stop_workers
   for workers in $WORKER_COUNTS; do
     curl -s -X DELETE "$MGMT/api/vhosts/$VHOST-$workers" >/dev/null || true
   done
@@ -56,25 +56,16 @@ printf '|---|---|---|---|---|---|---|---|---|\n'
 base=""
 for workers in $WORKER_COUNTS; do
   vhost="$VHOST-$workers"
-  curl -s -f -X PUT -H 'content-type: application/json' -d '{}' "$MGMT/api/vhosts/$vhost" >/dev/null
-  curl -s -f -X PUT -H 'content-type: application/json' -d '{"configure":".*","write":".*","read":".*"}' \
-    "$MGMT/api/permissions/$vhost/guest" >/dev/null
+  make_vhost "$vhost"
   export RABBITMQ_URL="$AMQP/$vhost" DATABASE_URL="$PG/$DB" BACKUP_STORAGE_DIR="$WORK/backups-$workers" \
     BACKUP_CONFIG_DIR=/nonexistent RUST_LOG=warn BACKUP__HTTP__LISTEN= \
     BACKUP__RABBITMQ__CONCURRENCY="$CONCURRENCY" \
     BACKUP__AUTHORIZATION__GRANTS='guest=backup' \
     BACKUP__DOCUMENTS__ENABLED=true DOCUMENTS_STORAGE_ROOT="$WORK/documents"
-  PIDS=()
-  for _ in $(seq 1 "$workers"); do
-    "$BINARY" worker 2>>"$WORK/worker.log" &
-    PIDS+=($!)
-  done
-  sleep 1
+  start_workers "$BINARY" "$workers"
   line=$(./target/release/examples/bench_scale_out "$RABBITMQ_URL" "$COMMANDS" postgres,redis,rabbitmq,documents)
   get() { echo "$line" | tr ' ' '\n' | sed -n "s/^$1=//p"; }
-  for pid in "${PIDS[@]}"; do kill -TERM "$pid"; done
-  wait "${PIDS[@]}" 2>/dev/null || true
-  PIDS=()
+  stop_workers
   # The management API's counters lag by a few seconds.
   sleep 6
   retries=$(curl -s -f "$MGMT/api/queues/$vhost" |
