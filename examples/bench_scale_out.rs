@@ -2,7 +2,9 @@
 //! of backup commands spread over several targets at once and follows every event until each
 //! command has ended. Prints, as `key=value`: the throughput, publish → `backup.started`
 //! p50/p99 under that load, the most steps ever running at once for one target (from the
-//! started and final events), and the commands that failed.
+//! started and final events), the target whose steps ran longest in all (seconds during which
+//! one of its steps was running: with one step per target at a time, no number of workers
+//! finishes sooner), and the commands that failed.
 //!
 //! Usage: bench_scale_out <amqp-url> <commands> <target,target,…>
 
@@ -57,6 +59,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut latencies = Vec::with_capacity(count);
     let mut running: HashMap<TargetKind, HashSet<String>> = HashMap::new();
     let mut most_at_once = 0;
+    let mut busy: HashMap<TargetKind, (Duration, Option<Instant>)> = HashMap::new();
     let mut failed = 0;
     while !pending.is_empty() {
         let e = events
@@ -71,10 +74,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             if let Some(sent) = sent_at.remove(&e.command_id) {
                 latencies.push(sent.elapsed());
             }
+            if running.is_empty() {
+                busy.entry(*target).or_default().1 = Some(Instant::now());
+            }
             running.insert(e.command_id.clone());
             most_at_once = most_at_once.max(running.len());
         } else {
-            running.remove(&e.command_id);
+            if running.remove(&e.command_id) && running.is_empty() {
+                let (total, since) = busy.entry(*target).or_default();
+                *total += since.take().map_or(Duration::ZERO, |since| since.elapsed());
+            }
             let final_event = e.event == event::COMPLETED || e.will_retry != Some(true);
             if final_event && pending.remove(&e.command_id) && e.event != event::COMPLETED {
                 failed += 1;
@@ -82,14 +91,19 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     let elapsed = start.elapsed();
+    let (busiest, (busiest_s, _)) = busy
+        .iter()
+        .max_by_key(|(_, (total, _))| *total)
+        .ok_or("no step started")?;
     latencies.sort();
     let percentile = |p: f64| latencies[((latencies.len() as f64 - 1.0) * p).round() as usize];
     println!(
-        "commands={count} seconds={:.2} commands_per_s={:.2} started_p50_s={:.2} started_p99_s={:.2} most_at_once_per_target={most_at_once} failed={failed}",
+        "commands={count} seconds={:.2} commands_per_s={:.2} started_p50_s={:.2} started_p99_s={:.2} most_at_once_per_target={most_at_once} busiest_target={busiest} busiest_busy_s={:.2} failed={failed}",
         elapsed.as_secs_f64(),
         count as f64 / elapsed.as_secs_f64(),
         percentile(0.50).as_secs_f64(),
         percentile(0.99).as_secs_f64(),
+        busiest_s.as_secs_f64(),
     );
     Ok(())
 }

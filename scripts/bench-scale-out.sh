@@ -4,7 +4,10 @@
 # worker processes (each running BENCH_CONCURRENCY steps at once, 1 by default) with the
 # shipped retry schedule. Prints one row per worker count: throughput and its ratio to one
 # worker, publish → started p50/p99, the most steps ever running at once for one target
-# (must be 1), and retry-queue publishes per command.
+# (must be 1), retry-queue publishes per command, and the busiest target: the seconds during
+# which one of its steps ran. Steps of one target run one at a time, so the busiest target's
+# seconds in the one-worker run bound every run: the last line prints that ceiling
+# (one worker's seconds / the busiest target's seconds), whatever the number of workers.
 #
 #   scripts/bench-scale-out.sh                 # 200 commands
 #   BENCH_COMMANDS=40 BENCH_WORKERS="1 2" scripts/bench-scale-out.sh
@@ -51,9 +54,10 @@ redis-cli CONFIG SET repl-diskless-sync-delay 0 >/dev/null
 mkdir -p "$WORK/documents"
 for i in $(seq 1 100); do head -c 20000 /dev/urandom > "$WORK/documents/file-$i.bin"; done
 
-printf '| workers | seconds | commands/s | vs 1 worker | publish → started p50 (s) | p99 (s) | most steps at once per target | retry-queue publishes per command | failed |\n'
-printf '|---|---|---|---|---|---|---|---|---|\n'
+printf '| workers | seconds | commands/s | vs 1 worker | publish → started p50 (s) | p99 (s) | most steps at once per target | retry-queue publishes per command | busiest target: busy s | failed |\n'
+printf '|---|---|---|---|---|---|---|---|---|---|\n'
 base=""
+ceiling=""
 for workers in $WORKER_COUNTS; do
   vhost="$VHOST-$workers"
   make_vhost "$vhost"
@@ -72,7 +76,11 @@ for workers in $WORKER_COUNTS; do
     jq '[.[] | select(.name | startswith("backup.retry.")) | .message_stats.publish // 0] | add // 0')
   rate=$(get commands_per_s)
   [ -n "$base" ] || base=$rate
-  printf '| %s | %s | %s | %sx | %s | %s | %s | %s | %s |\n' "$workers" "$(get seconds)" "$rate" \
+  [ -n "$ceiling" ] || ceiling=$(awk -v a="$(get seconds)" -v b="$(get busiest_busy_s)" 'BEGIN { printf "%.2f", a / b }')
+  printf '| %s | %s | %s | %sx | %s | %s | %s | %s | %s %s | %s |\n' "$workers" "$(get seconds)" "$rate" \
     "$(awk -v a="$rate" -v b="$base" 'BEGIN { printf "%.2f", a / b }')" "$(get started_p50_s)" "$(get started_p99_s)" \
-    "$(get most_at_once_per_target)" "$(awk -v a="$retries" -v b="$COMMANDS" 'BEGIN { printf "%.2f", a / b }')" "$(get failed)"
+    "$(get most_at_once_per_target)" "$(awk -v a="$retries" -v b="$COMMANDS" 'BEGIN { printf "%.2f", a / b }')" \
+    "$(get busiest_target)" "$(get busiest_busy_s)" "$(get failed)"
 done
+echo
+echo "ceiling with one step per target at a time: ${ceiling}x the first row's throughput (its seconds / its busiest target's seconds)"
