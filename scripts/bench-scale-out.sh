@@ -12,6 +12,7 @@
 #   scripts/bench-scale-out.sh                 # 200 commands
 #   BENCH_COMMANDS=40 BENCH_WORKERS="1 2" scripts/bench-scale-out.sh
 #   BENCH_BINARY=/path/to/crm-backup scripts/bench-scale-out.sh   # another build of the worker
+#   BENCH_TARGETS=rabbitmq,documents scripts/bench-scale-out.sh   # another mix
 #
 # Redis's repl-diskless-sync-delay (5 s by default: every SYNC waits that long for other
 # replicas) is set to 0 for the run and put back afterwards; otherwise the Redis steps,
@@ -23,6 +24,7 @@ cd "$(dirname "$0")/.."
 
 COMMANDS=${BENCH_COMMANDS:-200}
 WORKER_COUNTS=${BENCH_WORKERS:-1 2 4}
+TARGETS=${BENCH_TARGETS:-postgres,redis,rabbitmq,documents}
 CONCURRENCY=${BENCH_CONCURRENCY:-1}
 BINARY=${BENCH_BINARY:-./target/release/crm-backup}
 MGMT=${TEST_RABBITMQ_MANAGEMENT_URL:-http://guest:guest@127.0.0.1:15672}
@@ -67,7 +69,7 @@ for workers in $WORKER_COUNTS; do
     BACKUP__AUTHORIZATION__GRANTS='guest=backup' \
     BACKUP__DOCUMENTS__ENABLED=true DOCUMENTS_STORAGE_ROOT="$WORK/documents"
   start_workers "$BINARY" "$workers"
-  line=$(./target/release/examples/bench_scale_out "$RABBITMQ_URL" "$COMMANDS" postgres,redis,rabbitmq,documents)
+  line=$(./target/release/examples/bench_scale_out "$RABBITMQ_URL" "$COMMANDS" "$TARGETS")
   get() { echo "$line" | tr ' ' '\n' | sed -n "s/^$1=//p"; }
   stop_workers
   # The management API's counters lag by a few seconds.
