@@ -1,6 +1,7 @@
 //! HTTP for targets that speak to an API (RabbitMQ management, Consul): timeouts, retries
 //! of transient failures, and errors that say whether another try can help.
 
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
@@ -13,18 +14,13 @@ use crate::telemetry::redact_url;
 /// Attempts of one request when the server answers 5xx or the connection fails.
 const ATTEMPTS: u32 = 4;
 
-#[derive(Clone)]
-pub struct ApiClient {
-    client: reqwest::Client,
-    base: String,
-    target: TargetKind,
-    /// Secrets that must not reach an error message (tokens, passwords).
-    secrets: Vec<String>,
-}
-
-impl ApiClient {
-    pub fn new(target: TargetKind, base: &str, secrets: Vec<String>) -> Result<Self, TargetError> {
-        let client = reqwest::Client::builder()
+/// One HTTP client for the process: building one reads the system's root certificates (a
+/// few milliseconds of CPU, every step), and a shared one keeps its connections alive from
+/// step to step. Credentials go per request, never into the client.
+fn shared_client() -> &'static Result<reqwest::Client, String> {
+    static CLIENT: OnceLock<Result<reqwest::Client, String>> = OnceLock::new();
+    CLIENT.get_or_init(|| {
+        reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
             .timeout(Duration::from_secs(600))
             // A token or password (X-Consul-Token is not one of the headers reqwest drops on
@@ -41,6 +37,23 @@ impl ApiClient {
                 }
             }))
             .build()
+            .map_err(|err| err.to_string())
+    })
+}
+
+#[derive(Clone)]
+pub struct ApiClient {
+    client: reqwest::Client,
+    base: String,
+    target: TargetKind,
+    /// Secrets that must not reach an error message (tokens, passwords).
+    secrets: Vec<String>,
+}
+
+impl ApiClient {
+    pub fn new(target: TargetKind, base: &str, secrets: Vec<String>) -> Result<Self, TargetError> {
+        let client = shared_client()
+            .clone()
             .map_err(|err| TargetError::Unusable(format!("HTTP client: {err}")))?;
         Ok(ApiClient {
             client,
