@@ -445,12 +445,6 @@ pub struct RetentionSettings {
 }
 
 impl Settings {
-    /// Loads settings from the process environment and `BACKUP_CONFIG_DIR` (default `config`).
-    pub fn from_process_env() -> Result<Self, ConfigError> {
-        let env: HashMap<String, String> = std::env::vars().collect();
-        Self::load(&env)
-    }
-
     /// Loads settings from the given environment map (tests pass their own).
     pub fn load(env: &HashMap<String, String>) -> Result<Self, ConfigError> {
         let mut settings: Settings = layered(env)?.try_deserialize()?;
