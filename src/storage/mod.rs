@@ -465,7 +465,9 @@ impl Storage {
             key: key.to_string(),
             upload,
             buffer: PutPayloadMut::new(),
-            part_size: self.part_size,
+            base_part_size: self.part_size,
+            parts_sent: 0,
+            max_parts: self.local.is_none().then_some(S3_MAX_PARTS),
             parts: tokio::task::JoinSet::new(),
             parts_in_flight: self.parts_in_flight,
         })
@@ -513,9 +515,27 @@ fn byte_ranges(size: u64, step: u64) -> impl Iterator<Item = std::ops::Range<u64
         .map(move |start| start..(start + step).min(size))
 }
 
+/// S3 completes a multipart upload of at most this many parts.
+const S3_MAX_PARTS: usize = 10_000;
+/// Parts of the configured size until this many have been sent; then the size doubles every
+/// [`GROW_EVERY`] parts. A stream's size is not known in advance: this keeps memory at the
+/// configured part size for all but huge artifacts (40 GiB at 8 MiB parts) and still fits
+/// 67,000 parts' worth (523 GiB at 8 MiB) into S3's 10,000.
+const GROW_AFTER: usize = 5_000;
+const GROW_EVERY: usize = 1_000;
+
+/// The size of part `index` (from 0) of an upload whose configured part size is `base`.
+fn part_size_at(base: usize, index: usize) -> usize {
+    match index.checked_sub(GROW_AFTER) {
+        None => base,
+        Some(past) => base << (past / GROW_EVERY + 1).min(16),
+    }
+}
+
 /// A multipart upload in progress. Either [`Upload::finish`] or [`Upload::abort`] ends it.
 ///
-/// Like `object_store`'s `WriteMultipart` (parts of `part_size`, at most `parts_in_flight`
+/// Like `object_store`'s `WriteMultipart` (parts of the configured size, larger only for huge
+/// artifacts: see [`part_size_at`]; at most `parts_in_flight`
 /// uploading at once, chunks kept as they are, not copied), except for failures: a part or
 /// the completion that fails is reported as itself, whether or not the abort that follows
 /// reaches the store. `WriteMultipart::finish` reports the abort's error instead, so storage
@@ -525,7 +545,11 @@ pub struct Upload {
     upload: Box<dyn MultipartUpload>,
     /// Bytes of the part being gathered.
     buffer: PutPayloadMut,
-    part_size: usize,
+    /// The configured part size; see [`part_size_at`].
+    base_part_size: usize,
+    parts_sent: usize,
+    /// S3's limit on parts; none for the local directory.
+    max_parts: Option<usize>,
     parts: tokio::task::JoinSet<object_store::Result<()>>,
     parts_in_flight: usize,
 }
@@ -534,7 +558,8 @@ impl Upload {
     /// Appends bytes, waiting while too many parts are in flight (back-pressure).
     pub async fn write(&mut self, mut bytes: Bytes) -> Result<(), StorageError> {
         while !bytes.is_empty() {
-            let missing = self.part_size - self.buffer.content_length();
+            let part_size = part_size_at(self.base_part_size, self.parts_sent);
+            let missing = part_size - self.buffer.content_length();
             if bytes.len() < missing {
                 self.buffer.push(bytes);
                 break;
@@ -578,8 +603,22 @@ impl Upload {
     /// Starts uploading the gathered bytes as the next part, once fewer than
     /// `parts_in_flight` are uploading.
     async fn send_part(&mut self) -> Result<(), StorageError> {
+        if self.max_parts.is_some_and(|most| self.parts_sent >= most) {
+            let fits: usize = (0..self.parts_sent)
+                .map(|index| part_size_at(self.base_part_size, index))
+                .sum();
+            return Err(StorageError::Config(format!(
+                "`{}` is larger than a multipart upload of {} parts holds ({} MiB with \
+                 storage.part_size_mib = {}): raise part_size_mib",
+                self.key,
+                self.parts_sent,
+                fits >> 20,
+                self.base_part_size >> 20
+            )));
+        }
         self.wait_for_parts(self.parts_in_flight.saturating_sub(1))
             .await?;
+        self.parts_sent += 1;
         let part = PutPayload::from(std::mem::take(&mut self.buffer));
         self.parts.spawn(self.upload.put_part(part));
         Ok(())
@@ -642,5 +681,57 @@ mod tests {
             assert_eq!(slices.concat(), bytes.to_vec(), "size {size}");
         }
         assert_eq!(slices_of(Bytes::new(), 8).count(), 0);
+    }
+
+    #[test]
+    fn parts_keep_the_configured_size_until_huge_and_s3s_limit_holds_half_a_tebibyte() {
+        let base = 8 << 20;
+        assert!((0..GROW_AFTER).all(|index| part_size_at(base, index) == base));
+        let sizes: Vec<usize> = (0..S3_MAX_PARTS).map(|i| part_size_at(base, i)).collect();
+        assert!(sizes.windows(2).all(|pair| pair[0] <= pair[1]));
+        assert_eq!(sizes[S3_MAX_PARTS - 1], base * 32);
+        let holds: usize = sizes.iter().sum();
+        assert_eq!(holds, base * 67_000, "523 GiB at 8 MiB parts");
+        // The smallest part S3 takes (5 MiB) still holds 327 GiB.
+        let least: usize = (0..S3_MAX_PARTS).map(|i| part_size_at(5 << 20, i)).sum();
+        assert!(least > 300 << 30);
+    }
+
+    #[tokio::test]
+    async fn an_upload_past_the_part_limit_fails_naming_the_setting_and_stores_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let env: std::collections::HashMap<String, String> = [
+            ("BACKUP_STORAGE_DIR", dir.path().to_str().unwrap()),
+            ("BACKUP_CONFIG_DIR", "/nonexistent"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let storage = Storage::open(&crate::config::Settings::storage(&env).unwrap()).unwrap();
+        let mut upload = storage
+            .start_upload("postgres/x/big.dump.zst")
+            .await
+            .unwrap();
+        // As S3 would be with 1 KiB parts and a limit of three.
+        upload.base_part_size = 1024;
+        upload.max_parts = Some(3);
+        upload
+            .write(Bytes::from(vec![7u8; 3 * 1024]))
+            .await
+            .unwrap();
+        let err = upload
+            .write(Bytes::from(vec![7u8; 2 * 1024]))
+            .await
+            .unwrap_err();
+        assert!(!err.retryable());
+        let message = err.to_string();
+        assert!(
+            message.contains("postgres/x/big.dump.zst") && message.contains("3 parts"),
+            "{message}"
+        );
+        assert!(message.contains("raise part_size_mib"), "{message}");
+        upload.discard().await;
+        assert!(!storage.exists("postgres/x/big.dump.zst").await.unwrap());
+        assert!(storage.list_staging("postgres").await.unwrap().is_empty());
     }
 }
