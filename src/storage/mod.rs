@@ -466,6 +466,7 @@ impl Storage {
             upload,
             buffer: PutPayloadMut::new(),
             base_part_size: self.part_size,
+            grow_after: GROW_AFTER,
             parts_sent: 0,
             max_parts: self.local.is_none().then_some(S3_MAX_PARTS),
             parts: tokio::task::JoinSet::new(),
@@ -524,9 +525,10 @@ const S3_MAX_PARTS: usize = 10_000;
 const GROW_AFTER: usize = 5_000;
 const GROW_EVERY: usize = 1_000;
 
-/// The size of part `index` (from 0) of an upload whose configured part size is `base`.
-fn part_size_at(base: usize, index: usize) -> usize {
-    match index.checked_sub(GROW_AFTER) {
+/// The size of part `index` (from 0) of an upload whose configured part size is `base`, when
+/// parts grow after `grow_after` of them ([`GROW_AFTER`] but in tests).
+fn part_size_at(base: usize, index: usize, grow_after: usize) -> usize {
+    match index.checked_sub(grow_after) {
         None => base,
         Some(past) => base << (past / GROW_EVERY + 1).min(16),
     }
@@ -547,6 +549,7 @@ pub struct Upload {
     buffer: PutPayloadMut,
     /// The configured part size; see [`part_size_at`].
     base_part_size: usize,
+    grow_after: usize,
     parts_sent: usize,
     /// S3's limit on parts; none for the local directory.
     max_parts: Option<usize>,
@@ -558,7 +561,7 @@ impl Upload {
     /// Appends bytes, waiting while too many parts are in flight (back-pressure).
     pub async fn write(&mut self, mut bytes: Bytes) -> Result<(), StorageError> {
         while !bytes.is_empty() {
-            let part_size = part_size_at(self.base_part_size, self.parts_sent);
+            let part_size = part_size_at(self.base_part_size, self.parts_sent, self.grow_after);
             let missing = part_size - self.buffer.content_length();
             if bytes.len() < missing {
                 self.buffer.push(bytes);
@@ -605,7 +608,7 @@ impl Upload {
     async fn send_part(&mut self) -> Result<(), StorageError> {
         if self.max_parts.is_some_and(|most| self.parts_sent >= most) {
             let fits: usize = (0..self.parts_sent)
-                .map(|index| part_size_at(self.base_part_size, index))
+                .map(|index| part_size_at(self.base_part_size, index, self.grow_after))
                 .sum();
             return Err(StorageError::Config(format!(
                 "`{}` is larger than a multipart upload of {} parts holds ({} MiB with \
@@ -686,15 +689,59 @@ mod tests {
     #[test]
     fn parts_keep_the_configured_size_until_huge_and_s3s_limit_holds_half_a_tebibyte() {
         let base = 8 << 20;
-        assert!((0..GROW_AFTER).all(|index| part_size_at(base, index) == base));
-        let sizes: Vec<usize> = (0..S3_MAX_PARTS).map(|i| part_size_at(base, i)).collect();
+        let size = |base, index| part_size_at(base, index, GROW_AFTER);
+        assert!((0..GROW_AFTER).all(|index| size(base, index) == base));
+        let sizes: Vec<usize> = (0..S3_MAX_PARTS).map(|i| size(base, i)).collect();
         assert!(sizes.windows(2).all(|pair| pair[0] <= pair[1]));
         assert_eq!(sizes[S3_MAX_PARTS - 1], base * 32);
         let holds: usize = sizes.iter().sum();
         assert_eq!(holds, base * 67_000, "523 GiB at 8 MiB parts");
         // The smallest part S3 takes (5 MiB) still holds 327 GiB.
-        let least: usize = (0..S3_MAX_PARTS).map(|i| part_size_at(5 << 20, i)).sum();
+        let least: usize = (0..S3_MAX_PARTS).map(|i| size(5 << 20, i)).sum();
         assert!(least > 300 << 30);
+    }
+
+    /// The test suite's Garage (scripts/test.sh starts it and sets `BACKUP_TEST_S3_*`).
+    fn garage() -> Storage {
+        let var = |name: &str| {
+            std::env::var(format!("BACKUP_TEST_S3_{name}")).unwrap_or_else(|_| {
+                panic!("BACKUP_TEST_S3_{name} is not set: run ./scripts/test.sh")
+            })
+        };
+        let env: std::collections::HashMap<String, String> = [
+            ("BACKUP_S3_ENDPOINT", var("ENDPOINT")),
+            ("BACKUP_S3_BUCKET", var("BUCKET")),
+            ("BACKUP_S3_REGION", var("REGION")),
+            ("BACKUP_S3_ACCESS_KEY", var("ACCESS_KEY")),
+            ("BACKUP_S3_SECRET_KEY", var("SECRET_KEY")),
+            (
+                "BACKUP_STORAGE_PREFIX",
+                format!("parts-{}", uuid::Uuid::new_v4()),
+            ),
+            ("BACKUP_CONFIG_DIR", "/nonexistent".to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        Storage::open(&crate::config::Settings::storage(&env).unwrap()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn parts_that_grew_complete_on_s3_and_read_back_whole() {
+        let storage = garage();
+        let mut upload = storage.start_upload("grown.bin").await.unwrap();
+        // Growth from the second part on: parts of 5 MiB, 10 MiB and the last 3 MiB.
+        upload.base_part_size = 5 << 20;
+        upload.grow_after = 1;
+        let data: Vec<u8> = (0..18u32 << 20).map(|i| (i % 251) as u8).collect();
+        for piece in data.chunks(1 << 20) {
+            upload.write(Bytes::copy_from_slice(piece)).await.unwrap();
+        }
+        assert_eq!(upload.parts_sent, 2, "two full parts before the last");
+        upload.finish().await.unwrap();
+        let stored = storage.get_bytes("grown.bin").await.unwrap();
+        assert!(stored == data, "the object differs from what was written");
+        storage.delete("grown.bin").await.unwrap();
     }
 
     #[tokio::test]
