@@ -461,14 +461,16 @@ impl Storage {
                 .await
                 .map_err(|err| StorageError::from_object_store(key, err))?,
         };
+        let limited = self.local.is_none();
         Ok(Upload {
             key: key.to_string(),
             upload,
             buffer: PutPayloadMut::new(),
             base_part_size: self.part_size,
-            grow_after: GROW_AFTER,
+            // The local directory takes any number of parts: they keep their size there.
+            grow_after: if limited { GROW_AFTER } else { usize::MAX },
             parts_sent: 0,
-            max_parts: self.local.is_none().then_some(S3_MAX_PARTS),
+            max_parts: limited.then_some(S3_MAX_PARTS),
             parts: tokio::task::JoinSet::new(),
             parts_in_flight: self.parts_in_flight,
         })
@@ -701,6 +703,18 @@ mod tests {
         assert!(least > 300 << 30);
     }
 
+    /// Storage in the local directory `dir`.
+    fn local(dir: &std::path::Path) -> Storage {
+        let env: std::collections::HashMap<String, String> = [
+            ("BACKUP_STORAGE_DIR", dir.to_str().unwrap()),
+            ("BACKUP_CONFIG_DIR", "/nonexistent"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        Storage::open(&crate::config::Settings::storage(&env).unwrap()).unwrap()
+    }
+
     /// The test suite's Garage (scripts/test.sh starts it and sets `BACKUP_TEST_S3_*`).
     fn garage() -> Storage {
         let var = |name: &str| {
@@ -745,16 +759,36 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn local_parts_never_grow_however_many_there_are() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = local(dir.path());
+        let mut upload = storage
+            .start_upload("documents/x/big.tar.zst")
+            .await
+            .unwrap();
+        upload.base_part_size = 1024;
+        let parts = GROW_AFTER + 100;
+        upload
+            .write(Bytes::from(vec![7u8; parts * 1024]))
+            .await
+            .unwrap();
+        // Grown parts (2 KiB past GROW_AFTER) would have made fewer.
+        assert_eq!(upload.parts_sent, parts);
+        upload.finish().await.unwrap();
+        assert_eq!(
+            storage
+                .get_bytes("documents/x/big.tar.zst")
+                .await
+                .unwrap()
+                .len(),
+            parts * 1024
+        );
+    }
+
+    #[tokio::test]
     async fn an_upload_past_the_part_limit_fails_naming_the_setting_and_stores_nothing() {
         let dir = tempfile::tempdir().unwrap();
-        let env: std::collections::HashMap<String, String> = [
-            ("BACKUP_STORAGE_DIR", dir.path().to_str().unwrap()),
-            ("BACKUP_CONFIG_DIR", "/nonexistent"),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-        let storage = Storage::open(&crate::config::Settings::storage(&env).unwrap()).unwrap();
+        let storage = local(dir.path());
         let mut upload = storage
             .start_upload("postgres/x/big.dump.zst")
             .await
