@@ -232,12 +232,42 @@ async fn a_tree_round_trips_with_names_modes_times_and_links() {
     assert_eq!(details["files"], facts.files);
     assert_same_tree(&dest, &expected);
 
-    // A non-empty destination is refused and left alone.
-    let err = restore(&setup, &manifest, json!({ "to": dest }))
+    // Restored again into the same directory, as the redelivery of a restore killed after its
+    // tree took its name (before the command was marked done) does: the directory already is
+    // this backup, so the restore reports it restored and touches nothing.
+    let again = restore(&setup, &manifest, json!({ "to": dest }))
         .await
-        .unwrap_err();
-    assert!(err.contains("not empty"), "{err}");
+        .unwrap();
+    assert_eq!(again["already_restored"], true, "{again}");
     assert_same_tree(&dest, &expected);
+
+    // A destination that differs in anything (one byte of one file, the size unchanged; or one
+    // more file) is refused and left alone.
+    let (path, _) = expected
+        .iter()
+        .find(|(_, what)| what.starts_with("file") && what.split(' ').nth(2) != Some("0"))
+        .unwrap();
+    for change in ["flip a byte", "add a file"] {
+        let other = work
+            .path()
+            .join(format!("restored-then-{}", change.replace(' ', "-")));
+        restore(&setup, &manifest, json!({ "to": other }))
+            .await
+            .unwrap();
+        if change == "flip a byte" {
+            let mut bytes = fs::read(other.join(path)).unwrap();
+            bytes[0] ^= 1;
+            fs::write(other.join(path), &bytes).unwrap();
+        } else {
+            fs::write(other.join("one-more"), b"").unwrap();
+        }
+        let changed = snapshot(&other);
+        let err = restore(&setup, &manifest, json!({ "to": other }))
+            .await
+            .unwrap_err();
+        assert!(err.contains("not empty"), "{change}: {err}");
+        assert_same_tree(&other, &changed);
+    }
 
     // What a restore killed mid-way leaves: the empty destination it created and its
     // partly filled staging directory. The redelivered command restores all the same.
@@ -367,6 +397,40 @@ async fn in_place_restore_swaps_and_keeps_the_replaced_tree() {
     assert_same_tree(&root, &original);
     let previous = PathBuf::from(details["previous_directory"].as_str().unwrap());
     assert_eq!(fs::read(previous.join("junk.txt")).unwrap(), b"junk");
+    let replaced = || {
+        fs::read_dir(work.path())
+            .unwrap()
+            .flatten()
+            .filter(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with("documents.replaced-")
+            })
+            .count()
+    };
+
+    // Redelivered after it finished (the worker killed before the command was marked done):
+    // the root already is the backup, so nothing moves again.
+    let details = restore(&setup, &manifest, json!({ "in_place": true }))
+        .await
+        .unwrap();
+    assert_eq!(details["already_restored"], true, "{details}");
+    assert_same_tree(&root, &original);
+    assert_eq!(replaced(), 1);
+
+    // Killed between moving the old root aside and moving the restored tree in: the
+    // redelivery finds the restored tree under its name beside the root and moves it in.
+    let restored = work
+        .path()
+        .join(format!("documents.restore-{}", manifest.id));
+    fs::rename(&root, &restored).unwrap();
+    let details = restore(&setup, &manifest, json!({ "in_place": true }))
+        .await
+        .unwrap();
+    assert_eq!(details["already_restored"], true, "{details}");
+    assert_same_tree(&root, &original);
+    assert!(!restored.exists());
+    assert_eq!(replaced(), 1);
 
     let err = restore(
         &setup,

@@ -161,6 +161,7 @@ async fn restore_into(setup: &TestSetup, manifest: &Manifest, database: &str) {
         target: TargetKind::Postgres,
         backup: BackupRef::Id(manifest.id.clone()),
         options: json!({ "into": database }),
+        command_id: None,
     };
     run_restore(&setup.ctx, &request)
         .await
@@ -332,6 +333,7 @@ async fn encrypted_round_trip_through_garage() {
         target: TargetKind::Postgres,
         backup: BackupRef::Id(manifest.id.clone()),
         options: json!({ "into": other }),
+        command_id: None,
     };
     let err = run_restore(&no_key, &request).await.unwrap_err();
     assert!(
@@ -574,6 +576,7 @@ async fn a_flipped_byte_fails_verify_and_restore() {
         target: TargetKind::Postgres,
         backup: BackupRef::Latest,
         options: json!({ "into": target }),
+        command_id: None,
     };
     let err = run_restore(&setup.ctx, &request).await.unwrap_err();
     assert!(err.to_string().contains(&key), "{err}");
@@ -612,6 +615,7 @@ async fn a_corrupt_artifact_never_reaches_pg_restore_when_verified_first() {
             target: TargetKind::Postgres,
             backup: BackupRef::Id(manifest.id.clone()),
             options: json!({ "into": into }),
+            command_id: None,
         };
         async move { run_restore(&ctx, &request).await.map(|_| ()).unwrap_err() }
     };
@@ -688,6 +692,66 @@ async fn a_restore_interrupted_mid_way_is_redone_from_scratch() {
     assert!(!common::database_exists(&staging.name));
 }
 
+/// What a worker killed after the restored database took its name, and before the command
+/// was marked done, leaves is a finished restore: the command's redelivery reports it restored
+/// and runs nothing again. Another command is still refused, and in place the swap happens once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_redelivered_after_it_finished_is_reported_restored_once() {
+    let source = create_fixture("pg_redo");
+    let before = fingerprint(&source.name);
+    let setup = TestSetup::new(&source.name, Store::Local, &[]);
+    let manifest = backup(&setup, json!({})).await;
+    let into = TestDatabase::adopt(&common::unique("pg_redo_into"));
+    let request = |command: &str, options: serde_json::Value| RestoreRequest {
+        target: TargetKind::Postgres,
+        backup: BackupRef::Id(manifest.id.clone()),
+        options,
+        command_id: Some(command.into()),
+    };
+    let into_options = json!({ "into": into.name });
+
+    let (_, _, first) = run_restore(&setup.ctx, &request("cmd-a", into_options.clone()))
+        .await
+        .unwrap();
+    assert!(first.details.get("already_restored").is_none(), "{first:?}");
+    let (_, _, again) = run_restore(&setup.ctx, &request("cmd-a", into_options.clone()))
+        .await
+        .unwrap();
+    assert_eq!(again.details["already_restored"], true, "{again:?}");
+    assert_eq!(again.details["database"], into.name.as_str());
+    assert_same(&fingerprint(&into.name), &before);
+
+    let err = run_restore(&setup.ctx, &request("cmd-b", into_options))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("already exists"), "{err}");
+
+    // In place over `into`: swapped once, however often the command is delivered.
+    let in_place = json!({ "into": into.name, "in_place": true });
+    let replaced = || {
+        psql(
+            "postgres",
+            &format!(
+                "SELECT datname FROM pg_database WHERE datname LIKE '{}\\_replaced\\_%'",
+                into.name
+            ),
+        )
+    };
+    for (delivery, already) in [(1, false), (2, true)] {
+        let (_, _, report) = run_restore(&setup.ctx, &request("cmd-c", in_place.clone()))
+            .await
+            .unwrap();
+        assert_eq!(
+            report.details.get("already_restored").is_some(),
+            already,
+            "delivery {delivery}: {report:?}"
+        );
+        assert_eq!(replaced().lines().count(), 1, "delivery {delivery}");
+    }
+    let _aside = TestDatabase::adopt(&replaced());
+    assert_same(&fingerprint(&into.name), &before);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restore_never_overwrites_unless_in_place() {
     let source = create_fixture("pg_inplace");
@@ -700,6 +764,7 @@ async fn restore_never_overwrites_unless_in_place() {
         target: TargetKind::Postgres,
         backup: BackupRef::Latest,
         options: json!({ "into": source.name }),
+        command_id: None,
     };
     let err = run_restore(&setup.ctx, &request).await.unwrap_err();
     assert!(err.to_string().contains("already exists"), "{err}");
@@ -709,6 +774,7 @@ async fn restore_never_overwrites_unless_in_place() {
         target: TargetKind::Postgres,
         backup: BackupRef::Latest,
         options: json!(null),
+        command_id: None,
     };
     let (_, _, report) = run_restore(&setup.ctx, &request).await.unwrap();
     let beside = TestDatabase::adopt(report.details["database"].as_str().unwrap());

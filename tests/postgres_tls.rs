@@ -66,6 +66,7 @@ async fn restore(setup: &TestSetup, id: &str, into: &str) -> Result<(), JobError
         target: TargetKind::Postgres,
         backup: BackupRef::Id(id.parse().unwrap()),
         options: json!({ "into": into }),
+        command_id: None,
     };
     run_restore(&setup.ctx, &request).await.map(|_| ())
 }

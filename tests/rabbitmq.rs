@@ -154,6 +154,7 @@ async fn definitions_round_trip_beside_and_in_place() {
         target: TargetKind::Rabbitmq,
         backup: BackupRef::Id(manifest.id.clone()),
         options: json!({ "vhost": vhost.name, "vhost_prefix": "restored-" }),
+        command_id: None,
     };
     let (_, _, report) = run_restore(&setup.ctx, &request).await.unwrap();
     let beside = TestVhost::adopt(&format!("restored-{}", vhost.name));
@@ -167,6 +168,7 @@ async fn definitions_round_trip_beside_and_in_place() {
         target: TargetKind::Rabbitmq,
         backup: BackupRef::Latest,
         options: json!({ "vhost": vhost.name, "in_place": true }),
+        command_id: None,
     };
     run_restore(&setup.ctx, &request).await.unwrap();
     management(
@@ -181,6 +183,7 @@ async fn definitions_round_trip_beside_and_in_place() {
         target: TargetKind::Rabbitmq,
         backup: BackupRef::Latest,
         options: json!({ "vhost": "no-such-vhost" }),
+        command_id: None,
     };
     let err = run_restore(&setup.ctx, &request).await.unwrap_err();
     assert!(
@@ -258,6 +261,7 @@ async fn definitions_and_credentials_go_to_no_other_broker_unless_allowed() {
             target: TargetKind::Rabbitmq,
             backup: BackupRef::Id(manifest.id.clone()),
             options,
+            command_id: None,
         };
         let ctx = setup.ctx.clone();
         async move {

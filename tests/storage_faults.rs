@@ -96,6 +96,7 @@ async fn connections_cut_mid_upload_are_retried_and_the_backup_restores() {
             target: TargetKind::Postgres,
             backup: BackupRef::Id(manifest.id.clone()),
             options: json!({ "into": restored.name }),
+            command_id: None,
         },
     )
     .await

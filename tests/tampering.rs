@@ -127,6 +127,7 @@ async fn every_tampered_artifact_or_manifest_is_caught() {
                     target: manifest.target,
                     backup: BackupRef::Id(manifest.id.clone()),
                     options,
+                    command_id: None,
                 },
             )
             .await;

@@ -521,6 +521,25 @@ async fn restores_are_accepted_only_from_users_granted_them() {
             .unwrap()
             .contains(&allowed_db.name)
     );
+
+    // A worker killed after the restored database took its name, before the command was
+    // marked done, leaves the command to be redelivered with no marker: it completes, as
+    // already restored, and the database is not restored twice.
+    h.setup
+        .ctx
+        .storage
+        .delete(&format!("commands/{}.json", allowed.id))
+        .await
+        .unwrap();
+    operator.send(&allowed).await;
+    let events = operator.follow(&allowed).await;
+    let done = events.last().unwrap();
+    assert_eq!(done.event, event::COMPLETED, "{events:#?}");
+    assert_eq!(
+        done.details.as_ref().unwrap()["restore"]["already_restored"],
+        true,
+        "{done:#?}"
+    );
     h.stop_workers().await;
 }
 

@@ -183,6 +183,7 @@ pub async fn restore(
         target,
         backup: backup_ref,
         options,
+        command_id: record.command_id.clone(),
     };
     let restored = progress::watched(
         ctx,

@@ -13,6 +13,8 @@ pub struct RestoreRequest {
     pub target: TargetKind,
     pub backup: BackupRef,
     pub options: serde_json::Value,
+    /// The command this restore runs for (none from the CLI).
+    pub command_id: Option<String>,
 }
 
 pub async fn run_restore(
@@ -21,7 +23,10 @@ pub async fn run_restore(
 ) -> Result<(Manifest, Trust, RestoreReport), JobError> {
     let target = ctx.targets.get(request.target)?;
     let (manifest, trust) = ctx.resolve(request.target, &request.backup).await?;
-    let source = ctx.source(&manifest, true).await?;
+    let source = ctx
+        .source(&manifest, true)
+        .await?
+        .for_command(request.command_id.clone());
     let report = target.restore(&source, &request.options).await?;
     Ok((manifest, trust, report))
 }

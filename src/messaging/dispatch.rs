@@ -75,6 +75,7 @@ pub async fn run_step(
                 target,
                 backup: backup_ref(command)?,
                 options: command.options.clone(),
+                command_id: Some(command.id.clone()),
             };
             let (manifest, trust, report) = run_restore(ctx, &request).await?;
             Ok(StepOutcome {

@@ -322,6 +322,8 @@ pub struct ArtifactSource {
     chunk_size: usize,
     /// Where artifacts are staged and verified before use (`restore.verify_first`).
     staging: Option<PathBuf>,
+    /// The command a restore runs for: the same on every delivery of that command.
+    command_id: Option<String>,
 }
 
 impl ArtifactSource {
@@ -339,6 +341,7 @@ impl ArtifactSource {
             keyring,
             chunk_size,
             staging: None,
+            command_id: None,
         }
     }
 
@@ -346,6 +349,17 @@ impl ArtifactSource {
     pub fn staged_in(mut self, dir: Option<PathBuf>) -> Self {
         self.staging = dir;
         self
+    }
+
+    /// The restore runs for the command `id`: a target may mark what it restored with it, so
+    /// that a redelivery of the command recognizes its own finished work.
+    pub fn for_command(mut self, id: Option<String>) -> Self {
+        self.command_id = id;
+        self
+    }
+
+    pub fn command_id(&self) -> Option<&str> {
+        self.command_id.as_deref()
     }
 
     /// The same storage and keys, for another backup (an ancestor of an incremental).

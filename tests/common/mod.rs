@@ -381,6 +381,7 @@ pub async fn restore_details(
         target: manifest.target,
         backup: crm_backup::storage::catalog::BackupRef::Id(manifest.id.clone()),
         options,
+        command_id: None,
     };
     crm_backup::jobs::restore::run_restore(&setup.ctx, &request)
         .await

@@ -8,6 +8,7 @@
 mod archive;
 mod digests;
 pub mod extract;
+mod present;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -52,7 +53,7 @@ struct BackupOptions {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RestoreOptions {
-    /// An empty (or new) directory to restore into; default `<root>.restore-<time>`.
+    /// An empty (or new) directory to restore into; default `<root>.restore-<backup id>`.
     to: Option<PathBuf>,
     /// Replace the document root: restored beside it, then swapped in; the old tree is
     /// kept as `<root>.replaced-<time>`.
@@ -88,16 +89,18 @@ impl Documents {
         }
     }
 
-    /// Where a restore writes: `to` below the restore root (default: the documents root's
-    /// parent) and outside the live tree, or `<root>.restore-<time>` beside it.
-    fn destination(&self, options: &RestoreOptions) -> Result<PathBuf, TargetError> {
+    /// Where a restore of `backup` writes: `to` below the restore root (default: the
+    /// documents root's parent) and outside the live tree, or else `<root>.restore-<backup id>`
+    /// beside it (one name per backup, so the redelivery of a restore finds what its first
+    /// attempt wrote).
+    fn destination(&self, options: &RestoreOptions, backup: &str) -> Result<PathBuf, TargetError> {
         exclusive_options(
             KIND,
             ("to", options.to.is_some()),
             ("in_place", options.in_place),
         )?;
         let Some(to) = &options.to else {
-            return Ok(sibling(&self.root, "restore"));
+            return Ok(beside(&self.root, &format!("restore-{backup}")));
         };
         let parent = self.root.parent().unwrap_or(Path::new("/"));
         let to = self.guard.file(KIND, to, parent)?;
@@ -115,7 +118,9 @@ impl Documents {
     }
 
     /// Restores the chain into `dest` (an empty or new directory) and checks every file;
-    /// `in_place` then swaps it in for the root, keeping the old tree beside it.
+    /// `in_place` then swaps it in for the root, keeping the old tree beside it. A tree that
+    /// already is this backup's (`present::holds`: what an attempt killed before the command
+    /// was marked done left) is taken as restored, so the redelivery completes.
     async fn restore_into(
         &self,
         source: &ArtifactSource,
@@ -123,38 +128,6 @@ impl Documents {
         in_place: bool,
     ) -> Result<RestoreReport, TargetError> {
         let facts = facts_of(&source.manifest)?;
-        let created = prepare_destination(dest)?;
-        // Filled under a name of its own beside `dest` and renamed once every file is
-        // checked, so `dest` never holds a partial tree. A worker killed mid-restore leaves
-        // that name behind; the command's redelivery removes it and starts afresh.
-        let staging = beside(dest, "restoring");
-        let restored = async {
-            remove_tree(staging.clone()).await.map_err(|err| {
-                TargetError::Refused(format!(
-                    "cannot remove {} that an interrupted restore left: {err}",
-                    staging.display()
-                ))
-            })?;
-            prepare_destination(&staging)?;
-            restore_chain(source, &facts, &staging).await?;
-            std::fs::remove_dir(dest)
-                .and_then(|()| std::fs::rename(&staging, dest))
-                .map_err(|err| {
-                    TargetError::Refused(format!(
-                        "moving {} to {} failed: {err}",
-                        staging.display(),
-                        dest.display()
-                    ))
-                })
-        }
-        .await;
-        if let Err(err) = restored {
-            let _ = remove_tree(staging).await;
-            if created {
-                let _ = std::fs::remove_dir(dest);
-            }
-            return Err(err);
-        }
         let mut details = json!({
             "directory": dest,
             "files": facts.files,
@@ -163,6 +136,25 @@ impl Documents {
             "bytes": facts.total_bytes,
             "chain": facts.chain,
         });
+        if in_place && holds_backup(&self.root, &facts).await? {
+            details["directory"] = json!(self.root);
+            details["already_restored"] = json!(true);
+            return Ok(report(details));
+        }
+        match prepare_destination(dest)? {
+            Destination::Filled if holds_backup(dest, &facts).await? => {
+                details["already_restored"] = json!(true);
+            }
+            Destination::Filled => {
+                return Err(TargetError::Refused(format!(
+                    "{} is not empty; restore into an empty or new directory",
+                    dest.display()
+                )));
+            }
+            Destination::Empty { created } => {
+                self.restore_staged(source, &facts, dest, created).await?;
+            }
+        }
         if in_place {
             let replaced = sibling(&self.root, "replaced");
             if self.root.exists() {
@@ -183,13 +175,53 @@ impl Documents {
             })?;
             details["directory"] = json!(self.root);
         }
-        Ok(RestoreReport {
-            destination: format!(
-                "directory {}",
-                details["directory"].as_str().unwrap_or_default()
-            ),
-            details,
-        })
+        Ok(report(details))
+    }
+
+    /// Fills `dest` (empty; `created` by this restore) with the chain. Filled under a name of
+    /// its own beside `dest` and renamed once every file is checked, so `dest` never holds a
+    /// partial tree. A worker killed mid-restore leaves that name behind; the command's
+    /// redelivery removes it and starts afresh.
+    async fn restore_staged(
+        &self,
+        source: &ArtifactSource,
+        facts: &DocumentsFacts,
+        dest: &Path,
+        created: bool,
+    ) -> Result<(), TargetError> {
+        let staging = beside(dest, "restoring");
+        let restored = async {
+            remove_tree(staging.clone()).await.map_err(|err| {
+                TargetError::Refused(format!(
+                    "cannot remove {} that an interrupted restore left: {err}",
+                    staging.display()
+                ))
+            })?;
+            if let Destination::Filled = prepare_destination(&staging)? {
+                return Err(TargetError::Refused(format!(
+                    "{} could not be emptied for the restore",
+                    staging.display()
+                )));
+            }
+            restore_chain(source, facts, &staging).await?;
+            std::fs::remove_dir(dest)
+                .and_then(|()| std::fs::rename(&staging, dest))
+                .map_err(|err| {
+                    TargetError::Refused(format!(
+                        "moving {} to {} failed: {err}",
+                        staging.display(),
+                        dest.display()
+                    ))
+                })
+        }
+        .await;
+        if restored.is_err() {
+            let _ = remove_tree(staging).await;
+            if created {
+                let _ = std::fs::remove_dir(dest);
+            }
+        }
+        restored
     }
 
     fn check_root(&self) -> Result<(), TargetError> {
@@ -243,25 +275,50 @@ async fn remove_tree(dir: PathBuf) -> std::io::Result<()> {
     .map_err(std::io::Error::other)?
 }
 
-/// Creates `dest` (or takes it if it exists and is empty); true if it was created.
-fn prepare_destination(dest: &Path) -> Result<bool, TargetError> {
+/// What a restore found at its destination.
+enum Destination {
+    /// Missing (then `created`) or an empty directory: the restore fills it.
+    Empty { created: bool },
+    /// Something is there already.
+    Filled,
+}
+
+/// Creates `dest`, or takes it as it is if it exists.
+fn prepare_destination(dest: &Path) -> Result<Destination, TargetError> {
     match std::fs::read_dir(dest) {
-        Ok(mut entries) => {
-            if entries.next().is_some() {
-                return Err(TargetError::Refused(format!(
-                    "{} is not empty; restore into an empty or new directory",
-                    dest.display()
-                )));
-            }
-            Ok(false)
-        }
+        Ok(mut entries) => Ok(match entries.next() {
+            Some(_) => Destination::Filled,
+            None => Destination::Empty { created: false },
+        }),
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
             std::fs::create_dir_all(dest).map_err(|err| {
                 TargetError::Refused(format!("cannot create {}: {err}", dest.display()))
             })?;
-            Ok(true)
+            Ok(Destination::Empty { created: true })
         }
         Err(err) => Err(TargetError::Refused(format!("{}: {err}", dest.display()))),
+    }
+}
+
+/// True when `dir` holds exactly the tree of the backup `facts` describe.
+async fn holds_backup(dir: &Path, facts: &DocumentsFacts) -> Result<bool, TargetError> {
+    let (dir, index) = (dir.to_path_buf(), facts.index.clone());
+    tokio::task::spawn_blocking(move || match present::holds(&dir, &index) {
+        Ok(holds) => Ok(holds),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(err) => Err(TargetError::Refused(format!("{}: {err}", dir.display()))),
+    })
+    .await
+    .map_err(|err| TargetError::Unusable(format!("comparing the tree failed: {err}")))?
+}
+
+fn report(details: Value) -> RestoreReport {
+    RestoreReport {
+        destination: format!(
+            "directory {}",
+            details["directory"].as_str().unwrap_or_default()
+        ),
+        details,
     }
 }
 
@@ -269,7 +326,8 @@ fn prepare_destination(dest: &Path) -> Result<bool, TargetError> {
 impl Target for Documents {
     fn check_restore(&self, options: &Value) -> Result<bool, TargetError> {
         let options: RestoreOptions = parse_options(KIND, options)?;
-        self.destination(&options)?;
+        // Checks the options: the default name, which needs the backup, cannot be wrong.
+        self.destination(&options, "")?;
         Ok(options.in_place)
     }
 
@@ -364,7 +422,7 @@ impl Target for Documents {
         options: &Value,
     ) -> Result<RestoreReport, TargetError> {
         let options: RestoreOptions = parse_options(KIND, options)?;
-        let dest = self.destination(&options)?;
+        let dest = self.destination(&options, source.manifest.id.as_str())?;
         self.restore_into(source, &dest, options.in_place).await
     }
 

@@ -10,10 +10,10 @@ use tokio_postgres::Client;
 
 use super::connection::Endpoint;
 use super::sql::{
-    close_sessions, compare_counts, count_rows, database_owner, derived_name, drop_database,
-    quote_ident, staging_name, suffixed_name, swap_in,
+    close_sessions, comment_database, compare_counts, count_rows, database_comment, database_owner,
+    drop_database, quote_ident, staging_name, suffixed_name, swap_in,
 };
-use super::{DUMP_FORMAT, Postgres, PostgresFacts, plain_identifier};
+use super::{DUMP_FORMAT, KIND, Postgres, PostgresFacts, plain_identifier};
 use crate::pipeline::{ArtifactReader, DecodedArtifact};
 use crate::storage::manifest::ArtifactRecord;
 use crate::targets::process::{Pump, ToolProcess, pump};
@@ -71,15 +71,51 @@ impl Postgres {
         let destination = match (&replaced, &options.into) {
             (Some(original), _) => original.clone(),
             (None, Some(name)) => name.clone(),
-            (None, None) => derived_name(&facts.database, "restore"),
+            // One name per backup (`crm_restore_20261204t083306z_dfgbe6`), so a redelivery
+            // finds what its first attempt restored.
+            (None, None) => suffixed_name(
+                &facts.database,
+                &format!(
+                    "restore_{}",
+                    source
+                        .manifest
+                        .id
+                        .as_str()
+                        .replace(&format!("-{KIND}-"), "_")
+                        .to_ascii_lowercase()
+                ),
+            ),
         };
         plain_identifier(&destination)?;
         let admin = self.connect(Some(&self.maintenance_database)).await?;
-        if replaced.is_none() && database_owner(&admin, &destination).await?.is_some() {
-            return Err(TargetError::Refused(format!(
-                "database `{destination}` already exists; restore into a new name, \
-                 or restore in place explicitly (in_place)"
-            )));
+        let mark = restore_mark(source);
+        if database_owner(&admin, &destination).await?.is_some() {
+            // The redelivery of a restore whose worker was killed after the swap, before the
+            // command was marked done: its database is in place, marked with this command.
+            if source.command_id().is_some()
+                && database_comment(&admin, &destination).await?.as_deref() == Some(&mark)
+            {
+                return Ok(RestoreReport {
+                    destination: format!(
+                        "postgres database {destination} (restored by an earlier attempt of \
+                         this command)"
+                    ),
+                    details: serde_json::json!({
+                        "database": destination,
+                        "in_place": options.in_place,
+                        "tables": facts.table_count,
+                        "rows": facts.row_count,
+                        "globals_skipped": facts.globals,
+                        "already_restored": true,
+                    }),
+                });
+            }
+            if replaced.is_none() {
+                return Err(TargetError::Refused(format!(
+                    "database `{destination}` already exists; restore into a new name, \
+                     or restore in place explicitly (in_place)"
+                )));
+            }
         }
         // Filled under a name of its own and renamed only once complete and counted, so the
         // destination never names a partial database. A worker killed mid-restore leaves
@@ -129,6 +165,7 @@ impl Postgres {
             drop_database(&admin, &database).await;
             return Err(err);
         }
+        comment_database(&admin, &database, &mark).await;
         close_sessions(&admin, &database).await;
         let previous = swap_in(&admin, &database, &destination).await?;
         let mut details = serde_json::json!({
@@ -344,5 +381,17 @@ async fn restore_role(admin: &Client, restorer: &Endpoint) -> Result<String, Tar
              without SUPERUSER"
         ))),
         Some(false) => Ok(user),
+    }
+}
+
+/// The comment a restored database carries: the backup, and the command the restore ran for
+/// (how that command's redelivery recognizes it).
+fn restore_mark(source: &ArtifactSource) -> String {
+    match source.command_id() {
+        Some(command) => format!(
+            "crm-backup: restored from {} by command {command}",
+            source.manifest.id
+        ),
+        None => format!("crm-backup: restored from {}", source.manifest.id),
     }
 }

@@ -102,6 +102,33 @@ pub(super) async fn close_sessions(admin: &Client, database: &str) {
         .await;
 }
 
+/// The comment on `database` (`COMMENT ON DATABASE`), if it exists and has one.
+pub(super) async fn database_comment(
+    admin: &Client,
+    database: &str,
+) -> Result<Option<String>, TargetError> {
+    Ok(admin
+        .query_opt(
+            "SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = $1",
+            &[&database],
+        )
+        .await
+        .map_err(|err| unreachable(&err))?
+        .and_then(|row| row.get(0)))
+}
+
+/// Sets the comment on `database`. Only a marker: a failure is logged, not an error.
+pub(super) async fn comment_database(admin: &Client, database: &str, comment: &str) {
+    let statement = format!(
+        "COMMENT ON DATABASE {} IS '{}'",
+        quote_ident(database),
+        comment.replace('\'', "''")
+    );
+    if let Err(err) = admin.batch_execute(&statement).await {
+        tracing::warn!(database, error = %err, "could not mark the restored database");
+    }
+}
+
 /// `crm_restoring`: where a restore into `destination` is filled before it takes that name;
 /// the same for every attempt, so a retry finds what an interrupted one left.
 pub(super) fn staging_name(destination: &str) -> String {
