@@ -165,6 +165,24 @@ async fn kv_and_snapshot_round_trip_in_batches_of_64() {
         assert_eq!(state.kv["restored/check/crm/config/key-000"].1, b"value 0");
         assert_eq!(state.kv["crm/config/key-000"].1, b"changed since");
     }
+    // Delivered again (its worker killed before the command was marked done): the keys under
+    // the prefix are the backup's own, so it completes. One key changed since is refused.
+    let again = restore(&setup, &manifest, json!({ "prefix": "restored/check/" }))
+        .await
+        .unwrap();
+    assert_eq!(again["already_there"], again["keys"], "{again}");
+    double.set("restored/check/crm/config/key-001", 0, b"edited");
+    let err = restore(&setup, &manifest, json!({ "prefix": "restored/check/" }))
+        .await
+        .unwrap_err();
+    assert!(
+        err.contains("1 keys already exist under the prefix"),
+        "{err}"
+    );
+    assert_eq!(
+        double.state.lock().unwrap().kv["restored/check/crm/config/key-001"].1,
+        b"edited"
+    );
 
     // delete_absent removes keys the backup does not have.
     double.set("crm/added-later", 0, b"x");

@@ -5,12 +5,11 @@
 //!
 //! The KV artifact is in `consul kv export` format, so `consul kv import` reads it too.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use async_trait::async_trait;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use chrono::Utc;
 use futures::StreamExt;
 use reqwest::{Method, StatusCode};
 use secrecy::{ExposeSecret, SecretString};
@@ -55,7 +54,8 @@ struct BackupOptions {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RestoreOptions {
-    /// Write the keys under this prefix (beside the originals). Default `restored/<time>/`.
+    /// Write the keys under this prefix (beside the originals). Default
+    /// `restored/<backup id>/`.
     prefix: Option<String>,
     /// Write the keys under their own names.
     #[serde(default)]
@@ -123,12 +123,15 @@ impl Consul {
         }
     }
 
+    /// Every key under `prefix` (all keys for ``), with the KV index of the read.
     async fn read_kv(
         &self,
         client: &ApiClient,
+        prefix: &str,
     ) -> Result<(Vec<KvEntry>, Option<u64>), TargetError> {
+        let path = format!("/v1/kv/{}?recurse=true", urlencode_path(prefix));
         let response = client
-            .send(Method::GET, "/v1/kv/?recurse=true", |r| self.authorize(r))
+            .send(Method::GET, &path, |r| self.authorize(r))
             .await?;
         let index = consul_index(&response);
         if response.status() == StatusCode::NOT_FOUND {
@@ -240,25 +243,6 @@ impl Consul {
                 .await?;
         }
         Ok(batches.len())
-    }
-
-    async fn existing_keys(
-        &self,
-        client: &ApiClient,
-        prefix: &str,
-    ) -> Result<BTreeSet<String>, TargetError> {
-        let path = format!("/v1/kv/{}?keys=true", urlencode_path(prefix));
-        let response = client
-            .send(Method::GET, &path, |r| self.authorize(r))
-            .await?;
-        if response.status() == StatusCode::NOT_FOUND {
-            return Ok(BTreeSet::new());
-        }
-        let response = client.expect_success(response, "GET /v1/kv/?keys").await?;
-        response
-            .json()
-            .await
-            .map_err(|err| TargetError::Unusable(format!("key listing: {err}")))
     }
 }
 
@@ -380,7 +364,7 @@ impl Target for Consul {
     async fn backup(&self, options: &Value, sink: &mut ArtifactSink) -> Result<Facts, TargetError> {
         let options: BackupOptions = parse_options(KIND, options)?;
         let client = self.client()?;
-        let (entries, kv_index) = self.read_kv(&client).await?;
+        let (entries, kv_index) = self.read_kv(&client, "").await?;
         let body = serde_json::to_vec(&entries).expect("entries serialize");
         sink.store(KV_ARTIFACT, KV_FORMAT, body).await?;
         let mut facts = ConsulFacts {
@@ -422,22 +406,39 @@ impl Target for Consul {
         let prefix = match (&options.prefix, options.in_place) {
             (Some(prefix), _) => prefix.clone(),
             (None, true) => String::new(),
-            (None, false) => format!("restored/{}/", Utc::now().format("%Y%m%dT%H%M%S")),
+            // One prefix per backup, so a redelivered restore finds its first attempt's keys.
+            (None, false) => format!("restored/{}/", source.manifest.id),
         };
+        let mut already_there = 0;
         let existing = if options.delete_absent || !options.in_place {
-            self.existing_keys(&client, &prefix).await?
+            let (existing, _) = self.read_kv(&client, &prefix).await?;
+            existing
         } else {
-            BTreeSet::new()
+            Vec::new()
         };
-        // Beside the original means a prefix nobody uses yet: under a used one, the restore
-        // would overwrite live keys.
-        if !options.in_place && !existing.is_empty() {
-            return Err(TargetError::Refused(format!(
-                "{} keys already exist under the prefix `{prefix}`: restore beside the original \
-                 under an unused prefix, or in place (in_place: true)",
-                existing.len()
-            )));
+        if !options.in_place {
+            // Beside the original means keys nobody else wrote: under a prefix holding other
+            // keys or values, the restore would overwrite live ones. What an earlier attempt of
+            // this restore wrote (the backup's keys with its values) is no obstacle: writing
+            // it again changes nothing.
+            let wanted: BTreeMap<String, (&str, u64)> = entries
+                .iter()
+                .map(|e| (format!("{prefix}{}", e.key), (e.value.as_str(), e.flags)))
+                .collect();
+            let foreign = existing
+                .iter()
+                .filter(|e| wanted.get(&e.key) != Some(&(e.value.as_str(), e.flags)))
+                .count();
+            if foreign > 0 {
+                return Err(TargetError::Refused(format!(
+                    "{foreign} keys already exist under the prefix `{prefix}` that the backup \
+                     does not hold with those values: restore beside the original under an \
+                     unused prefix, or in place (in_place: true)"
+                )));
+            }
+            already_there = existing.len();
         }
+        let existing: BTreeSet<String> = existing.into_iter().map(|e| e.key).collect();
         let operations = plan_kv_restore(&entries, &prefix, &existing, options.delete_absent);
         let deleted = operations.len() - entries.len();
         let transactions = self.apply(&client, &operations).await?;
@@ -466,6 +467,7 @@ impl Target for Consul {
                 "prefix": prefix,
                 "keys": entries.len(),
                 "deleted": deleted,
+                "already_there": already_there,
                 "transactions": transactions,
                 "snapshot_restored": snapshot_restored,
             }),
