@@ -359,15 +359,39 @@ async fn an_rdb_backup_restores_live_and_to_a_file() {
         from_file.cli(&["DEBUG", "DIGEST"]),
         source.cli(&["DEBUG", "DIGEST"])
     );
-    // The file is never overwritten.
+    // Delivered again (its worker killed before the command was marked done): the file is
+    // this backup's RDB, so the restore completes without writing.
+    let written = std::fs::metadata(&file).unwrap().modified().unwrap();
+    let again = restore(&setup, &manifest, json!({ "to_file": file }))
+        .await
+        .unwrap();
+    assert_eq!(again["already_restored"], true, "{again}");
+    assert_eq!(
+        std::fs::metadata(&file).unwrap().modified().unwrap(),
+        written
+    );
+
+    // Any other file is never overwritten.
     let again = tempfile::tempdir().unwrap();
     let existing = again.path().join("dump.rdb");
     std::fs::write(&existing, b"keep me").unwrap();
     let err = restore(&setup, &manifest, json!({ "to_file": existing }))
         .await
         .unwrap_err();
-    assert!(err.contains("cannot create"), "{err}");
+    assert!(err.contains("exists; restore into a new file"), "{err}");
     assert_eq!(std::fs::read(&existing).unwrap(), b"keep me");
+
+    // Killed mid-write, an attempt leaves only `<file>.restoring`: the next one replaces it.
+    let fresh = again.path().join("fresh.rdb");
+    std::fs::write(again.path().join("fresh.rdb.restoring"), b"half an RDB").unwrap();
+    restore(&setup, &manifest, json!({ "to_file": fresh }))
+        .await
+        .unwrap();
+    assert_eq!(
+        std::fs::read(&fresh).unwrap(),
+        std::fs::read(&file).unwrap()
+    );
+    assert!(!again.path().join("fresh.rdb.restoring").exists());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

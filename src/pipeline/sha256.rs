@@ -51,6 +51,20 @@ impl Default for Sha256 {
     }
 }
 
+/// The SHA-256 of the file at `path`, as 64 lowercase hex digits.
+pub fn of_file(path: &std::path::Path) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path)?;
+    let mut hasher = Sha256::new();
+    let mut buffer = vec![0u8; 256 * 1024];
+    loop {
+        match file.read(&mut buffer)? {
+            0 => return Ok(hasher.finish_hex()),
+            n => hasher.update(&buffer[..n]),
+        }
+    }
+}
+
 impl Sha256 {
     pub fn new() -> Self {
         Self::default()

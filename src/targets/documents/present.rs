@@ -7,12 +7,12 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::{self, Read};
+use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use super::{EntryKind, IndexEntry};
-use crate::pipeline::sha256::Sha256;
+use crate::pipeline::sha256;
 
 /// True when `dir` holds exactly the tree `index` describes. Paths and sizes are compared
 /// first, so a tree that differs is told apart without reading its files.
@@ -63,23 +63,11 @@ pub fn holds(dir: &Path, index: &[IndexEntry]) -> io::Result<bool> {
         return Ok(false);
     }
     for (path, expected) in files {
-        if Some(sha256_of(&path)?) != expected.sha256 {
+        if Some(sha256::of_file(&path)?) != expected.sha256 {
             return Ok(false);
         }
     }
     Ok(true)
-}
-
-fn sha256_of(path: &Path) -> io::Result<String> {
-    let mut file = fs::File::open(path)?;
-    let mut hasher = Sha256::new();
-    let mut buffer = vec![0u8; 256 * 1024];
-    loop {
-        match file.read(&mut buffer)? {
-            0 => return Ok(hasher.finish_hex()),
-            n => hasher.update(&buffer[..n]),
-        }
-    }
 }
 
 #[cfg(test)]
@@ -87,7 +75,7 @@ mod tests {
     use super::*;
 
     fn entry(path: &str, kind: EntryKind, content: &[u8], mode: u32) -> IndexEntry {
-        let mut hasher = Sha256::new();
+        let mut hasher = sha256::Sha256::new();
         hasher.update(content);
         IndexEntry {
             path: path.into(),

@@ -137,11 +137,72 @@ async fn to_file(source: &ArtifactSource, path: &Path) -> Result<RestoreReport, 
             "this backup is a key stream (keys mode): it restores live only".into(),
         )
     })?;
-    let bytes = write_rdb(source, record, path).await?;
-    Ok(RestoreReport {
-        destination: format!("RDB file {}", path.display()),
-        details: json!({ "file": path, "bytes": bytes }),
-    })
+    let report = |already: bool| {
+        let mut details = json!({ "file": path, "bytes": record.raw_size });
+        if already {
+            details["already_restored"] = json!(true);
+        }
+        RestoreReport {
+            destination: format!("RDB file {}", path.display()),
+            details,
+        }
+    };
+    // A file there that is this backup's RDB byte for byte is an earlier attempt's, its worker
+    // killed before the command was marked done.
+    if holds_rdb(path, record).await? {
+        return Ok(report(true));
+    }
+    if tokio::fs::symlink_metadata(path).await.is_ok() {
+        return Err(TargetError::Refused(format!(
+            "{} exists; restore into a new file",
+            path.display()
+        )));
+    }
+    // Written under a name of its own and renamed once complete and checked, so `path` never
+    // holds a partial RDB; what an interrupted attempt left under that name is removed.
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let staging = path.with_file_name(format!("{name}.restoring"));
+    match tokio::fs::remove_file(&staging).await {
+        Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
+            return Err(TargetError::Refused(format!(
+                "cannot remove {} that an interrupted restore left: {err}",
+                staging.display()
+            )));
+        }
+        _ => {}
+    }
+    write_rdb(source, record, &staging).await?;
+    // No replacing: a file that appeared at `path` meanwhile is not ours to overwrite.
+    let renamed = rustix::fs::renameat_with(
+        rustix::fs::CWD,
+        &staging,
+        rustix::fs::CWD,
+        path,
+        rustix::fs::RenameFlags::NOREPLACE,
+    );
+    if let Err(err) = renamed {
+        let _ = tokio::fs::remove_file(&staging).await;
+        return Err(TargetError::Refused(format!(
+            "moving {} to {} failed: {err}",
+            staging.display(),
+            path.display()
+        )));
+    }
+    Ok(report(false))
+}
+
+/// True when the file at `path` is the raw artifact of `record` (its size and SHA-256).
+async fn holds_rdb(path: &Path, record: &ArtifactRecord) -> Result<bool, TargetError> {
+    match tokio::fs::symlink_metadata(path).await {
+        Ok(meta) if meta.is_file() && meta.len() == record.raw_size => {}
+        _ => return Ok(false),
+    }
+    let owned = path.to_path_buf();
+    let digest = tokio::task::spawn_blocking(move || crate::pipeline::sha256::of_file(&owned))
+        .await
+        .map_err(|err| TargetError::Unusable(format!("hashing failed: {err}")))?
+        .map_err(|err| TargetError::Refused(format!("{}: {err}", path.display())))?;
+    Ok(digest == record.raw_sha256)
 }
 
 /// A backup ready to apply: its key stream, or its RDB file in a scratch directory.
