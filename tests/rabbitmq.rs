@@ -162,6 +162,22 @@ async fn definitions_round_trip_beside_and_in_place() {
     assert_eq!(topology(&beside.name), original);
     assert_eq!(report.details["users_imported"], 0);
 
+    // Without a prefix: one name per backup, so a redelivered restore imports into the same
+    // vhost instead of making another copy.
+    for _delivery in 0..2 {
+        let request = RestoreRequest {
+            target: TargetKind::Rabbitmq,
+            backup: BackupRef::Id(manifest.id.clone()),
+            options: json!({ "vhost": vhost.name }),
+            command_id: Some("cmd-default-prefix".into()),
+        };
+        let (_, _, report) = run_restore(&setup.ctx, &request).await.unwrap();
+        let name = format!("restored-{}-{}", manifest.id, vhost.name);
+        assert_eq!(report.details["vhosts"], json!([name]));
+    }
+    let by_default = TestVhost::adopt(&format!("restored-{}-{}", manifest.id, vhost.name));
+    assert_eq!(topology(&by_default.name), original);
+
     // In place: delete the vhost, restore it from the backup.
     management("DELETE", &format!("vhosts/{}", vhost.name), None);
     let request = RestoreRequest {

@@ -7,7 +7,6 @@ use std::collections::BTreeSet;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use chrono::Utc;
 use reqwest::Method;
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
@@ -56,7 +55,8 @@ struct BackupOptions {}
 struct RestoreOptions {
     /// Restore only this vhost.
     vhost: Option<String>,
-    /// Beside the original: vhosts are renamed with this prefix (default `restored-<time>-`).
+    /// Beside the original: vhosts are renamed with this prefix (default
+    /// `restored-<backup id>-`).
     vhost_prefix: Option<String>,
     /// Import as backed up, users included, into the original names.
     #[serde(default)]
@@ -391,7 +391,9 @@ impl Target for Rabbitmq {
                 options
                     .vhost_prefix
                     .clone()
-                    .unwrap_or_else(|| format!("restored-{}-", Utc::now().format("%Y%m%dT%H%M%S"))),
+                    // One prefix per backup: a redelivered restore imports into the same
+                    // vhosts (an import merges) instead of making another copy.
+                    .unwrap_or_else(|| format!("restored-{}-", source.manifest.id)),
             )
         };
         let known_users = match prefix {
