@@ -176,6 +176,23 @@ async fn workers_killed_at_random_moments_end_every_command_once() {
             TargetKind::Documents,
             serde_json::json!({ "to": format!("{restore_root}/round-{round}") }),
         ));
+        checks.push(command(
+            Action::Restore,
+            TargetKind::Redis,
+            serde_json::json!({ "to_file": format!("{restore_root}/round-{round}.rdb") }),
+        ));
+        // Under the default prefix, restored/<backup id>/.
+        checks.push(command(
+            Action::Restore,
+            TargetKind::Consul,
+            serde_json::Value::Null,
+        ));
+        let vhost_prefix = format!("k-restored-{round}-");
+        checks.push(command(
+            Action::Restore,
+            TargetKind::Rabbitmq,
+            serde_json::json!({ "vhost": h.vhost.name, "vhost_prefix": vhost_prefix }),
+        ));
         checks.push(BackupCommand::new(
             Action::Prune,
             TargetSelector::All,
@@ -185,7 +202,18 @@ async fn workers_killed_at_random_moments_end_every_command_once() {
             client.send(command).await;
         }
         client.follow_all(&checks.iter().collect::<Vec<_>>()).await;
+        // Restored keys would be in the next backups, doubling the store every round.
+        consul
+            .state
+            .lock()
+            .unwrap()
+            .kv
+            .retain(|key, _| !key.starts_with("restored/"));
         drop(common::TestDatabase::adopt(&into));
+        drop(common::broker::TestVhost::adopt(&format!(
+            "{vhost_prefix}{}",
+            h.vhost.name
+        )));
         restored.push(into);
         sent.extend(checks);
     }
@@ -304,6 +332,15 @@ async fn workers_killed_at_random_moments_end_every_command_once() {
         ),
     );
     assert!(scratch.is_empty(), "databases left: {scratch}");
+
+    // Every restore's output took its name whole: no staging name is left beside one.
+    let staged: Vec<String> = std::fs::read_dir(restores.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|name| name.ends_with(".restoring"))
+        .collect();
+    assert!(staged.is_empty(), "restores left staging names: {staged:?}");
 
     // No worker panicked, in a step or anywhere else.
     let worker_log = std::fs::read_to_string(&worker_log).unwrap_or_default();
