@@ -249,6 +249,62 @@ async fn an_unreachable_management_api_is_retryable_and_leaves_nothing() {
     assert!(!err.retryable());
 }
 
+/// A management API that answers `head`, then (for a chunked body) an endless stream of `x`.
+fn endless_answer(head: &'static str) -> u16 {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            std::thread::spawn(move || {
+                let mut request = [0u8; 4096];
+                let _ = stream.read(&mut request);
+                let _ = stream.write_all(head.as_bytes());
+                let chunk = format!("10000\r\n{}\r\n", "x".repeat(0x10000));
+                while head.contains("chunked") && stream.write_all(chunk.as_bytes()).is_ok() {}
+            });
+        }
+    });
+    port
+}
+
+/// Answers are read only up to a limit: an error body that never ends still gives an error
+/// at once, and a body declared larger than the limit is refused before it is read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_management_api_answer_without_end_is_cut_at_a_limit() {
+    for (head, says) in [
+        (
+            "HTTP/1.1 400 Bad Request\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "HTTP 400 Bad Request: xxxx",
+        ),
+        (
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 8589934592\r\n\r\n",
+            "larger than the 536870912 bytes it may be",
+        ),
+    ] {
+        let port = endless_answer(head);
+        let url = format!("http://guest:guest@127.0.0.1:{port}");
+        let setup = TestSetup::new(
+            "postgres",
+            Store::Local,
+            &[("RABBITMQ_MANAGEMENT_URL", url.as_str())],
+        );
+        let (request, cancel) = (
+            BackupRequest::new(TargetKind::Rabbitmq, "test"),
+            CancellationToken::new(),
+        );
+        let backup = run_backup(&setup.ctx, &request, &cancel);
+        let err = tokio::time::timeout(std::time::Duration::from_secs(30), backup)
+            .await
+            .expect("the answer is cut, not read to its end")
+            .unwrap_err();
+        assert!(err.to_string().contains(says), "{err}");
+        assert!(!err.retryable(), "{err}");
+        assert!(setup.stored_files().is_empty());
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn definitions_and_credentials_go_to_no_other_broker_unless_allowed() {
     let vhost = TestVhost::create("defs_elsewhere");

@@ -140,13 +140,12 @@ impl Consul {
         let response = client
             .expect_success(response, "GET /v1/kv/?recurse")
             .await?;
-        let keys: Vec<ApiKv> = response
-            .json()
-            .await
-            .map_err(|err| TargetError::Unreachable {
-                target: KIND,
-                message: format!("reading the KV listing: {err}"),
-            })?;
+        let body = client
+            .body(response, MAX_KV_BYTES as usize, "GET /v1/kv/?recurse")
+            .await?;
+        let keys: Vec<ApiKv> = serde_json::from_slice(&body).map_err(|err| {
+            TargetError::Unusable(format!("GET /v1/kv/?recurse: not a KV listing: {err}"))
+        })?;
         let entries = keys
             .into_iter()
             .map(|kv| KvEntry {
@@ -168,8 +167,9 @@ impl Consul {
             .send(Method::GET, "/v1/snapshot", |r| self.authorize(r))
             .await?;
         if response.status() == StatusCode::FORBIDDEN {
-            let body = response.text().await.unwrap_or_default();
-            return Ok(Err(format!("HTTP 403: {}", body.trim())));
+            let body = super::http::body_prefix(response, 4096).await;
+            let body: String = body.trim().chars().take(300).collect();
+            return Ok(Err(format!("HTTP 403: {body}")));
         }
         let response = client.expect_success(response, "GET /v1/snapshot").await?;
         let index = consul_index(&response);

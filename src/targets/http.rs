@@ -13,6 +13,8 @@ use crate::telemetry::redact_url;
 
 /// Attempts of one request when the server answers 5xx or the connection fails.
 const ATTEMPTS: u32 = 4;
+/// What is read of an error answer's body: its start names the problem.
+const ERROR_BODY_BYTES: usize = 64 * 1024;
 
 /// One HTTP client for the process: building one reads the system's root certificates (a
 /// few milliseconds of CPU, every step), and a shared one keeps its connections alive from
@@ -115,6 +117,38 @@ impl ApiClient {
             })
     }
 
+    /// The body of `response`, at most `max` bytes: a longer one, as declared or as it
+    /// arrives, is an error naming the limit, and nothing past the limit is held.
+    pub async fn body(
+        &self,
+        mut response: Response,
+        max: usize,
+        what: &str,
+    ) -> Result<bytes::Bytes, TargetError> {
+        let too_large = || {
+            TargetError::Unusable(format!(
+                "{what}: the answer is larger than the {max} bytes it may be"
+            ))
+        };
+        if response.content_length().is_some_and(|n| n > max as u64) {
+            return Err(too_large());
+        }
+        let mut body = bytes::BytesMut::new();
+        loop {
+            match response.chunk().await {
+                Ok(Some(chunk)) if body.len() + chunk.len() > max => return Err(too_large()),
+                Ok(Some(chunk)) => body.extend_from_slice(&chunk),
+                Ok(None) => return Ok(body.freeze()),
+                Err(err) => {
+                    return Err(TargetError::Unreachable {
+                        target: self.target,
+                        message: format!("{what}: reading the answer: {err}"),
+                    });
+                }
+            }
+        }
+    }
+
     /// Turns a non-success answer into an error naming the request.
     pub async fn expect_success(
         &self,
@@ -125,7 +159,7 @@ impl ApiClient {
         if status.is_success() {
             return Ok(response);
         }
-        let body = response.text().await.unwrap_or_default();
+        let body = body_prefix(response, ERROR_BODY_BYTES).await;
         let body: String = self.scrub(&body).chars().take(300).collect();
         let message = format!("{what}: HTTP {status}: {body}");
         Err(match status {
@@ -167,4 +201,16 @@ impl Failed {
             Failed::Request(message) | Failed::Transient(message) => message,
         }
     }
+}
+
+/// The first `max` bytes of an answer's body as text (lossy); the rest is not read.
+pub async fn body_prefix(mut response: Response, max: usize) -> String {
+    let mut body = Vec::new();
+    while body.len() < max {
+        match response.chunk().await {
+            Ok(Some(chunk)) => body.extend_from_slice(&chunk[..chunk.len().min(max - body.len())]),
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&body).into_owned()
 }

@@ -197,13 +197,9 @@ impl Rabbitmq {
         let response = client
             .expect_success(response, "GET /api/definitions")
             .await?;
-        response
-            .bytes()
+        client
+            .body(response, MAX_DEFINITIONS, "GET /api/definitions")
             .await
-            .map_err(|err| TargetError::Unreachable {
-                target: KIND,
-                message: format!("reading /api/definitions: {err}"),
-            })
     }
 
     async fn existing_users(
@@ -215,11 +211,11 @@ impl Rabbitmq {
                 r.basic_auth(user.as_str(), Some(password.expose_secret()))
             })
             .await?;
-        let users: Vec<Value> = client
-            .expect_success(response, "GET /api/users")
-            .await?
-            .json()
-            .await
+        let response = client.expect_success(response, "GET /api/users").await?;
+        let body = client
+            .body(response, MAX_DEFINITIONS, "GET /api/users")
+            .await?;
+        let users: Vec<Value> = serde_json::from_slice(&body)
             .map_err(|err| TargetError::Unusable(format!("GET /api/users: {err}")))?;
         Ok(users
             .iter()
