@@ -2,7 +2,7 @@
 
 use bytes::Bytes;
 
-use super::layout::{MANIFEST_NAME, manifest_key};
+use super::layout::{MANIFEST_NAME, MAX_MANIFEST_BYTES, MAX_SMALL_OBJECT_BYTES, manifest_key};
 use super::manifest::Manifest;
 use super::signing::{SIGNATURE_SUFFIX, Signer, SigningError, Trust, Verifier};
 use super::{Storage, StorageError};
@@ -62,14 +62,17 @@ pub async fn list(storage: &Storage, target: TargetKind) -> Result<Listing, Cata
     let mut listing = Listing::default();
     for dir in storage.list_dirs(&format!("{target}/")).await? {
         let key = format!("{dir}{MANIFEST_NAME}");
-        match storage.get_bytes(&key).await {
-            Ok(bytes) => match parse(&key, &bytes) {
-                Ok(manifest) => listing.manifests.push(manifest),
-                Err(err) => listing.unreadable.push((key, err.to_string())),
-            },
+        match read_manifest(storage, &key)
+            .await
+            .and_then(|b| parse(&key, &b))
+        {
+            Ok(manifest) => listing.manifests.push(manifest),
+            Err(err @ CatalogError::Corrupt { .. }) => {
+                listing.unreadable.push((key, err.to_string()))
+            }
             // A directory without a manifest is debris of an unfinished backup.
-            Err(StorageError::NotFound { .. }) => {}
-            Err(err) => return Err(err.into()),
+            Err(CatalogError::Storage(StorageError::NotFound { .. })) => {}
+            Err(err) => return Err(err),
         }
     }
     // Ids sort by time to the second; the manifest's start time orders within a second.
@@ -142,11 +145,27 @@ pub async fn list_all(storage: &Storage) -> Result<Listing, CatalogError> {
 /// Loads one manifest by id.
 pub async fn get(storage: &Storage, id: &BackupId) -> Result<Manifest, CatalogError> {
     let key = manifest_key(id);
-    match storage.get_bytes(&key).await {
+    match read_manifest(storage, &key).await {
         Ok(bytes) => parse(&key, &bytes),
-        Err(StorageError::NotFound { .. }) => Err(CatalogError::NotFound(id.to_string())),
-        Err(err) => Err(err.into()),
+        Err(CatalogError::Storage(StorageError::NotFound { .. })) => {
+            Err(CatalogError::NotFound(id.to_string()))
+        }
+        Err(err) => Err(err),
     }
+}
+
+/// The bytes of the manifest at `key`; one too large to read is as unreadable as a corrupt one.
+async fn read_manifest(storage: &Storage, key: &str) -> Result<Bytes, CatalogError> {
+    storage
+        .get_bytes(key, MAX_MANIFEST_BYTES)
+        .await
+        .map_err(|err| match err {
+            StorageError::TooLarge { .. } => CatalogError::Corrupt {
+                key: key.to_string(),
+                reason: err.to_string(),
+            },
+            other => other.into(),
+        })
 }
 
 /// Resolves an id or `latest` for a target to a manifest.
@@ -215,12 +234,17 @@ pub async fn get_trusted(
     verifier: &Verifier,
 ) -> Result<(Manifest, Trust), CatalogError> {
     let key = manifest_key(id);
-    let bytes = match storage.get_bytes(&key).await {
+    let bytes = match read_manifest(storage, &key).await {
         Ok(bytes) => bytes,
-        Err(StorageError::NotFound { .. }) => return Err(CatalogError::NotFound(id.to_string())),
-        Err(err) => return Err(err.into()),
+        Err(CatalogError::Storage(StorageError::NotFound { .. })) => {
+            return Err(CatalogError::NotFound(id.to_string()));
+        }
+        Err(err) => return Err(err),
     };
-    let signature = match storage.get_bytes(&format!("{key}{SIGNATURE_SUFFIX}")).await {
+    let signature = match storage
+        .get_bytes(&format!("{key}{SIGNATURE_SUFFIX}"), MAX_SMALL_OBJECT_BYTES)
+        .await
+    {
         Ok(signature) => Some(signature),
         Err(StorageError::NotFound { .. }) => None,
         Err(err) => return Err(err.into()),

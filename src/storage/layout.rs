@@ -22,6 +22,11 @@ pub fn manifest_key(id: &BackupId) -> String {
 }
 
 pub const MANIFEST_NAME: &str = "manifest.json";
+/// The largest manifest read back: far above any real one (a documents index of a million
+/// files is about 250 MB), far below what would exhaust memory.
+pub const MAX_MANIFEST_BYTES: u64 = 512 << 20;
+/// The largest manifest signature or command marker read back.
+pub const MAX_SMALL_OBJECT_BYTES: u64 = 1 << 20;
 
 /// Where the markers of finished commands live.
 pub const COMMANDS_DIR: &str = "commands/";

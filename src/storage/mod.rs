@@ -54,6 +54,8 @@ pub enum StorageError {
     Denied { key: String, message: String },
     #[error("storage error on `{key}`: {message}")]
     Unavailable { key: String, message: String },
+    #[error("storage: `{key}` is {size} bytes, more than the {max} it may be")]
+    TooLarge { key: String, size: u64, max: u64 },
 }
 
 impl StorageError {
@@ -261,13 +263,21 @@ impl Storage {
             .map_err(|err| StorageError::from_object_store(key, err))
     }
 
-    /// Reads a small object whole (manifests, markers).
-    pub async fn get_bytes(&self, key: &str) -> Result<Bytes, StorageError> {
+    /// Reads a small object whole (manifests, markers); one larger than `max` bytes (what
+    /// the bucket holds is as untrusted as any input) is refused before it is read.
+    pub async fn get_bytes(&self, key: &str, max: u64) -> Result<Bytes, StorageError> {
         let result = self
             .store
             .get(&self.path(key))
             .await
             .map_err(|err| StorageError::from_object_store(key, err))?;
+        if result.meta.size > max {
+            return Err(StorageError::TooLarge {
+                key: key.to_string(),
+                size: result.meta.size,
+                max,
+            });
+        }
         result
             .bytes()
             .await
@@ -753,9 +763,59 @@ mod tests {
         }
         assert_eq!(upload.parts_sent, 2, "two full parts before the last");
         upload.finish().await.unwrap();
-        let stored = storage.get_bytes("grown.bin").await.unwrap();
+        let stored = storage.get_bytes("grown.bin", u64::MAX).await.unwrap();
         assert!(stored == data, "the object differs from what was written");
         storage.delete("grown.bin").await.unwrap();
+    }
+
+    /// What the bucket holds is read back as untrusted: an object larger than its kind may be
+    /// is refused before it is read, and an oversized manifest is listed as unreadable.
+    #[tokio::test]
+    async fn objects_larger_than_they_may_be_are_refused_unread() {
+        use crate::model::{BackupId, TargetKind};
+        use crate::storage::catalog::{self, CatalogError};
+        let dir = tempfile::tempdir().unwrap();
+        let storage = local(dir.path());
+        storage
+            .put_bytes("small.json", Bytes::from(vec![b'x'; 2048]))
+            .await
+            .unwrap();
+        assert_eq!(
+            storage.get_bytes("small.json", 2048).await.unwrap().len(),
+            2048
+        );
+        let err = storage.get_bytes("small.json", 2047).await.unwrap_err();
+        assert!(
+            matches!(
+                err,
+                StorageError::TooLarge {
+                    size: 2048,
+                    max: 2047,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(!err.retryable());
+
+        // A manifest of 600 MiB (a sparse file: nothing is written, nothing may be read).
+        let id = BackupId::generate(TargetKind::Postgres, chrono::Utc::now());
+        let manifest = dir.path().join(layout::manifest_key(&id));
+        std::fs::create_dir_all(manifest.parent().unwrap()).unwrap();
+        std::fs::File::create(&manifest)
+            .unwrap()
+            .set_len(600 << 20)
+            .unwrap();
+        let listing = catalog::list(&storage, TargetKind::Postgres).await.unwrap();
+        assert!(listing.manifests.is_empty());
+        assert_eq!(listing.unreadable.len(), 1, "{:?}", listing.unreadable);
+        assert!(
+            listing.unreadable[0].1.contains("more than the"),
+            "{:?}",
+            listing.unreadable
+        );
+        let err = catalog::get(&storage, &id).await.unwrap_err();
+        assert!(matches!(err, CatalogError::Corrupt { .. }), "{err}");
     }
 
     #[tokio::test]
@@ -777,7 +837,7 @@ mod tests {
         upload.finish().await.unwrap();
         assert_eq!(
             storage
-                .get_bytes("documents/x/big.tar.zst")
+                .get_bytes("documents/x/big.tar.zst", u64::MAX)
                 .await
                 .unwrap()
                 .len(),

@@ -350,7 +350,7 @@ pub async fn assert_manifest_valid(
     let stored = setup
         .ctx
         .storage
-        .get_bytes(&key)
+        .get_bytes(&key, u64::MAX)
         .await
         .expect("manifest stored");
     let instance: serde_json::Value = serde_json::from_slice(&stored).unwrap();

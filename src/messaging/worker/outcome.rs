@@ -272,7 +272,10 @@ pub(super) async fn read_marker(
     match env
         .ctx
         .storage
-        .get_bytes(&command_marker_key(command_id))
+        .get_bytes(
+            &command_marker_key(command_id),
+            crate::storage::layout::MAX_SMALL_OBJECT_BYTES,
+        )
         .await
     {
         Ok(bytes) => Ok(serde_json::from_slice::<Marker>(&bytes).ok().or_else(|| {
