@@ -229,10 +229,7 @@ pub async fn read(
                     .push((object.key, format!("larger than {MAX_RECORD_BYTES} bytes")));
                 continue;
             }
-            let bytes = match storage
-                .get_bytes(&object.key, MAX_RECORD_BYTES)
-                .await
-            {
+            let bytes = match storage.get_bytes(&object.key, MAX_RECORD_BYTES).await {
                 Ok(bytes) => bytes,
                 // Pruned since it was listed.
                 Err(StorageError::NotFound { .. }) => continue,

@@ -89,25 +89,26 @@ impl Postgres {
         plain_identifier(&destination)?;
         let admin = self.connect(Some(&self.maintenance_database)).await?;
         let mark = restore_mark(source);
+        let mut details = serde_json::json!({
+            "database": destination,
+            "in_place": options.in_place,
+            "tables": facts.table_count,
+            "rows": facts.row_count,
+            "globals_skipped": facts.globals,
+        });
         if database_owner(&admin, &destination).await?.is_some() {
             // The redelivery of a restore whose worker was killed after the swap, before the
             // command was marked done: its database is in place, marked with this command.
             if source.command_id().is_some()
                 && database_comment(&admin, &destination).await?.as_deref() == Some(&mark)
             {
+                details["already_restored"] = serde_json::json!(true);
                 return Ok(RestoreReport {
                     destination: format!(
                         "postgres database {destination} (restored by an earlier attempt of \
                          this command)"
                     ),
-                    details: serde_json::json!({
-                        "database": destination,
-                        "in_place": options.in_place,
-                        "tables": facts.table_count,
-                        "rows": facts.row_count,
-                        "globals_skipped": facts.globals,
-                        "already_restored": true,
-                    }),
+                    details,
                 });
             }
             if replaced.is_none() {
@@ -168,13 +169,6 @@ impl Postgres {
         comment_database(&admin, &database, &mark).await;
         close_sessions(&admin, &database).await;
         let previous = swap_in(&admin, &database, &destination).await?;
-        let mut details = serde_json::json!({
-            "database": destination,
-            "in_place": options.in_place,
-            "tables": facts.table_count,
-            "rows": facts.row_count,
-            "globals_skipped": facts.globals,
-        });
         if replaced.is_some() {
             details["previous_database"] = serde_json::json!(previous);
             return Ok(RestoreReport {

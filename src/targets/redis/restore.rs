@@ -148,11 +148,11 @@ async fn to_file(source: &ArtifactSource, path: &Path) -> Result<RestoreReport, 
         }
     };
     // A file there that is this backup's RDB byte for byte is an earlier attempt's, its worker
-    // killed before the command was marked done.
-    if holds_rdb(path, record).await? {
-        return Ok(report(true));
-    }
-    if tokio::fs::symlink_metadata(path).await.is_ok() {
+    // killed before the command was marked done; anything else there is not ours.
+    if let Ok(meta) = tokio::fs::symlink_metadata(path).await {
+        if meta.is_file() && meta.len() == record.raw_size && same_sha256(path, record).await? {
+            return Ok(report(true));
+        }
         return Err(TargetError::Refused(format!(
             "{} exists; restore into a new file",
             path.display()
@@ -191,12 +191,8 @@ async fn to_file(source: &ArtifactSource, path: &Path) -> Result<RestoreReport, 
     Ok(report(false))
 }
 
-/// True when the file at `path` is the raw artifact of `record` (its size and SHA-256).
-async fn holds_rdb(path: &Path, record: &ArtifactRecord) -> Result<bool, TargetError> {
-    match tokio::fs::symlink_metadata(path).await {
-        Ok(meta) if meta.is_file() && meta.len() == record.raw_size => {}
-        _ => return Ok(false),
-    }
+/// True when the file at `path` has the SHA-256 of the raw artifact of `record`.
+async fn same_sha256(path: &Path, record: &ArtifactRecord) -> Result<bool, TargetError> {
     let owned = path.to_path_buf();
     let digest = tokio::task::spawn_blocking(move || crate::pipeline::sha256::of_file(&owned))
         .await
