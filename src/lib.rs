@@ -41,6 +41,7 @@
 pub mod audit;
 pub mod authorization;
 mod buffers;
+pub use buffers::return_large_frees;
 pub mod config;
 pub mod endpoint;
 #[cfg(test)]

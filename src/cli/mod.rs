@@ -34,6 +34,7 @@ impl<E: std::fmt::Display> From<E> for Failure {
 }
 
 pub fn main() -> ExitCode {
+    crm_backup::return_large_frees();
     let cli = Cli::parse();
     // Operator commands print their results on stdout; logs only for warnings.
     telemetry::init(if matches!(cli.command, Command::Worker) {
