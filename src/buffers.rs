@@ -34,6 +34,17 @@ pub fn return_large_frees() {
     }
 }
 
+/// Hands the free pages inside the heap back to the kernel (glibc; elsewhere nothing). A
+/// step's buffers under the mmap threshold are freed into the heap arenas of the threads that
+/// used them, where they would stay resident until reused; a worker calls this after each
+/// step, so that what it holds between steps is what it uses.
+pub fn trim_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim takes each arena's lock; it is safe from any thread at any time.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
 
 /// Buffers of `size` bytes that come back when the chunks made from them are dropped.
 #[derive(Clone)]

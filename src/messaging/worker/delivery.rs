@@ -354,6 +354,7 @@ async fn run_leased(
         // Only prune runs `all` as one step; every other action fans out per target.
         None => prune_step(&env.ctx, command, TargetKind::ALL.to_vec()).await,
     };
+    crate::buffers::trim_heap();
     audit::write(
         &env.ctx.storage,
         &step_record(received, command, &result, started.elapsed()),
