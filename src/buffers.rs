@@ -1,4 +1,5 @@
-//! Large buffers that are reused instead of freed.
+//! Large buffers that are reused instead of freed, and what the process's allocator does with
+//! memory that is freed.
 //!
 //! A fresh allocation per chunk is not free at pipeline sizes (a quarter of a MiB and up):
 //! the allocator hands large blocks back to the kernel and takes them again, so each new
@@ -10,6 +11,9 @@
 //! buffer goes back to the pool. Memory stays bounded by what is held at once (the pool
 //! keeps at most `keep` idle buffers and frees the rest). Used by the pipeline's stages
 //! (`pipeline::chunk`) and by S3 downloads, whose ranges land in them.
+//!
+//! What is freed still goes back to the kernel: blocks of a MiB and more at once
+//! ([`return_large_frees`]), the rest of a worker's heap after each step ([`trim_heap`]).
 
 use std::sync::{Arc, Mutex};
 
