@@ -167,9 +167,10 @@ impl Consul {
             .send(Method::GET, "/v1/snapshot", |r| self.authorize(r))
             .await?;
         if response.status() == StatusCode::FORBIDDEN {
-            let body = super::http::body_prefix(response, 4096).await;
-            let body: String = body.trim().chars().take(300).collect();
-            return Ok(Err(format!("HTTP 403: {body}")));
+            return Ok(Err(format!(
+                "HTTP 403: {}",
+                client.error_text(response).await
+            )));
         }
         let response = client.expect_success(response, "GET /v1/snapshot").await?;
         let index = consul_index(&response);

@@ -159,8 +159,7 @@ impl ApiClient {
         if status.is_success() {
             return Ok(response);
         }
-        let body = body_prefix(response, ERROR_BODY_BYTES).await;
-        let body: String = self.scrub(&body).chars().take(300).collect();
+        let body = self.error_text(response).await;
         let message = format!("{what}: HTTP {status}: {body}");
         Err(match status {
             StatusCode::TOO_MANY_REQUESTS | StatusCode::REQUEST_TIMEOUT => {
@@ -179,6 +178,13 @@ impl ApiClient {
 
     fn shown(&self, url: &str) -> String {
         redact_url(url)
+    }
+
+    /// The start of an error answer's body, for a message: its first [`ERROR_BODY_BYTES`]
+    /// read (the rest is not), the configured secrets scrubbed, at most 300 characters.
+    pub async fn error_text(&self, response: Response) -> String {
+        let body = body_prefix(response, ERROR_BODY_BYTES).await;
+        self.scrub(&body).trim().chars().take(300).collect()
     }
 
     fn scrub(&self, text: &str) -> String {
@@ -204,7 +210,7 @@ impl Failed {
 }
 
 /// The first `max` bytes of an answer's body as text (lossy); the rest is not read.
-pub async fn body_prefix(mut response: Response, max: usize) -> String {
+async fn body_prefix(mut response: Response, max: usize) -> String {
     let mut body = Vec::new();
     while body.len() < max {
         match response.chunk().await {
