@@ -28,7 +28,7 @@ use bytes::Bytes;
 /// later large buffer of the process into the heap arenas, where freed memory stays
 /// resident: a backup to S3 that ran after an earlier one, whose manifest it reads, peaked
 /// a sixth higher than the same backup into an empty catalog. A fixed threshold stops that.
-/// It sits above the pipeline's chunks (a quarter of a MiB, reused through [`ChunkPool`]),
+/// It sits above the pipeline's chunks (a quarter of a MiB, reused through `ChunkPool`),
 /// which stay in the heap where taking them is cheap.
 pub fn return_large_frees() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]

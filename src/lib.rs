@@ -7,16 +7,19 @@
 //!
 //! # Layout
 //!
+//! - [`model`] — the words every layer shares: [`model::TargetKind`], [`model::BackupId`],
+//!   [`model::Action`].
 //! - [`config`] — typed settings: compiled-in defaults → `config/<BACKUP_ENV>.toml` →
 //!   environment (seed names such as `DATABASE_URL`, then `BACKUP__SECTION__KEY`).
+//! - [`options`] — the options each action takes per target, with their types.
 //! - [`telemetry`] — tracing setup (JSON in production) and URL redaction.
-//! - [`storage`] — the object store (local `backups/` or S3), the key layout and backup
-//!   ids ([`storage::layout`]), the manifest ([`storage::manifest`]) and the catalog read
-//!   from manifests ([`storage::catalog`]).
+//! - [`storage`] — the object store (local `backups/` or S3), the key layout
+//!   ([`storage::layout`]), the manifest ([`storage::manifest`]), its signature
+//!   ([`storage::signing`]) and the catalog read from manifests ([`storage::catalog`]).
 //! - [`pipeline`] — hashing, zstd and age in both directions, off the async runtime,
 //!   with bounded memory; multipart uploads that are aborted unless finished.
 //! - `buffers` (private) — large buffers reused instead of freed (pipeline chunks, S3
-//!   download ranges).
+//!   download ranges), and the allocator settings that give freed memory back.
 //! - [`targets`] — one module per target behind the [`targets::Target`] trait:
 //!   [`targets::postgres`], [`targets::redis`], [`targets::rabbitmq`],
 //!   [`targets::consul`], [`targets::documents`]; child processes and HTTP APIs in
@@ -25,17 +28,18 @@
 //!   about where the command came from.
 //! - `private_file` (private) — the owner-only check of key files.
 //! - [`retention`] — the pure keep/delete plan (daily/weekly/monthly/yearly) that prune applies.
+//! - [`authorization`] — who may ask for what: the grants checked for every command.
 //! - [`messaging`] — RabbitMQ: topology, command and event types, the confirm-mode
 //!   publisher, the worker (dispatch, leases, retry policy) and dead letters.
 //! - [`schedule`] — pure next-fire computation and fire ids for the scheduler.
 //! - [`size_check`] — the pure size-drop / size-jump check of a finished backup.
 //! - [`progress`] — bytes moved per target, for progress bars, log lines and a gauge.
 //! - [`audit`] — the audit trail: one record per operation, logged and stored.
-//! - [`metrics`] and [`endpoint`] — the worker's Prometheus counters and its HTTP
+//! - [`metrics`] and [`endpoint`] — the worker's Prometheus metrics and its HTTP
 //!   endpoint (`/healthz`, `/readyz`, `/metrics`).
 //!
-//! Binaries: `crm-backup` (`src/main.rs`: the worker and the operator CLI) and
-//! `crm-backup-scheduler` (`src/bin/`: publishes scheduled commands; no storage,
+//! Binaries: `crm-backup` (`src/main.rs` and `src/cli/`: the worker and the operator CLI)
+//! and `crm-backup-scheduler` (`src/bin/`: publishes scheduled commands; no storage,
 //! database or Redis code linked in).
 
 pub mod audit;

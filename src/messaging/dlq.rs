@@ -72,7 +72,8 @@ impl DeadLetter {
     }
 }
 
-/// Every dead letter, oldest first; none is removed. `relays`: see [`DeadLetter::read`].
+/// Every dead letter, oldest first; none is removed. `relays`: the broker users whose copies
+/// carry the original sender (see [`headers::sender`]).
 pub async fn list(
     connection: &Connection,
     names: &MessagingSettings,

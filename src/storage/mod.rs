@@ -549,7 +549,7 @@ fn part_size_at(base: usize, index: usize, grow_after: usize) -> usize {
 /// A multipart upload in progress. Either [`Upload::finish`] or [`Upload::abort`] ends it.
 ///
 /// Like `object_store`'s `WriteMultipart` (parts of the configured size, larger only for huge
-/// artifacts: see [`part_size_at`]; at most `parts_in_flight`
+/// artifacts: see `part_size_at`; at most `parts_in_flight`
 /// uploading at once, chunks kept as they are, not copied), except for failures: a part or
 /// the completion that fails is reported as itself, whether or not the abort that follows
 /// reaches the store. `WriteMultipart::finish` reports the abort's error instead, so storage
@@ -559,7 +559,7 @@ pub struct Upload {
     upload: Box<dyn MultipartUpload>,
     /// Bytes of the part being gathered.
     buffer: PutPayloadMut,
-    /// The configured part size; see [`part_size_at`].
+    /// The configured part size; see `part_size_at`.
     base_part_size: usize,
     grow_after: usize,
     parts_sent: usize,
