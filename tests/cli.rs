@@ -482,3 +482,40 @@ fn long_operations_show_progress_as_a_bar_on_a_terminal_and_as_log_lines_otherwi
         "log lines instead of the bar: {terminal}"
     );
 }
+
+#[test]
+fn broker_commands_on_a_vhost_without_the_topology_name_what_is_missing_and_the_fix() {
+    let vhost = common::broker::TestVhost::create("cli_bare");
+    let env = env_with(&[("RABBITMQ_URL", vhost.url().as_str())]);
+    let fix = "`crm-backup setup` declares the exchanges and queues";
+    for (args, missing) in [
+        (&["dlq", "list"][..], "no queue 'backup.commands.dead'"),
+        (
+            &["dlq", "replay", "--all"],
+            "no queue 'backup.commands.dead'",
+        ),
+        (
+            &["enqueue", "backup", "postgres"],
+            "no exchange 'backup.commands'",
+        ),
+    ] {
+        let (ok, stdout, stderr) = run_cli(&env, args);
+        assert!(!ok, "{args:?} must fail: {stdout}");
+        let errors = common::error_lines(&stderr);
+        assert_eq!(
+            errors.len(),
+            1,
+            "{args:?}: one line, no lapin log: {stderr}"
+        );
+        assert!(
+            errors[0].contains(missing) && errors[0].contains(fix),
+            "{args:?}: {stderr}"
+        );
+    }
+
+    let (ok, stdout, stderr) = run_cli(&env, &["setup"]);
+    assert!(ok, "{stdout}{stderr}");
+    let (ok, stdout, stderr) = run_cli(&env, &["dlq", "list", "--json"]);
+    assert!(ok, "{stderr}");
+    assert_eq!(stdout.trim(), "[]");
+}

@@ -36,11 +36,12 @@ impl<E: std::fmt::Display> From<E> for Failure {
 pub fn main() -> ExitCode {
     crm_backup::return_large_frees();
     let cli = Cli::parse();
-    // Operator commands print their results on stdout; logs only for warnings.
+    // Operator commands print their results on stdout; logs only for warnings. lapin logs a
+    // channel the broker closed as an error, which the command's own error already says.
     telemetry::init(if matches!(cli.command, Command::Worker) {
         "info"
     } else {
-        "warn"
+        "warn,lapin=off"
     });
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

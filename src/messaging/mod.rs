@@ -21,6 +21,7 @@ pub mod retry;
 pub mod topology;
 pub mod worker;
 
+use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::{Connection, ConnectionProperties};
 use secrecy::ExposeSecret;
 
@@ -37,10 +38,16 @@ pub enum MessagingError {
     NotConfirmed(String),
     #[error("RabbitMQ topology conflict: {0}")]
     Topology(String),
+    /// An exchange or queue the command uses does not exist (the broker's 404).
+    #[error(
+        "RabbitMQ: {0}; `crm-backup setup` declares the exchanges and queues (a worker does when it starts)"
+    )]
+    NotDeclared(String),
 }
 
 impl MessagingError {
-    /// Connection and confirm problems pass; a topology conflict needs an operator.
+    /// Connection and confirm problems pass, and so does a missing queue (a worker declares
+    /// the topology again when it reconnects); a topology conflict needs an operator.
     pub fn retryable(&self) -> bool {
         !matches!(self, MessagingError::Topology(_))
     }
@@ -48,7 +55,14 @@ impl MessagingError {
 
 impl From<lapin::Error> for MessagingError {
     fn from(err: lapin::Error) -> Self {
-        MessagingError::Broker(err.to_string())
+        match err.kind() {
+            lapin::ErrorKind::ProtocolError(amqp)
+                if *amqp.kind() == AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND) =>
+            {
+                MessagingError::NotDeclared(amqp.get_message().to_string())
+            }
+            _ => MessagingError::Broker(err.to_string()),
+        }
     }
 }
 
