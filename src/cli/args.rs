@@ -171,8 +171,14 @@ pub enum DlqCommand {
     },
     /// Republish dead letters to backup.commands with attempts reset.
     Replay {
-        #[arg(long = "id", required_unless_present = "all")]
+        /// A dead letter's command id, as `dlq list` shows it (repeatable).
+        #[arg(
+            long = "id",
+            value_name = "COMMAND_ID",
+            required_unless_present = "all"
+        )]
         ids: Vec<String>,
+        /// Every dead letter.
         #[arg(long, conflicts_with = "ids")]
         all: bool,
         /// Also replay restores (never those refused as unauthorized).
