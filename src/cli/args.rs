@@ -104,6 +104,7 @@ pub enum Command {
     Prune {
         #[command(flatten)]
         target: TargetArgs,
+        /// Only print the plan: what is kept and by which rule, what would be deleted.
         #[arg(long)]
         dry_run: bool,
         #[command(flatten)]
@@ -141,6 +142,7 @@ pub enum Command {
         backup: BackupArgs,
         #[command(flatten)]
         options: OptionArgs,
+        /// Why the command is sent (recorded in the manifest, the events and the audit log).
         #[arg(long)]
         reason: Option<String>,
         /// The command id (idempotency key); a new UUID by default.
