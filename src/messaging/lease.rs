@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{MessagingError, connect};
 use crate::config::RabbitmqSettings;
-use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+use lapin::protocol::AMQPSoftError;
 
 use crate::model::TargetKind;
 
@@ -161,9 +161,5 @@ impl Drop for Lease {
 
 /// The broker's answer when another connection holds the exclusive lease queue: 405.
 fn is_resource_locked(err: &lapin::Error) -> bool {
-    matches!(
-        err.kind(),
-        lapin::ErrorKind::ProtocolError(amqp)
-            if *amqp.kind() == AMQPErrorKind::Soft(AMQPSoftError::RESOURCELOCKED)
-    )
+    super::soft_error(err, AMQPSoftError::RESOURCELOCKED).is_some()
 }

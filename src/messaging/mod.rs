@@ -21,7 +21,7 @@ pub mod retry;
 pub mod topology;
 pub mod worker;
 
-use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+use lapin::protocol::{AMQPError, AMQPErrorKind, AMQPSoftError};
 use lapin::{Connection, ConnectionProperties};
 use secrecy::ExposeSecret;
 
@@ -55,14 +55,20 @@ impl MessagingError {
 
 impl From<lapin::Error> for MessagingError {
     fn from(err: lapin::Error) -> Self {
-        match err.kind() {
-            lapin::ErrorKind::ProtocolError(amqp)
-                if *amqp.kind() == AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND) =>
-            {
-                MessagingError::NotDeclared(amqp.get_message().to_string())
-            }
-            _ => MessagingError::Broker(err.to_string()),
+        match soft_error(&err, AMQPSoftError::NOTFOUND) {
+            Some(amqp) => MessagingError::NotDeclared(amqp.get_message().to_string()),
+            None => MessagingError::Broker(err.to_string()),
         }
+    }
+}
+
+/// The broker's channel-level error of `kind` that `err` carries, if it is one.
+pub(crate) fn soft_error(err: &lapin::Error, kind: AMQPSoftError) -> Option<&AMQPError> {
+    match err.kind() {
+        lapin::ErrorKind::ProtocolError(amqp) if *amqp.kind() == AMQPErrorKind::Soft(kind) => {
+            Some(amqp)
+        }
+        _ => None,
     }
 }
 
